@@ -1,0 +1,265 @@
+"""The one job configuration: composes the pipeline's and the model's dataclasses with the job settings.
+
+A config is a YAML file (a bare name resolves to `jobs/configs/NAME.yaml`) plus `--set a.b=value`
+overrides. Unknown keys and wrong types raise `ConfigError` naming the key and the file. The DeepSpeed
+launcher's `--local_rank` is accepted and ignored (ranks read LOCAL_RANK from the environment).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from model.config import ModelConfig
+from pipeline.config import DataConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and run control for the pre-training job (SSLAM_SPEC §10, §14)."""
+
+    output_dir: str = "runs/pretrain"
+    seed: int = 1
+    max_updates: int = 400000
+    warmup_updates: int = 53333
+    peak_lr: float = 5e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.05
+    weight_decay_mode: str = "all"  # "all" (reference) | "exclude_norm_bias"
+    gradient_clipping: float = 4.0
+    gradient_accumulation: int = 1
+    zero_stage: int = 2
+    precision: str = "bf16"  # "bf16" | "fp16" | "fp32"
+    epochs: int = 0  # 0: stop at max_updates only
+    log_interval: int = 10
+    checkpoint_interval: int = 10000
+    keep_checkpoints: int = 1
+    resume: str = "auto"  # "auto" | "never" | a checkpoint directory
+    init_from: str = ""  # stage 2: a stage-1 checkpoint of ours or an official EAT .pt
+    min_target_var: float = 0.0  # collapse guard floors; 0 disables
+    min_pred_var: float = 0.0
+    on_nonfinite_loss: str = "stop"  # "stop" | "skip"
+    collective_timeout_s: int = 300
+
+
+@dataclass
+class TrackingConfig:
+    experiment: str = "sslam"
+    run_name: str = ""
+    model_name: str = "sslam-encoder"
+    register_every_checkpoint: bool = False
+
+
+@dataclass
+class EvalConfig:
+    """Linear-probe protocol (jobs.evaluate)."""
+
+    train_shards: str = ""
+    test_shards: str = ""
+    pooling: str = "cls"  # "cls" | "mean"
+    epochs: int = 100
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 64
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    name: str = "sslam"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> None:
+        self.model.validate()
+        audio = self.data.audio
+        if (audio.target_length, audio.mel_bins) != (self.model.target_length, self.model.mel_bins):
+            raise ConfigError(
+                f"data.audio (target_length={audio.target_length}, mel_bins={audio.mel_bins}) does not match "
+                f"model (target_length={self.model.target_length}, mel_bins={self.model.mel_bins})"
+            )
+        if self.data.mixing.group_size < 2:
+            raise ConfigError("data.mixing.group_size must be at least 2")
+        if self.data.loader.micro_batch_clips % self.data.mixing.group_size:
+            raise ConfigError(
+                f"data.loader.micro_batch_clips ({self.data.loader.micro_batch_clips}) must be a multiple of "
+                f"data.mixing.group_size ({self.data.mixing.group_size})"
+            )
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the dataclasses."""
+
+
+def resolve_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return path
+    named = CONFIG_DIR / f"{name_or_path}.yaml"
+    if named.exists():
+        return named
+    raise ConfigError(f"config not found: {name_or_path} (neither a file nor a name in {CONFIG_DIR})")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: '{key}' must be a mapping, got {type(value).__name__}")
+        return _build(tp, value, key, source)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key, source)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{source}: '{key}' has the wrong type {type(value).__name__}, expected {tp}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: '{key}' must be a list, got {type(value).__name__}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: '{key}' must be a mapping, got {type(value).__name__}")
+        _, item = typing.get_args(tp)
+        return {k: _coerce(v, item, f"{key}.{k}", source) for k, v in value.items()}
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool):
+        if type(value) is not tp:
+            raise ConfigError(
+                f"{source}: '{key}' has the wrong type {type(value).__name__} ({value!r}), expected {_type_name(tp)}"
+            )
+        return value
+    raise ConfigError(f"{source}: '{key}' has an unsupported annotation {tp}")
+
+
+def _build(cls: type, values: dict, prefix: str, source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"{source}: unknown key '{where}{unknown[0]}' (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(value, hints[name], key, source)
+    return cls(**kwargs)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"--set expects section.key=value, got '{text}'")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
+
+
+def load_config(name_or_path: str, overrides: list[str] | None = None) -> Config:
+    """Load YAML (with an optional `base:` file it extends), apply overrides, check types and shapes."""
+    path = resolve_path(name_or_path)
+    values = _read_yaml(path)
+    overrides = overrides or []
+    for text in overrides:
+        keys, value = _parse_override(text)
+        nested: Any = value
+        for key in reversed(keys):
+            nested = {key: nested}
+        values = _merge(values, nested)
+    source = f"{path} (with --set {' '.join(overrides)})" if overrides else str(path)
+    config = _build(Config, values, "", source)
+    try:
+        config.validate()
+    except ValueError as error:
+        raise ConfigError(f"{source}: {error}") from None
+    return config
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    if path in seen:
+        raise ConfigError(f"{path}: 'base' chain loops back to itself")
+    with open(path) as handle:
+        values = yaml.safe_load(handle) or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    base = values.pop("base", None)
+    if base is None:
+        return values
+    base_path = (path.parent / base) if not Path(base).is_absolute() else Path(base)
+    if not base_path.suffix:
+        base_path = base_path.with_suffix(".yaml")
+    return _merge(_read_yaml(base_path, seen + (path,)), values)
+
+
+def to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def dump_yaml(config: Config) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(dump_yaml(config))
+
+
+def flatten(config: Config) -> dict[str, Any]:
+    """Dotted keys to leaf values, e.g. for MLflow params."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{prefix}.{key}" if prefix else key, item)
+        else:
+            out[prefix] = value
+
+    walk("", to_dict(config))
+    return out
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    """`--config C`, repeated `--set k=v`, and the DeepSpeed launcher's `--local_rank` (ignored)."""
+    parser.add_argument("--config", default=default, required=default is None, help="YAML file or name in jobs/configs")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.seed=3"
+    )
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    return load_config(args.config, args.overrides)

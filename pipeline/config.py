@@ -1,0 +1,103 @@
+"""Typed configuration of the data pipeline: front-end, sources, mixtures, shards, loader, sample data.
+
+Only dataclasses live here; `jobs.config` composes them with the model's and loads YAML.
+Every shape the pipeline produces (clip length, mel bins, group size) comes from these fields.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class AudioConfig:
+    """Front-end of SSLAM_SPEC §1: 16 kHz mono, Kaldi fbank, head crop / zero pad in log-mel."""
+
+    sample_rate: int = 16000
+    mel_bins: int = 128
+    target_length: int = 1024
+    frame_length_ms: float = 25.0
+    frame_shift_ms: float = 10.0
+    # Reference: clips under 10,000 samples at 16 kHz are skipped (§1.1, §14.8).
+    min_duration_s: float = 0.625
+    # Sample rates outside this range are treated as corrupt headers ("absurd sample rate").
+    min_sample_rate: int = 1000
+    max_sample_rate: int = 384000
+
+
+@dataclass
+class SplitConfig:
+    """One split of a source: its CSV (AudioSet segments or `path,labels`) and whether it is mixed."""
+
+    name: str = "train"
+    csv: str = ""
+    mix: bool = True
+
+
+@dataclass
+class SourceConfig:
+    """Where clips come from: AudioSet CSVs + an audio root, or a plain folder of audio."""
+
+    kind: str = "audioset"  # "audioset" | "folder"
+    audio_root: str = ""
+    class_labels_csv: str = ""
+    # File name of a segment below audio_root; {ext} is discovered among `extensions`.
+    filename_pattern: str = "{ytid}.{ext}"
+    extensions: list[str] = field(default_factory=lambda: ["wav", "flac", "ogg", "mp3"])
+    splits: list[SplitConfig] = field(default_factory=list)
+
+
+@dataclass
+class MixingConfig:
+    """Mixture groups and no-mix windows (DESIGN.md; SSLAM_SPEC §9.1, §9.5, §14.1-14.3)."""
+
+    group_size: int = 3
+    domain: str = "logmel_max"  # "logmel_max" | "waveform_sum"
+    waveform_gain: float = 1.0
+    materialize_mixtures: bool = True
+    mix_padding: str = "zero"  # "zero" (reference) | "silence" (log floor)
+    mixture_epochs: int = 1
+    # Rows per no-mix window; 0 means max(1, floor(15 * Tp / 64)).
+    nomix_rows: int = 0
+
+
+@dataclass
+class ShardConfig:
+    """Output of the preprocessing job."""
+
+    output: str = "data/shards"
+    groups_per_shard: int = 64
+    clips_per_eval_shard: int = 256
+    seed: int = 1
+
+
+@dataclass
+class LoaderConfig:
+    """WebDataset input for training and evaluation."""
+
+    shards: str = "data/shards"
+    micro_batch_clips: int = 12
+    num_workers: int = 2
+    shuffle_buffer: int = 256
+    seed: int = 1
+
+
+@dataclass
+class SynthConfig:
+    """The generated AudioSet-like sample dataset (pipeline.synth)."""
+
+    train_clips: int = 240
+    eval_clips: int = 60
+    num_classes: int = 12
+    broken_files: bool = True
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    source: SourceConfig = field(default_factory=SourceConfig)
+    mixing: MixingConfig = field(default_factory=MixingConfig)
+    shards: ShardConfig = field(default_factory=ShardConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
