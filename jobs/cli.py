@@ -14,9 +14,9 @@ from jobs.config import ConfigError, add_config_arguments, config_from_args
 
 
 def _make_sample_data(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
     from pipeline.synth import make_sample_dataset
 
-    config = config_from_args(args)
     summary = make_sample_dataset(args.out, config.data.synth)
     print(json.dumps(summary, indent=2, sort_keys=True))
     return 0
