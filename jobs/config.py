@@ -38,6 +38,8 @@ class TrainConfig:
     weight_decay_mode: str = "all"  # "all" (reference) | "exclude_norm_bias"
     gradient_clipping: float = 4.0
     gradient_accumulation: int = 1
+    # When set, clean clips per update for any rank count: accumulation = clips / (micro_batch_clips x ranks).
+    clips_per_update: int = 0
     zero_stage: int = 2
     precision: str = "bf16"  # "bf16" | "fp16" | "fp32"
     epochs: int = 0  # 0: stop at max_updates only
@@ -46,6 +48,7 @@ class TrainConfig:
     keep_checkpoints: int = 1
     resume: str = "auto"  # "auto" | "never" | a checkpoint directory
     init_from: str = ""  # stage 2: a stage-1 checkpoint of ours or an official EAT .pt
+    dataset_fingerprint: str = ""  # when set, dataset.json must carry this fingerprint
     min_target_var: float = 0.0  # collapse guard floors; 0 disables
     min_pred_var: float = 0.0
     on_nonfinite_loss: str = "stop"  # "stop" | "skip"

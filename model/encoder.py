@@ -138,7 +138,9 @@ class Encoder(nn.Module):
         if x.dim() != 4 or x.shape[1] != 1:
             raise ValueError(f"expected raw fbank of shape (B, 1, T, F) or (B, T, F), got {tuple(x.shape)}")
         time_patches, freq_patches = self.grid(x)
-        tokens = self.patch_embed(self.normalize(x)).flatten(2).transpose(1, 2)
+        # Normalise in fp32, then meet the conv's weights (fp32, or bf16 when an engine casts the module).
+        x = self.normalize(x.float()).to(self.patch_embed.weight.dtype)
+        tokens = self.patch_embed(x).flatten(2).transpose(1, 2)
         return tokens + self.pos_embed[:, : time_patches * freq_patches].to(tokens.dtype)
 
     def contextualize(self, tokens: Tensor, return_ffn: bool = True) -> tuple[Tensor, list[Tensor]]:

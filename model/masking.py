@@ -30,18 +30,18 @@ def mask_counts(num_patches: int, cfg: ModelConfig) -> tuple[int, int]:
 
 def sample_centres(num_rows: int, num_patches: int, n_centers: int, generator: torch.Generator) -> Tensor:
     """Block centres (rows, n_centers), uniform over the N cells with replacement."""
-    return torch.randint(0, num_patches, (num_rows, n_centers), generator=generator)
+    return torch.randint(0, num_patches, (num_rows, n_centers), generator=generator, device=generator.device)
 
 
 def block_union(centres: Tensor, time_patches: int, freq_patches: int, mask_length: int) -> Tensor:
     """Visible cells (rows, N): the union of L x L blocks around each centre, out-of-grid cells clamped
     onto the border (offsets -L//2 .. L - 1 - L//2, as the reference)."""
     rows = centres.shape[0]
-    offsets = torch.arange(mask_length) - mask_length // 2
+    offsets = torch.arange(mask_length, device=centres.device) - mask_length // 2
     t = (centres // freq_patches)[:, :, None, None] + offsets[:, None]
     f = (centres % freq_patches)[:, :, None, None] + offsets[None, :]
     cells = t.clamp(0, time_patches - 1) * freq_patches + f.clamp(0, freq_patches - 1)
-    visible = torch.zeros(rows, time_patches * freq_patches, dtype=torch.bool)
+    visible = torch.zeros(rows, time_patches * freq_patches, dtype=torch.bool, device=centres.device)
     return visible.scatter_(1, cells.reshape(rows, -1), True)
 
 
@@ -49,7 +49,7 @@ def keep_exactly(visible: Tensor, n_keep: int, generator: torch.Generator) -> Te
     """Trim or top up each row to exactly n_keep visible cells with uniform choices: a row with more
     visible cells keeps a uniform subset of them; a row with fewer keeps all and adds a uniform subset of
     the others. Done as top-k of (2 * visible + uniform key)."""
-    keys = torch.rand(visible.shape, generator=generator)
+    keys = torch.rand(visible.shape, generator=generator, device=visible.device)
     kept = torch.topk(visible.to(keys.dtype) * 2.0 + keys, n_keep, dim=1).indices
     return torch.zeros_like(visible).scatter_(1, kept, True)
 
@@ -58,7 +58,7 @@ def block_masks(
     num_rows: int, time_patches: int, freq_patches: int, cfg: ModelConfig, generator: torch.Generator
 ) -> Tensor:
     """BoolTensor (num_rows, Tp * Fp), True = masked, exactly n_keep = floor(N (1 - mask_prob)) visible
-    per row (§4). Computed on the generator's device (CPU)."""
+    per row (§4). Computed on the generator's device."""
     num_patches = time_patches * freq_patches
     n_centers, n_keep = mask_counts(num_patches, cfg)
     centres = sample_centres(num_rows, num_patches, n_centers, generator)

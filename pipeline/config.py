@@ -76,6 +76,7 @@ class LoaderConfig:
     """WebDataset input for training and evaluation."""
 
     shards: str = "data/shards"
+    split: str = "train"
     micro_batch_clips: int = 12
     num_workers: int = 2
     shuffle_buffer: int = 256

@@ -1,0 +1,86 @@
+"""Teacher targets (SSLAM_SPEC §7, §9.3): per-layer instance norm over tokens, top-k layer average,
+final LayerNorm; the utterance (CLS) target; and stage 2's time-row dropping and source-retention target.
+
+Every function here takes patch tokens only: callers drop the CLS position (index 0) first.
+All targets are float32 whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+TARGET_NORM_EPS = 1e-5
+
+
+def instance_norm_tokens(features: Tensor) -> Tensor:
+    """(b, n, D) -> (b, n, D) float32: each (clip, channel) normalised over its n tokens, biased
+    variance, no affine."""
+    return F.instance_norm(features.float().transpose(1, 2), eps=TARGET_NORM_EPS).transpose(1, 2)
+
+
+def make_targets(ffn_outputs: list[Tensor], top_k: int) -> Tensor:
+    """Patch targets (b, n, D) from the per-block FFN outputs (each (b, n, D), CLS removed): the mean of
+    the instance-normed last top_k layers, then LayerNorm over D without affine."""
+    if not 1 <= top_k <= len(ffn_outputs):
+        raise ValueError(f"top_k={top_k} outside [1, {len(ffn_outputs)}] layers")
+    layers = ffn_outputs[-top_k:]
+    average = instance_norm_tokens(layers[0])
+    for layer in layers[1:]:
+        average = average + instance_norm_tokens(layer)
+    average = average / top_k
+    return F.layer_norm(average, average.shape[-1:], eps=TARGET_NORM_EPS)
+
+
+def cls_target(patch_targets: Tensor) -> Tensor:
+    """Utterance target (b, D): the mean over token positions of a patch target (§7.5). Stage 1 passes the
+    top-k target, stage 2 `make_targets(ffn_outputs, 1)` (last layer only)."""
+    return patch_targets.mean(dim=1)
+
+
+def kept_time_rows(nomix: Tensor) -> Tensor:
+    """(b, Tp - 2r) indices of the time rows that are not no-mix rows, ascending; every row of `nomix`
+    must have the same count of True."""
+    if nomix.dim() != 2 or nomix.dtype != torch.bool:
+        raise ValueError(f"nomix must be a bool (b, Tp) tensor, got {nomix.dtype} {tuple(nomix.shape)}")
+    dropped = nomix.sum(dim=1)
+    if bool((dropped != dropped[0]).any()):
+        raise ValueError("every clip must have the same number of no-mix time rows")
+    num_kept = nomix.shape[1] - int(dropped[0])
+    return torch.argsort(nomix.to(torch.uint8), dim=1, stable=True)[:, :num_kept]
+
+
+def _row_token_index(rows: Tensor, freq_patches: int) -> Tensor:
+    """Time-row indices (b, k) -> token indices (b, k * Fp) of all their frequency patches, in order."""
+    columns = torch.arange(freq_patches, device=rows.device)
+    return (rows[:, :, None] * freq_patches + columns).flatten(1)
+
+
+def drop_time_rows(tokens: Tensor, nomix: Tensor, freq_patches: int) -> Tensor:
+    """Per clip, delete every token of the time rows where nomix is True, keeping order:
+    (b, Tp * Fp, D) -> (b, (Tp - 2r) * Fp, D) (§9.2, §14.2)."""
+    batch, num_tokens, dim = tokens.shape
+    if num_tokens != nomix.shape[1] * freq_patches or nomix.shape[0] != batch:
+        raise ValueError(
+            f"tokens {tuple(tokens.shape)} do not match nomix {tuple(nomix.shape)} with {freq_patches} freq patches"
+        )
+    index = _row_token_index(kept_time_rows(nomix).to(tokens.device), freq_patches)
+    return torch.gather(tokens, 1, index.unsqueeze(-1).expand(-1, -1, dim))
+
+
+def scatter_time_rows(row_tokens: Tensor, nomix: Tensor, freq_patches: int) -> Tensor:
+    """Inverse of drop_time_rows: (b, (Tp - 2r) * Fp, D) -> (b, Tp * Fp, D) with zeros on the no-mix rows."""
+    batch, _, dim = row_tokens.shape
+    index = _row_token_index(kept_time_rows(nomix).to(row_tokens.device), freq_patches)
+    full = row_tokens.new_zeros(batch, nomix.shape[1] * freq_patches, dim)
+    return full.scatter_(1, index.unsqueeze(-1).expand(-1, -1, dim), row_tokens)
+
+
+def source_retention_target(y_full: Tensor, y_drop: Tensor, nomix: Tensor, freq_patches: int) -> Tensor:
+    """Y^R (b, N, D) for mixture rows (§9.3): on no-mix rows the primary's clean target y_full, elsewhere
+    the average of y_full and the partner's dropped-row target y_drop ((b, (Tp - 2r) * Fp, D), already
+    aligned with the mixture row, no roll). Not re-normalised."""
+    partner = scatter_time_rows(y_drop, nomix, freq_patches)
+    nomix_tokens = nomix.to(y_full.device).repeat_interleave(freq_patches, dim=1).unsqueeze(-1)
+    return torch.where(nomix_tokens, y_full, 0.5 * (y_full + partner))

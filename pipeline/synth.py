@@ -1,0 +1,407 @@
+"""The AudioSet-like sample dataset: procedurally generated sound events, official CSV formats, broken files.
+
+`make_sample_dataset(out_dir, cfg)` writes
+
+* `class_labels_indices.csv` (`index,mid,display_name`, quoted names; MIDs `/m/syn0001`, ...),
+* `balanced_train_segments.csv` and `eval_segments.csv` (AudioSet's comment header, `YTID, start, end,
+  "mid,mid"` rows; the two splits have disjoint YTIDs),
+* `audio/{YTID}.{wav|flac|ogg}`: mono and stereo clips at 8-48 kHz, mostly 2-4 s with a few of 1-2 s and
+  10-12 s, each holding 1-3 overlapping events of distinct classes (the clip's multi-hot labels) over a faint
+  noise floor,
+* with `cfg.broken_files`, extra train rows whose files are broken on purpose (see `BROKEN_KINDS`).
+
+Classes are rows of `EVENT_KINDS`, a table of generator functions with distinct spectral signatures; class
+i uses kind i mod len(EVENT_KINDS), its pitch raised by 1.5x for every further pass over the table, so any
+`num_classes` works. Everything derives from `cfg.seed`: the same seed gives byte-identical CSV, WAV and
+FLAC files. Ogg Vorbis files are not byte-identical across runs (libsndfile draws a random Ogg stream serial
+number) but decode to identical samples.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import soundfile
+
+from pipeline.config import SynthConfig
+
+logger = logging.getLogger(__name__)
+
+SAMPLE_RATES = (8000, 16000, 22050, 32000, 44100, 48000)
+# Container -> libsndfile subtype.
+FORMATS = {"wav": "PCM_16", "flac": "PCM_16", "ogg": "VORBIS"}
+# Event content stays below this frequency so that 8 kHz clips hold it without aliasing.
+MAX_EVENT_HZ = 3500.0
+YTID_ALPHABET = np.array(list("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"))
+YTID_LENGTH = 11
+# (kind, share of clips, duration range in seconds): mostly short clips keep the dataset small.
+LENGTH_CLASSES = (("short", 8, (2.0, 4.0)), ("tiny", 1, (1.0, 2.0)), ("long", 1, (10.0, 12.0)))
+# Share of stereo clips, as a repeating pattern of channel counts.
+CHANNEL_PATTERN = (1, 1, 1, 2)
+EVENTS_PER_CLIP = (1, 3)
+EVENT_SECONDS = (0.4, 2.5)
+EVENT_GAIN = (0.2, 0.5)
+NOISE_FLOOR = 1e-3
+RAMP_SECONDS = 0.01
+PEAK = 0.9
+
+Generator = Callable[[np.random.Generator, np.ndarray, float, float], np.ndarray]
+
+
+class EventKind(NamedTuple):
+    """A class of sound event: its display name and a generator (rng, t seconds, sample rate, pitch) -> wave."""
+
+    name: str
+    generate: Generator
+
+
+def _tone(t: np.ndarray, hz: np.ndarray | float) -> np.ndarray:
+    return np.sin(2 * np.pi * np.asarray(hz) * t)
+
+
+def _max_hz(sample_rate: float) -> float:
+    return min(MAX_EVENT_HZ, 0.45 * sample_rate)
+
+
+def _cap(hz: float, sample_rate: float) -> float:
+    return min(hz, _max_hz(sample_rate))
+
+
+def _harmonics(t: np.ndarray, f0: float, orders: range, sample_rate: float) -> np.ndarray:
+    """Sum of the harmonics k*f0 (amplitude 1/k) that stay below the event frequency limit."""
+    wave = np.zeros_like(t)
+    for k in orders:
+        if k * f0 < _max_hz(sample_rate):
+            wave += _tone(t, k * f0) / k
+    return wave
+
+
+def _band_noise(rng: np.random.Generator, n: int, sample_rate: float, low_hz: float, high_hz: float) -> np.ndarray:
+    spectrum = np.fft.rfft(rng.standard_normal(n))
+    frequencies = np.fft.rfftfreq(n, 1.0 / sample_rate)
+    spectrum[(frequencies < low_hz) | (frequencies > high_hz)] = 0.0
+    return np.fft.irfft(spectrum, n)
+
+
+def _pure_tone(rng: np.random.Generator, t: np.ndarray, sr: float, pitch: float) -> np.ndarray:
+    return _tone(t, _cap(440.0 * pitch * rng.uniform(0.97, 1.03), sr))
+
+
+def _harmonic_stack(rng: np.random.Generator, t: np.ndarray, sr: float, pitch: float) -> np.ndarray:
+    f0 = 150.0 * pitch * rng.uniform(0.97, 1.03)
+    return _harmonics(t, f0, range(1, 9), sr)
+
+
+def _chirp(t: np.ndarray, start_hz: float, end_hz: float) -> np.ndarray:
+    duration = max(t[-1], 1e-6)
+    phase = 2 * np.pi * (start_hz * t + 0.5 * (end_hz - start_hz) / duration * t**2)
+    return np.sin(phase)
+
+
+def _up_chirp(rng: np.random.Generator, t: np.ndarray, sr: float, pitch: float) -> np.ndarray:
+    return _chirp(t, _cap(300.0 * pitch, sr), _cap(2500.0 * pitch, sr))
+
+
+def _down_chirp(rng: np.random.Generator, t: np.ndarray, sr: float, pitch: float) -> np.ndarray:
+    return _chirp(t, _cap(2500.0 * pitch, sr), _cap(300.0 * pitch, sr))
+
+
+def _noise_burst(rng: np.random.Generator, t: np.ndarray, sr: float, pitch: float) -> np.ndarray:
+    # Broadband noise in bursts of 0.1 s every 0.25 s.
+    gate = (np.mod(t, 0.25 / pitch) < 0.1 / pitch).astype(float)
+    return _band_noise(rng, t.size, sr, 50.0, _max_hz(sr)) * gate
+
+
+def _band_passed_noise(rng: np.random.Generator, t: np.ndarray, sr: float, pitch: float) -> np.ndarray:
+    return _band_noise(rng, t.size, sr, _cap(1000.0 * pitch, sr) * 0.9, _cap(1500.0 * pitch, sr))
+
+
+def _click_train(rng: np.random.Generator, t: np.ndarray, sr: float, pitch: float) -> np.ndarray:
+    wave = np.zeros(t.size)
+    period = max(1, int(round(sr / (20.0 * pitch))))
+    wave[rng.integers(0, period) :: period] = 1.0
+    return wave
+
+
+def _am_tone(rng: np.random.Generator, t: np.ndarray, sr: float, pitch: float) -> np.ndarray:
+    return _tone(t, _cap(1000.0 * pitch, sr)) * (0.5 + 0.5 * _tone(t, 8.0))
+
+
+def _fm_tone(rng: np.random.Generator, t: np.ndarray, sr: float, pitch: float) -> np.ndarray:
+    carrier, depth, rate = _cap(700.0 * pitch, sr), 150.0 * pitch, 5.0
+    return np.sin(2 * np.pi * carrier * t - depth / rate * np.cos(2 * np.pi * rate * t))
+
+
+def _low_rumble(rng: np.random.Generator, t: np.ndarray, sr: float, pitch: float) -> np.ndarray:
+    return _band_noise(rng, t.size, sr, 20.0, 150.0 * pitch)
+
+
+def _buzz(rng: np.random.Generator, t: np.ndarray, sr: float, pitch: float) -> np.ndarray:
+    f0 = 220.0 * pitch
+    return _harmonics(t, f0, range(1, 16, 2), sr)
+
+
+def _dual_tone(rng: np.random.Generator, t: np.ndarray, sr: float, pitch: float) -> np.ndarray:
+    return _tone(t, _cap(697.0 * pitch, sr)) + _tone(t, _cap(1209.0 * pitch, sr))
+
+
+EVENT_KINDS: tuple[EventKind, ...] = (
+    EventKind("Pure tone", _pure_tone),
+    EventKind("Harmonic stack", _harmonic_stack),
+    EventKind("Up-chirp", _up_chirp),
+    EventKind("Down-chirp", _down_chirp),
+    EventKind("White noise burst", _noise_burst),
+    EventKind("Band-passed noise", _band_passed_noise),
+    EventKind("Click train", _click_train),
+    EventKind("AM tone", _am_tone),
+    EventKind("FM tone", _fm_tone),
+    EventKind("Low rumble", _low_rumble),
+    EventKind("Buzz", _buzz),
+    EventKind("Dual tone", _dual_tone),
+)
+
+# Broken train files (cfg.broken_files): kind -> what the file is.
+BROKEN_KINDS = {
+    "empty": "a 0-byte .wav",
+    "truncated_wav": "a PCM wav cut to half its bytes (libsndfile reads the remaining frames)",
+    "truncated_flac": "a flac cut to half its bytes (the decoder loses sync)",
+    "nan": "a float wav with NaN samples",
+    "too_short": "a valid 0.2 s wav",
+    "missing": "listed in the CSV, no file",
+}
+TOO_SHORT_SECONDS = 0.2
+
+
+class SynthClass(NamedTuple):
+    index: int
+    mid: str
+    display_name: str
+    kind: EventKind
+    pitch: float
+
+
+def synth_classes(num_classes: int) -> list[SynthClass]:
+    """The class table of the sample dataset: kind i mod len(EVENT_KINDS), pitch 1.5^(i // len)."""
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    classes = []
+    for index in range(num_classes):
+        kind = EVENT_KINDS[index % len(EVENT_KINDS)]
+        octave = index // len(EVENT_KINDS)
+        name = kind.name if octave == 0 else f"{kind.name} {octave + 1}"
+        classes.append(SynthClass(index, f"/m/syn{index + 1:04d}", name, kind, 1.5**octave))
+    return classes
+
+
+class _ClipPlan(NamedTuple):
+    ytid: str
+    sample_rate: int
+    channels: int
+    seconds: float
+    extension: str
+    start_s: float
+
+
+def _ytids(rng: np.random.Generator, count: int) -> list[str]:
+    ids: dict[str, None] = {}
+    while len(ids) < count:
+        ids.setdefault("".join(rng.choice(YTID_ALPHABET, YTID_LENGTH)), None)
+    return list(ids)
+
+
+def _balanced(rng: np.random.Generator, values: list, count: int) -> list:
+    """`count` values covering `values` as evenly as possible, in seeded random order."""
+    return [values[i] for i in rng.permutation(np.resize(np.arange(len(values)), count))]
+
+
+def _plan_clips(rng: np.random.Generator, ytids: list[str]) -> list[_ClipPlan]:
+    count = len(ytids)
+    rates = _balanced(rng, list(SAMPLE_RATES), count)
+    extensions = _balanced(rng, list(FORMATS), count)
+    channels = _balanced(rng, list(CHANNEL_PATTERN), count)
+    length_pattern = [ranges for _, share, ranges in LENGTH_CLASSES for _ in range(share)]
+    lengths = _balanced(rng, length_pattern, count)
+    plans = []
+    for ytid, rate, extension, channel_count, (low, high) in zip(ytids, rates, extensions, channels, lengths):
+        seconds = round(float(rng.uniform(low, high)), 3)
+        start_s = float(rng.integers(0, 300))
+        plans.append(_ClipPlan(ytid, rate, channel_count, seconds, extension, start_s))
+    return plans
+
+
+def _render_clip(
+    rng: np.random.Generator, plan: _ClipPlan, classes: list[SynthClass]
+) -> tuple[np.ndarray, list[int]]:
+    """(samples (n, channels) float32 in [-PEAK, PEAK], sorted class indices of its events)."""
+    n = int(round(plan.seconds * plan.sample_rate))
+    mix = NOISE_FLOOR * rng.standard_normal(n)
+    event_count = int(rng.integers(EVENTS_PER_CLIP[0], EVENTS_PER_CLIP[1] + 1))
+    chosen = sorted(int(i) for i in rng.choice(len(classes), size=min(event_count, len(classes)), replace=False))
+    for class_index in chosen:
+        synth_class = classes[class_index]
+        seconds = rng.uniform(EVENT_SECONDS[0], min(EVENT_SECONDS[1], plan.seconds))
+        length = max(2, int(seconds * plan.sample_rate))
+        onset = int(rng.integers(0, n - length + 1))
+        t = np.arange(length) / plan.sample_rate
+        wave = synth_class.kind.generate(rng, t, plan.sample_rate, synth_class.pitch)
+        wave = wave / max(np.max(np.abs(wave)), 1e-9)
+        ramp = min(length // 2, int(RAMP_SECONDS * plan.sample_rate))
+        if ramp > 0:
+            fade = 0.5 - 0.5 * np.cos(np.linspace(0.0, np.pi, ramp))
+            wave[:ramp] *= fade
+            wave[length - ramp :] *= fade[::-1]
+        mix[onset : onset + length] += rng.uniform(*EVENT_GAIN) * wave
+    if plan.channels == 1:
+        samples = mix[:, None]
+    else:
+        pan = rng.uniform(0.6, 1.0, size=plan.channels)
+        samples = mix[:, None] * pan[None, :]
+    samples *= PEAK / max(np.max(np.abs(samples)), PEAK)
+    return samples.astype(np.float32), chosen
+
+
+def _write_audio(path: Path, samples: np.ndarray, sample_rate: int, extension: str) -> None:
+    soundfile.write(path, samples, sample_rate, format=extension.upper(), subtype=FORMATS[extension])
+
+
+def _float_wav_bytes(samples: np.ndarray, sample_rate: int) -> bytes:
+    """A mono IEEE-float WAV built by hand: libsndfile adds a PEAK chunk with a timestamp to float files,
+    which would break byte-identical output."""
+    data = samples.astype("<f4").tobytes()
+    fmt_chunk = struct.pack("<4sIHHIIHH", b"fmt ", 16, 3, 1, sample_rate, 4 * sample_rate, 4, 32)
+    body = b"WAVE" + fmt_chunk + struct.pack("<4sI", b"data", len(data)) + data
+    return struct.pack("<4sI", b"RIFF", len(body)) + body
+
+
+def _write_broken(audio_dir: Path, kind: str, ytid: str, rng: np.random.Generator) -> str | None:
+    """Write one broken file; returns its file name (None for 'missing')."""
+    sample_rate = 16000
+    if kind == "missing":
+        return None
+    if kind == "empty":
+        name = f"{ytid}.wav"
+        (audio_dir / name).write_bytes(b"")
+        return name
+    if kind in ("truncated_wav", "truncated_flac"):
+        extension = kind.split("_")[1]
+        name = f"{ytid}.{extension}"
+        samples = (0.3 * rng.standard_normal((3 * sample_rate, 1))).astype(np.float32).clip(-PEAK, PEAK)
+        _write_audio(audio_dir / name, samples, sample_rate, extension)
+        data = (audio_dir / name).read_bytes()
+        (audio_dir / name).write_bytes(data[: len(data) // 2])
+        return name
+    if kind == "nan":
+        name = f"{ytid}.wav"
+        samples = (0.3 * rng.standard_normal((2 * sample_rate, 1))).astype(np.float32)
+        samples[sample_rate // 2 : sample_rate // 2 + 100] = np.nan
+        (audio_dir / name).write_bytes(_float_wav_bytes(samples[:, 0], sample_rate))
+        return name
+    if kind == "too_short":
+        name = f"{ytid}.wav"
+        t = np.arange(int(TOO_SHORT_SECONDS * sample_rate)) / sample_rate
+        _write_audio(audio_dir / name, (0.5 * _tone(t, 440.0))[:, None].astype(np.float32), sample_rate, "wav")
+        return name
+    raise ValueError(f"unknown broken kind {kind!r}")
+
+
+def _segments_header(kind: str, seed: int, rows: list[tuple[str, float, float, list[str]]]) -> str:
+    labels = [mid for _, _, _, mids in rows for mid in mids]
+    return (
+        f"# Segments csv created by pipeline.synth ({kind}, seed={seed})\n"
+        f"# num_ytids={len(rows)}, num_segs={len(rows)}, num_unique_labels={len(set(labels))}, "
+        f"num_positive_labels={len(labels)}\n"
+        "# YTID, start_seconds, end_seconds, positive_labels\n"
+    )
+
+
+def _write_segments_csv(path: Path, kind: str, seed: int, rows: list[tuple[str, float, float, list[str]]]) -> None:
+    lines = [f'{ytid}, {start:.3f}, {end:.3f}, "{",".join(mids)}"\n' for ytid, start, end, mids in rows]
+    path.write_text(_segments_header(kind, seed, rows) + "".join(lines), encoding="utf-8")
+
+
+def _write_class_labels(path: Path, classes: list[SynthClass]) -> None:
+    lines = ["index,mid,display_name\n"]
+    lines += [f'{c.index},{c.mid},"{c.display_name.replace(chr(34), chr(34) * 2)}"\n' for c in classes]
+    path.write_text("".join(lines), encoding="utf-8")
+
+
+def make_sample_dataset(out_dir: str | os.PathLike, cfg: SynthConfig) -> dict:
+    """Write the sample dataset under out_dir and return a JSON-ready summary.
+
+    Summary keys: out_dir, seed, classes (display names), splits (per split: csv, rows, clips, broken),
+    broken (kind -> YTID), formats, sample_rates, channels (counts over generated clips), total_bytes
+    (of the files written by this call).
+    """
+    if cfg.train_clips < 1 or cfg.eval_clips < 1:
+        raise ValueError(f"need at least one train and one eval clip, got {cfg.train_clips}, {cfg.eval_clips}")
+    out = Path(out_dir)
+    audio_dir = out / "audio"
+    audio_dir.mkdir(parents=True, exist_ok=True)
+    classes = synth_classes(cfg.num_classes)
+    rng = np.random.default_rng(cfg.seed)
+    broken_kinds = list(BROKEN_KINDS) if cfg.broken_files else []
+    ytids = _ytids(rng, cfg.train_clips + cfg.eval_clips + len(broken_kinds))
+    split_ytids = {
+        "train": ytids[: cfg.train_clips],
+        "eval": ytids[cfg.train_clips : cfg.train_clips + cfg.eval_clips],
+    }
+    broken_ytids = dict(zip(broken_kinds, ytids[cfg.train_clips + cfg.eval_clips :]))
+    csv_names = {"train": "balanced_train_segments.csv", "eval": "eval_segments.csv"}
+
+    written: list[Path] = []
+    counts: dict[str, Counter] = {"formats": Counter(), "sample_rates": Counter(), "channels": Counter()}
+    summary_splits: dict[str, dict] = {}
+    for split_code, (split, split_ids) in enumerate(split_ytids.items()):
+        rows: list[tuple[str, float, float, list[str]]] = []
+        for clip_index, plan in enumerate(_plan_clips(rng, split_ids)):
+            # Each clip has its own stream, so its content does not depend on the other clips.
+            clip_rng = np.random.default_rng([cfg.seed, split_code, clip_index])
+            samples, class_indices = _render_clip(clip_rng, plan, classes)
+            written.append(audio_dir / f"{plan.ytid}.{plan.extension}")
+            _write_audio(written[-1], samples, plan.sample_rate, plan.extension)
+            rows.append((plan.ytid, plan.start_s, plan.start_s + plan.seconds, [classes[i].mid for i in class_indices]))
+            counts["formats"][plan.extension] += 1
+            counts["sample_rates"][str(plan.sample_rate)] += 1
+            counts["channels"][str(plan.channels)] += 1
+        broken_count = 0
+        if split == "train":
+            for kind_index, (kind, ytid) in enumerate(broken_ytids.items()):
+                broken_rng = np.random.default_rng([cfg.seed, len(split_ytids), kind_index])
+                name = _write_broken(audio_dir, kind, ytid, broken_rng)
+                if name is not None:
+                    written.append(audio_dir / name)
+                label = classes[int(broken_rng.integers(len(classes)))].mid
+                start_s = float(broken_rng.integers(0, 300))
+                rows.append((ytid, start_s, start_s + 10.0, [label]))
+            broken_count = len(broken_ytids)
+        written.append(out / csv_names[split])
+        _write_segments_csv(written[-1], split, cfg.seed, rows)
+        summary_splits[split] = {
+            "csv": str(written[-1]),
+            "rows": len(rows),
+            "clips": len(split_ids),
+            "broken": broken_count,
+        }
+    written.append(out / "class_labels_indices.csv")
+    _write_class_labels(written[-1], classes)
+
+    summary = {
+        "out_dir": str(out),
+        "seed": cfg.seed,
+        "classes": [c.display_name for c in classes],
+        "splits": summary_splits,
+        "broken": broken_ytids,
+        "formats": dict(sorted(counts["formats"].items())),
+        "sample_rates": dict(sorted(counts["sample_rates"].items(), key=lambda item: int(item[0]))),
+        "channels": dict(sorted(counts["channels"].items())),
+        "total_bytes": sum(path.stat().st_size for path in written),
+    }
+    logger.info("sample dataset: %s", {k: v for k, v in summary.items() if k != "classes"})
+    return summary

@@ -1,0 +1,311 @@
+"""pipeline.manifest: CSV readers, AudioSet and folder sources, quarantine reasons, leak check, ledger counts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import soundfile
+
+from pipeline.config import SourceConfig, SplitConfig
+from pipeline.manifest import (
+    MANIFEST_SCHEMA,
+    QUARANTINE_SCHEMA,
+    ManifestError,
+    build_manifest,
+    manifest_classes,
+    read_class_labels,
+    read_manifest,
+    read_segments_csv,
+    write_manifest,
+)
+
+CLASS_LABELS = """index,mid,display_name
+0,/m/09x0r,"Speech"
+1,/t/dd00088,"Male speech, man speaking"
+2,/m/04rlf,"Music"
+"""
+
+TRAIN_CSV = """# Segments csv created Sun Mar  5 10:54:31 2017
+# num_ytids=8, num_segs=8, num_unique_labels=3, num_positive_labels=10
+# YTID, start_seconds, end_seconds, positive_labels
+--PJHxphWEs, 30.000, 40.000, "/m/09x0r,/t/dd00088"
+-0RWZT-miFs, 420.000, 430.000, "/m/04rlf"
+zz_wrong_cols, 1.000, 2.000
+bad_times_01, abc, 10.000, "/m/04rlf"
+backwards_01, 20.000, 10.000, "/m/04rlf"
+unknown_mid1, 0.000, 10.000, "/m/09x0r,/m/nope"
+--PJHxphWEs, 50.000, 60.000, "/m/04rlf"
+missing_abc, 0.000, 10.000, "/m/04rlf"
+"""
+
+EVAL_CSV = """# YTID, start_seconds, end_seconds, positive_labels
+evalclip_01, 5.500, 15.500, "/m/04rlf"
+"""
+
+
+def write_audio(path: Path, seconds: float = 0.5, sample_rate: int = 16000) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    samples = 0.1 * np.sin(np.arange(int(seconds * sample_rate)) * 0.05)
+    fmt = path.suffix[1:].upper()
+    soundfile.write(path, samples.astype(np.float32), sample_rate, format=fmt)
+
+
+@pytest.fixture
+def audioset(tmp_path: Path) -> SourceConfig:
+    (tmp_path / "class_labels_indices.csv").write_text(CLASS_LABELS)
+    (tmp_path / "train.csv").write_text(TRAIN_CSV)
+    (tmp_path / "eval.csv").write_text(EVAL_CSV)
+    audio = tmp_path / "audio"
+    write_audio(audio / "--PJHxphWEs.flac")
+    write_audio(audio / "--PJHxphWEs.ogg")  # flac comes first in `extensions`, so it wins
+    write_audio(audio / "sub" / "-0RWZT-miFs.wav", sample_rate=8000)  # found one subfolder down
+    write_audio(audio / "evalclip_01.wav")
+    return SourceConfig(
+        kind="audioset",
+        audio_root=str(audio),
+        class_labels_csv=str(tmp_path / "class_labels_indices.csv"),
+        filename_pattern="{ytid}.{ext}",
+        extensions=["flac", "wav", "ogg"],
+        splits=[
+            SplitConfig(name="train", csv=str(tmp_path / "train.csv"), mix=True),
+            SplitConfig(name="eval", csv=str(tmp_path / "eval.csv"), mix=False),
+        ],
+    )
+
+
+def test_read_segments_csv_parses_official_format_and_reports_bad_rows(tmp_path: Path) -> None:
+    (tmp_path / "train.csv").write_text(TRAIN_CSV)
+    rows, bad = read_segments_csv(tmp_path / "train.csv")
+    assert [row.ytid for row in rows] == ["--PJHxphWEs", "-0RWZT-miFs", "unknown_mid1", "--PJHxphWEs", "missing_abc"]
+    assert rows[0].start_s == 30.0 and rows[0].end_s == 40.0
+    assert rows[0].label_mids == ("/m/09x0r", "/t/dd00088")
+    assert rows[0].line == 4
+    assert [(b.line, b.key) for b in bad] == [(6, "zz_wrong_cols"), (7, "bad_times_01"), (8, "backwards_01")]
+    assert "3" in bad[0].reason and "4 columns" in bad[0].reason
+
+
+def test_read_class_labels_keeps_order_and_quoted_names(tmp_path: Path) -> None:
+    (tmp_path / "labels.csv").write_text(CLASS_LABELS)
+    classes = read_class_labels(tmp_path / "labels.csv")
+    assert [(c.index, c.mid, c.display_name) for c in classes] == [
+        (0, "/m/09x0r", "Speech"),
+        (1, "/t/dd00088", "Male speech, man speaking"),
+        (2, "/m/04rlf", "Music"),
+    ]
+    (tmp_path / "bad.csv").write_text("index,mid,display_name\n0,/m/a,A\n2,/m/b,B\n")
+    with pytest.raises(ManifestError, match="out of order"):
+        read_class_labels(tmp_path / "bad.csv")
+
+
+def test_audioset_manifest_and_quarantine(audioset: SourceConfig) -> None:
+    manifest, quarantine = build_manifest(audioset, probe_audio=True)
+    assert manifest.schema.equals(MANIFEST_SCHEMA, check_metadata=False)
+    assert quarantine.schema.equals(QUARANTINE_SCHEMA)
+    rows = manifest.to_pylist()
+    # Sorted by split order, then key.
+    assert [(r["split"], r["key"]) for r in rows] == [
+        ("train", "--PJHxphWEs"),
+        ("train", "-0RWZT-miFs"),
+        ("eval", "evalclip_01"),
+    ]
+    first, second, evaluation = rows
+    assert first["path"].endswith("audio/--PJHxphWEs.flac")
+    assert Path(first["path"]).is_absolute()
+    assert second["path"].endswith("audio/sub/-0RWZT-miFs.wav")
+    assert first["label_mids"] == ["/m/09x0r", "/t/dd00088"] and first["label_indices"] == [0, 1]
+    assert (first["start_s"], first["end_s"], first["mix"]) == (30.0, 40.0, True)
+    assert evaluation["mix"] is False and evaluation["start_s"] == 5.5
+    assert second["sample_rate"] == 8000 and second["duration_s"] == pytest.approx(0.5)
+    assert [c.mid for c in manifest_classes(manifest)] == ["/m/09x0r", "/t/dd00088", "/m/04rlf"]
+
+    reasons = {(r["key"], r["reason"]) for r in quarantine.to_pylist()}
+    assert reasons == {
+        ("zz_wrong_cols", "bad_csv_row"),
+        ("bad_times_01", "bad_csv_row"),
+        ("backwards_01", "bad_csv_row"),
+        ("unknown_mid1", "unknown_label"),
+        ("--PJHxphWEs", "duplicate_key"),
+        ("missing_abc", "missing_file"),
+    }
+    assert set(quarantine.column("stage").to_pylist()) == {"manifest"}
+    duplicate = next(r for r in quarantine.to_pylist() if r["reason"] == "duplicate_key")
+    assert ":10:" in duplicate["detail"]  # the second occurrence (line 10) is the one refused
+    missing = next(r for r in quarantine.to_pylist() if r["reason"] == "missing_file")
+    assert "missing_abc.flac" in missing["detail"] and "missing_abc.ogg" in missing["detail"]
+
+
+def test_audioset_ledger_reconciles(audioset: SourceConfig) -> None:
+    manifest, quarantine = build_manifest(audioset)
+    data_rows = sum(len(rows) + len(bad) for rows, bad in (read_segments_csv(s.csv) for s in audioset.splits))
+    assert data_rows == 9
+    assert manifest.num_rows + quarantine.num_rows == data_rows
+    assert manifest.column("duration_s").null_count == manifest.num_rows  # not probed
+
+
+@pytest.mark.parametrize(
+    ("pattern", "file_name"),
+    [
+        ("{ytid}.{ext}", "abcdefghijk.wav"),
+        ("Y{ytid}.{ext}", "Yabcdefghijk.wav"),
+        ("{ytid}_{start}_{end}.{ext}", "abcdefghijk_30000_40000.wav"),
+        ("{ytid}_{start:.3f}_{end:.3f}.{ext}", "abcdefghijk_30.000_40.000.wav"),
+        ("{split}/{ytid}.{ext}", "train/abcdefghijk.wav"),
+    ],
+)
+def test_filename_patterns(tmp_path: Path, pattern: str, file_name: str) -> None:
+    (tmp_path / "train.csv").write_text('abcdefghijk, 30.000, 40.000, "/m/x"\n')
+    write_audio(tmp_path / "audio" / file_name)
+    source = SourceConfig(
+        audio_root=str(tmp_path / "audio"),
+        filename_pattern=pattern,
+        splits=[SplitConfig(name="train", csv=str(tmp_path / "train.csv"))],
+    )
+    manifest, quarantine = build_manifest(source)
+    assert quarantine.num_rows == 0
+    assert manifest.column("path").to_pylist() == [str(tmp_path / "audio" / file_name)]
+    # Without a class list the classes are the labels seen.
+    assert manifest.column("label_indices").to_pylist() == [[0]]
+
+
+def test_extension_discovery_follows_extension_order(tmp_path: Path) -> None:
+    (tmp_path / "train.csv").write_text('clip_a, 0, 10, "/m/x"\nclip_b, 0, 10, "/m/x"\n')
+    write_audio(tmp_path / "audio" / "clip_a.wav")
+    write_audio(tmp_path / "audio" / "clip_a.flac")
+    write_audio(tmp_path / "audio" / "clip_b.ogg")
+    source = SourceConfig(
+        audio_root=str(tmp_path / "audio"),
+        extensions=["flac", "ogg", "wav"],
+        splits=[SplitConfig(name="train", csv=str(tmp_path / "train.csv"))],
+    )
+    manifest, _ = build_manifest(source)
+    assert [Path(p).name for p in manifest.column("path").to_pylist()] == ["clip_a.flac", "clip_b.ogg"]
+
+
+def test_leak_between_eval_and_train_raises(audioset: SourceConfig, tmp_path: Path) -> None:
+    (tmp_path / "eval.csv").write_text(EVAL_CSV + '-0RWZT-miFs, 0.000, 10.000, "/m/04rlf"\n')
+    with pytest.raises(ManifestError, match=r"-0RWZT-miFs \(eval: eval, train: train\)"):
+        build_manifest(audioset)
+
+
+def test_same_key_in_two_training_splits_is_a_duplicate_not_a_leak(audioset: SourceConfig, tmp_path: Path) -> None:
+    (tmp_path / "more.csv").write_text('evalclip_01x, 0, 10, "/m/04rlf"\n-0RWZT-miFs, 0, 10, "/m/04rlf"\n')
+    audioset.splits.insert(1, SplitConfig(name="more", csv=str(tmp_path / "more.csv"), mix=True))
+    manifest, quarantine = build_manifest(audioset)
+    duplicates = [r for r in quarantine.to_pylist() if r["reason"] == "duplicate_key"]
+    assert {(r["key"], r["split"]) for r in duplicates} == {("--PJHxphWEs", "train"), ("-0RWZT-miFs", "more")}
+
+
+def test_manifest_parquet_round_trip(audioset: SourceConfig, tmp_path: Path) -> None:
+    manifest, quarantine = build_manifest(audioset)
+    write_manifest(manifest, tmp_path / "out" / "manifest.parquet")
+    write_manifest(quarantine, tmp_path / "out" / "quarantine.parquet")
+    restored = read_manifest(tmp_path / "out" / "manifest.parquet")
+    assert restored.equals(manifest)
+    assert manifest_classes(restored) == manifest_classes(manifest)
+    with pytest.raises(ManifestError, match="not a manifest"):
+        read_manifest(tmp_path / "out" / "quarantine.parquet")
+
+
+def folder_tree(root: Path) -> None:
+    for relative in ["dogs/a.wav", "dogs/b.flac", "cats/c.ogg", "cats/c.wav", "top.wav"]:
+        write_audio(root / relative)
+    (root / "notes.txt").write_text("not audio")
+
+
+def test_folder_without_labels(tmp_path: Path) -> None:
+    folder_tree(tmp_path / "audio")
+    source = SourceConfig(kind="folder", audio_root=str(tmp_path / "audio"), extensions=["wav", "flac", "ogg"])
+    manifest, quarantine = build_manifest(source)
+    assert manifest.column("key").to_pylist() == ["cats/c", "dogs/a", "dogs/b", "top"]
+    assert set(manifest.column("split").to_pylist()) == {"train"}
+    assert manifest.column("label_mids").to_pylist() == [[], [], [], []]
+    assert manifest.column("start_s").null_count == 4
+    # cats/c.ogg and cats/c.wav share a key: the second (sorted) is the duplicate.
+    assert [(r["key"], r["reason"], Path(r["path"]).name) for r in quarantine.to_pylist()] == [
+        ("cats/c", "duplicate_key", "c.wav")
+    ]
+    assert manifest.num_rows + quarantine.num_rows == 5  # every audio file, notes.txt is not audio
+
+
+def test_folder_with_labels_csv(tmp_path: Path) -> None:
+    folder_tree(tmp_path / "audio")
+    (tmp_path / "labels.csv").write_text(
+        "path,labels\n"
+        'dogs/a.wav,"Speech;Music"\n'
+        'dogs/b,"/m/04rlf,/m/09x0r"\n'
+        "gone.wav,Music\n"
+        "top.wav,Barking\n"
+        "too,many,columns\n"
+    )
+    (tmp_path / "class_labels_indices.csv").write_text(CLASS_LABELS)
+    source = SourceConfig(
+        kind="folder",
+        audio_root=str(tmp_path / "audio"),
+        class_labels_csv=str(tmp_path / "class_labels_indices.csv"),
+        extensions=["wav", "flac", "ogg"],
+        splits=[SplitConfig(name="train", csv=str(tmp_path / "labels.csv"), mix=True)],
+    )
+    manifest, quarantine = build_manifest(source)
+    rows = {r["key"]: r for r in manifest.to_pylist()}
+    assert sorted(rows) == ["cats/c", "dogs/a", "dogs/b"]
+    assert rows["dogs/a"]["label_indices"] == [0, 2]  # display names resolve to indices
+    assert rows["dogs/b"]["label_mids"] == ["/m/04rlf", "/m/09x0r"]
+    assert rows["cats/c"]["label_mids"] == []  # unlisted file joins the only split unlabelled
+    reasons = sorted((r["key"], r["reason"]) for r in quarantine.to_pylist())
+    assert reasons == [
+        ("cats/c", "duplicate_key"),
+        ("gone", "missing_file"),
+        ("too", "bad_csv_row"),
+        ("top", "unknown_label"),
+    ]
+    # Ledger: 5 audio files + the csv rows that match no file (gone.wav, the bad row).
+    assert manifest.num_rows + quarantine.num_rows == 5 + 2
+
+
+def test_folder_with_several_splits(tmp_path: Path) -> None:
+    folder_tree(tmp_path / "audio")
+    (tmp_path / "eval.csv").write_text("dogs/a.wav,\n")
+    source = SourceConfig(
+        kind="folder",
+        audio_root=str(tmp_path / "audio"),
+        extensions=["wav", "flac", "ogg"],
+        splits=[
+            SplitConfig(name="train", csv="", mix=True),
+            SplitConfig(name="eval", csv=str(tmp_path / "eval.csv"), mix=False),
+        ],
+    )
+    manifest, _ = build_manifest(source)
+    assert list(zip(manifest.column("split").to_pylist(), manifest.column("key").to_pylist())) == [
+        ("train", "cats/c"),
+        ("train", "dogs/b"),
+        ("train", "top"),
+        ("eval", "dogs/a"),
+    ]
+    # With a csv on every split, files listed nowhere are quarantined.
+    (tmp_path / "train.csv").write_text("dogs/b.flac,\n")
+    source.splits[0].csv = str(tmp_path / "train.csv")
+    manifest, quarantine = build_manifest(source)
+    assert sorted(manifest.column("key").to_pylist()) == ["dogs/a", "dogs/b"]
+    unlisted = sorted(r["key"] for r in quarantine.to_pylist() if r["reason"] == "unlisted_file")
+    assert unlisted == ["cats/c", "top"]
+
+
+def test_config_errors_are_clear(tmp_path: Path) -> None:
+    with pytest.raises(ManifestError, match="does not exist"):
+        build_manifest(SourceConfig(splits=[SplitConfig(csv=str(tmp_path / "nope.csv"))]))
+    with pytest.raises(ManifestError, match="unknown source kind"):
+        (tmp_path / "a.csv").write_text("")
+        build_manifest(SourceConfig(kind="s3", splits=[SplitConfig(csv=str(tmp_path / "a.csv"))]))
+
+
+def test_empty_tables_keep_their_schema(tmp_path: Path) -> None:
+    (tmp_path / "train.csv").write_text("# only a header\n")
+    manifest, quarantine = build_manifest(
+        SourceConfig(audio_root=str(tmp_path), splits=[SplitConfig(csv=str(tmp_path / "train.csv"))])
+    )
+    assert manifest.num_rows == 0 and quarantine.num_rows == 0
+    assert isinstance(manifest, pa.Table)
+    assert manifest.schema.names == MANIFEST_SCHEMA.names
