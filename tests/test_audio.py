@@ -1,0 +1,348 @@
+"""pipeline.audio: batched fbank vs torchaudio's Kaldi fbank, padding/cropping, down-mix, resampling, bad files."""
+
+from __future__ import annotations
+
+import math
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+import torchaudio
+from torchaudio.compliance import kaldi
+
+import pipeline.audio as audio
+from pipeline.audio import (
+    LOG_FLOOR,
+    AudioError,
+    AudioErrorReason,
+    decode,
+    fbank,
+    fbank_batch,
+    frame_count,
+    load_waveform,
+    to_model_rate,
+)
+from pipeline.config import AudioConfig
+
+CFG = AudioConfig()
+RATE = CFG.sample_rate
+
+
+def kaldi_reference(wave: torch.Tensor, cfg: AudioConfig = CFG) -> torch.Tensor:
+    """SSLAM_SPEC §1.5 + §1.7: clip mean removal, then kaldi.fbank with the reference's arguments (unpadded)."""
+    return kaldi.fbank(
+        (wave - wave.mean())[None],
+        htk_compat=True,
+        sample_frequency=float(cfg.sample_rate),
+        use_energy=False,
+        window_type="hanning",
+        num_mel_bins=cfg.mel_bins,
+        dither=0.0,
+        frame_shift=cfg.frame_shift_ms,
+        frame_length=cfg.frame_length_ms,
+    )
+
+
+def assert_matches_kaldi(features: torch.Tensor, wave: torch.Tensor, cfg: AudioConfig = CFG) -> None:
+    """Head of the Kaldi fbank within 1e-4 (the log floor region within 1.0), zero rows after it."""
+    reference = kaldi_reference(wave, cfg)[: cfg.target_length]
+    valid = reference.shape[0]
+    ours = features[:valid]
+    above_floor = reference > LOG_FLOOR + 1.0
+    assert above_floor.float().mean() > 0.5
+    torch.testing.assert_close(ours[above_floor], reference[above_floor], atol=1e-4, rtol=0)
+    assert torch.all((ours[~above_floor] - reference[~above_floor]).abs() < 1.0)
+    assert torch.equal(features[valid:], torch.zeros_like(features[valid:]))
+
+
+def realistic_wave(seconds: float, seed: int) -> torch.Tensor:
+    """Tones + noise + a DC offset, with digital-silence gaps."""
+    generator = torch.Generator().manual_seed(seed)
+    n = round(seconds * RATE)
+    t = torch.arange(n) / RATE
+    wave = 0.3 * torch.sin(2 * math.pi * 440 * t) + 0.1 * torch.sin(2 * math.pi * 3150 * t + 1.0)
+    wave = wave * (0.5 + 0.5 * torch.sin(2 * math.pi * 0.7 * t)) + 0.02 * torch.randn(n, generator=generator) + 0.05
+    wave[n // 5 : n // 5 + n // 10] = 0.0
+    wave[-n // 20 :] = 0.0
+    return wave.float()
+
+
+# --------------------------------------------------------------------------------------------- features
+
+
+def test_fbank_batch_matches_kaldi_on_mixed_lengths() -> None:
+    generator = torch.Generator().manual_seed(0)
+    waves = [
+        0.3 * torch.randn(3 * RATE, generator=generator),
+        realistic_wave(10.0, seed=1),
+        realistic_wave(12.5, seed=2),  # 1248 frames: cropped to the head
+        realistic_wave(1.0, seed=3),
+        0.1 * torch.randn(480, generator=generator),  # a single frame
+    ]
+    features = fbank_batch(waves, CFG)
+    assert features.shape == (len(waves), CFG.target_length, CFG.mel_bins)
+    assert features.dtype == torch.float32
+    for feats, wave in zip(features, waves):
+        assert_matches_kaldi(feats, wave)
+
+
+def test_ten_seconds_gives_998_frames_then_26_zero_rows() -> None:
+    wave = realistic_wave(10.0, seed=4)
+    assert frame_count(wave.numel(), CFG) == 998
+    features = fbank(wave, CFG)
+    assert features.shape == (1024, CFG.mel_bins)
+    assert torch.equal(features[998:], torch.zeros(26, CFG.mel_bins))
+    assert (features[:998] != 0).any(dim=1).all()
+
+
+def test_crop_keeps_the_head_of_the_full_fbank() -> None:
+    wave = realistic_wave(15.0, seed=5)
+    full = kaldi_reference(wave)
+    assert full.shape[0] == 1498
+    torch.testing.assert_close(fbank(wave, CFG), full[:1024], atol=1e-4, rtol=0)
+
+
+def test_chunking_does_not_change_features(monkeypatch: pytest.MonkeyPatch) -> None:
+    waves = [realistic_wave(seconds, seed) for seed, seconds in enumerate([0.7, 2.0, 0.9, 3.1, 0.8])]
+    expected = torch.stack([fbank(wave, CFG) for wave in waves])
+    monkeypatch.setattr(audio, "_FRAMES_PER_CHUNK", 300)  # several clips per chunk, and chunks of one
+    assert torch.equal(fbank_batch(waves, CFG), expected)
+
+
+def test_config_shapes_are_respected() -> None:
+    cfg = AudioConfig(mel_bins=64, target_length=200, frame_shift_ms=20.0)
+    wave = realistic_wave(3.0, seed=6)
+    assert frame_count(wave.numel(), cfg) == 1 + (wave.numel() - 400) // 320
+    features = fbank(wave, cfg)
+    assert features.shape == (200, 64)
+    assert_matches_kaldi(features, wave, cfg)
+
+
+def test_frame_count_follows_snip_edges() -> None:
+    assert [frame_count(n, CFG) for n in (0, 399, 400, 559, 560, 160000)] == [0, 0, 1, 1, 2, 998]
+
+
+def test_fbank_rejects_clips_without_a_frame_and_non_mono_input() -> None:
+    with pytest.raises(ValueError, match="fewer than one 400-sample frame"):
+        fbank_batch([torch.zeros(1000), torch.zeros(399)], CFG)
+    with pytest.raises(ValueError, match="1-D mono"):
+        fbank_batch([torch.zeros(2, 1000)], CFG)
+    assert fbank_batch([], CFG).shape == (0, CFG.target_length, CFG.mel_bins)
+
+
+def test_log_floor_is_log_of_float32_eps() -> None:
+    assert LOG_FLOOR == pytest.approx(math.log(1.1920929e-07))
+    silent = fbank(torch.zeros(RATE), CFG)
+    assert torch.equal(silent[:98], torch.full((98, CFG.mel_bins), LOG_FLOOR))
+
+
+# ------------------------------------------------------------------------------- decoding and resampling
+
+
+def tone(seconds: float, rate: int, freq: float = 440.0) -> np.ndarray:
+    t = np.arange(round(seconds * rate)) / rate
+    return (0.4 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+def test_stereo_is_averaged_before_resampling(tmp_path: Path) -> None:
+    left = tone(1.0, 44100)
+    cancelling = tmp_path / "cancel.wav"
+    soundfile.write(cancelling, np.stack([left, -left], axis=1), 44100, subtype="FLOAT")
+    samples, rate = decode(cancelling, CFG)
+    assert rate == 44100 and samples.shape == (44100,)
+    assert not samples.any()
+    assert not load_waveform(cancelling, CFG).any()
+
+    stereo = np.stack([left, tone(1.0, 44100, freq=1234.0)], axis=1)
+    path = tmp_path / "stereo.flac"
+    soundfile.write(path, stereo, 44100)
+    written, _ = soundfile.read(path, dtype="float32")
+    samples, _ = decode(path, CFG)
+    np.testing.assert_array_equal(samples, written.mean(axis=1, dtype=np.float32))
+    expected = torchaudio.functional.resample(torch.from_numpy(samples), 44100, RATE)
+    assert torch.equal(load_waveform(path, CFG), expected)
+
+
+@pytest.mark.parametrize("rate", [8000, 22050, 44100, 48000])
+def test_resampled_lengths(tmp_path: Path, rate: int) -> None:
+    path = tmp_path / f"clip_{rate}.wav"
+    soundfile.write(path, tone(1.3, rate), rate, subtype="FLOAT")
+    wave = load_waveform(path, CFG)
+    reference = torchaudio.functional.resample(torch.zeros(round(1.3 * rate)), rate, RATE)
+    assert wave.dtype == torch.float32 and wave.dim() == 1
+    assert wave.numel() == reference.numel() == math.ceil(round(1.3 * rate) * RATE / rate)
+
+
+def test_model_rate_is_the_identity(tmp_path: Path) -> None:
+    path = tmp_path / "native.wav"
+    soundfile.write(path, tone(1.0, RATE), RATE, subtype="FLOAT")
+    samples, rate = decode(path, CFG)
+    assert rate == RATE
+    np.testing.assert_array_equal(load_waveform(path, CFG).numpy(), samples)
+    assert torch.equal(to_model_rate(torch.ones(5), RATE, CFG), torch.ones(5))
+    with pytest.raises(ValueError, match="resampling ratio"):
+        to_model_rate(np.zeros(100, np.float32), 44099, CFG)
+
+
+def test_extension_that_lies_is_decoded_from_content(tmp_path: Path) -> None:
+    flac_named_wav = tmp_path / "really_flac.wav"
+    soundfile.write(flac_named_wav, tone(1.0, 22050), 22050, format="FLAC")
+    samples, rate = decode(flac_named_wav, CFG)
+    assert rate == 22050
+    np.testing.assert_allclose(samples, tone(1.0, 22050), atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", ["OGG", "MP3"])
+def test_compressed_formats_decode(tmp_path: Path, fmt: str) -> None:
+    if fmt not in soundfile.available_formats():
+        pytest.skip(f"libsndfile {soundfile.__libsndfile_version__} cannot handle {fmt}")
+    path = tmp_path / f"clip.{fmt.lower()}"
+    soundfile.write(path, tone(1.0, RATE), RATE, format=fmt)
+    wave = load_waveform(path, CFG)
+    assert wave.numel() == RATE
+    assert 0.2 < wave.abs().max() < 0.6
+
+
+# ------------------------------------------------------------------------------------------ bad audio
+
+
+def write_wav_with_rate(path: Path, rate: int) -> None:
+    soundfile.write(path, tone(1.0, RATE), RATE, subtype="PCM_16")
+    header = bytearray(path.read_bytes())
+    header[24:28] = struct.pack("<I", rate)  # fmt chunk sample rate of a canonical 44-byte header
+    path.write_bytes(bytes(header))
+
+
+def truncated(path: Path, keep: float) -> Path:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    return path
+
+
+def make_bad_file(tmp_path: Path, case: str) -> Path:
+    rng = np.random.default_rng(0)
+    noise = (0.1 * rng.standard_normal(3 * RATE)).astype(np.float32)
+    match case:
+        case "missing":
+            return tmp_path / "nowhere.wav"
+        case "zero_bytes":
+            path = tmp_path / "empty.wav"
+            path.write_bytes(b"")
+        case "zero_frames":
+            path = tmp_path / "no_frames.wav"
+            soundfile.write(path, np.zeros(0, np.float32), RATE)
+        case "too_short_native":
+            path = tmp_path / "short.wav"
+            soundfile.write(path, noise[:9999], RATE)
+        case "too_short_after_resampling":
+            path = tmp_path / "short_44k.wav"
+            soundfile.write(path, noise[:27000], 44100)  # 9796 samples at 16 kHz
+        case "random_bytes_wav":
+            path = tmp_path / "noise.wav"
+            path.write_bytes(rng.bytes(20000))
+        case "truncated_wav":
+            path = tmp_path / "cut.wav"
+            soundfile.write(path, noise, RATE, subtype="PCM_16")
+            truncated(path, 0.6)
+        case "truncated_flac":
+            path = tmp_path / "cut.flac"
+            soundfile.write(path, noise, RATE)
+            truncated(path, 0.6)
+        case "truncated_ogg":
+            path = tmp_path / "cut.ogg"
+            soundfile.write(path, noise, RATE)
+            truncated(path, 0.6)
+        case "text_xyz":
+            path = tmp_path / "notes.xyz"
+            path.write_text("not audio at all\n" * 50)
+        case "random_bytes_m4a":
+            path = tmp_path / "clip.m4a"
+            path.write_bytes(rng.bytes(20000))
+        case "nan_samples":
+            path = tmp_path / "nan.wav"
+            bad = noise.copy()
+            bad[100] = np.nan
+            soundfile.write(path, bad, RATE, subtype="FLOAT")
+        case "inf_samples":
+            path = tmp_path / "inf.flac.wav"
+            bad = noise.copy()
+            bad[-1] = -np.inf
+            soundfile.write(path, bad, RATE, subtype="DOUBLE")
+        case "rate_1_hz":
+            path = tmp_path / "one_hz.wav"
+            write_wav_with_rate(path, 1)
+        case "rate_10_mhz":
+            path = tmp_path / "ten_mhz.wav"
+            write_wav_with_rate(path, 10_000_000)
+        case "rate_without_resampling_ratio":
+            path = tmp_path / "odd_rate.wav"
+            write_wav_with_rate(path, 44099)
+        case _:
+            raise AssertionError(case)
+    return path
+
+
+BAD_FILES = {
+    "missing": "missing",
+    "zero_bytes": "empty_file",
+    "zero_frames": "no_samples",
+    "too_short_native": "too_short",
+    "too_short_after_resampling": "too_short",
+    "random_bytes_wav": "corrupt",
+    "truncated_wav": "corrupt",
+    "truncated_flac": "corrupt",
+    "truncated_ogg": "corrupt",
+    "text_xyz": "unsupported_format",
+    "random_bytes_m4a": "unsupported_format",
+    "nan_samples": "non_finite",
+    "inf_samples": "non_finite",
+    "rate_1_hz": "bad_sample_rate",
+    "rate_10_mhz": "bad_sample_rate",
+    "rate_without_resampling_ratio": "bad_sample_rate",
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_bad_audio_raises_with_reason(tmp_path: Path, case: str) -> None:
+    path = make_bad_file(tmp_path, case)
+    with pytest.raises(AudioError) as caught:
+        load_waveform(path, CFG)
+    error = caught.value
+    assert error.reason == BAD_FILES[case]
+    assert error.reason in {reason.value for reason in AudioErrorReason}
+    assert error.path == str(path)
+    assert error.detail
+    assert str(error) == f"{path}: {error.reason} ({error.detail})"
+
+
+def test_text_named_mp3_is_corrupt_when_mp3_is_decodable(tmp_path: Path) -> None:
+    """The extension names a format this libsndfile decodes, so content it cannot parse is corrupt."""
+    path = tmp_path / "lyrics.mp3"
+    path.write_text("not audio at all\n" * 50)
+    expected = "corrupt" if "MP3" in soundfile.available_formats() else "unsupported_format"
+    with pytest.raises(AudioError) as caught:
+        decode(path, CFG)
+    assert caught.value.reason == expected
+
+
+def test_unknown_data_size_of_streamed_wav_is_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "streamed.wav"
+    soundfile.write(path, tone(1.0, RATE), RATE, subtype="PCM_16")
+    data = bytearray(path.read_bytes())
+    data[40:44] = struct.pack("<I", 0xFFFFFFFF)  # data chunk size of a canonical 44-byte header
+    path.write_bytes(bytes(data))
+    samples, _ = decode(path, CFG)
+    assert samples.shape == (RATE,)
+
+
+def test_truncated_mp3_is_corrupt(tmp_path: Path) -> None:
+    if "MP3" not in soundfile.available_formats():
+        pytest.skip(f"libsndfile {soundfile.__libsndfile_version__} cannot handle MP3")
+    path = tmp_path / "cut.mp3"
+    soundfile.write(path, tone(3.0, RATE), RATE)
+    with pytest.raises(AudioError) as caught:
+        decode(truncated(path, 0.6), CFG)
+    assert caught.value.reason == "corrupt"
