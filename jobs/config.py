@@ -53,6 +53,7 @@ class TrainConfig:
     min_pred_var: float = 0.0
     on_nonfinite_loss: str = "stop"  # "stop" | "skip"
     collective_timeout_s: int = 300
+    record_samples: bool = False  # write each rank's consumed sample keys (resume checks)
 
 
 @dataclass
