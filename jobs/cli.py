@@ -22,6 +22,35 @@ def _make_sample_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pretrain(args: argparse.Namespace) -> int:
+    """One rank runs in this process; several ranks go through the `deepspeed` launcher on this machine."""
+    import os
+    import shutil
+    import socket
+    import subprocess
+
+    import torch
+
+    config_from_args(args)  # fail fast on a bad config, before starting ranks
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    job_args = ["--config", args.config, *[f"--set={o}" for o in args.overrides]] + (["--resume"] if args.resume else [])
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    if args.ranks == 1:
+        for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
+            os.environ.setdefault(key, value)
+        os.environ.setdefault("MASTER_PORT", str(port))
+        from jobs.pretrain import main as pretrain_main
+
+        return pretrain_main(job_args)
+    launcher = shutil.which("deepspeed") or os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrain.py")
+    command = [launcher, "--num_gpus", str(args.ranks), "--master_port", str(port), script, *job_args]
+    return subprocess.call(command)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from jobs.demo import run_demo
 
@@ -37,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("out", help="output folder, e.g. data/sample")
     add_config_arguments(sample, default="sample")
     sample.set_defaults(func=_make_sample_data)
+
+    pretrain = commands.add_parser("pretrain", help="pre-train on this machine (stage 1 or 2, from the config)")
+    add_config_arguments(pretrain)
+    pretrain.add_argument("--ranks", type=int, default=1, help="ranks on this machine (GPUs, or CPU processes)")
+    pretrain.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    pretrain.set_defaults(func=_pretrain)
 
     demo = commands.add_parser("demo", help="run the end-to-end demo on generated data")
     add_config_arguments(demo, default="sample")

@@ -198,3 +198,19 @@ def test_dataset_mismatch_is_refused_before_any_step(shards, tmp_path):
     assert result.returncode == 2
     assert "group_size: dataset 3 != config 2" in result.stdout + result.stderr
     assert not (output / "metrics.jsonl").exists() or not (output / "metrics.jsonl").read_text()
+
+
+def test_non_finite_loss_stops_with_the_update_and_sample_keys(shards, tmp_path):
+    # A zero normalisation std turns every input into inf: the first loss is NaN.
+    command = [sys.executable, *pretrain_args(shards, tmp_path / "nan", "model.norm_std=0.0")]
+    result = run(command, tmp_path, **single_rank_env(free_port()))
+    output = result.stdout + result.stderr
+    assert result.returncode == 3, output[-3000:]
+    assert "non-finite loss at update 0" in output and "sample keys on rank 0: ['train-e00-" in output
+
+
+def test_collapse_guard_stops_with_a_clear_message(shards, tmp_path):
+    command = [sys.executable, *pretrain_args(shards, tmp_path / "collapse", "train.min_target_var=100.0")]
+    result = run(command, tmp_path, **single_rank_env(free_port()))
+    assert result.returncode == 3
+    assert "collapse guard: target variance" in result.stdout + result.stderr
