@@ -1,0 +1,229 @@
+"""Look at a preprocessed shard set (`sslam inspect SHARDS`): a text summary and a PNG of a few mixture groups.
+
+`summarize` reads `dataset.json`, `index.parquet` and `quarantine.parquet` (and checks that the listed shards
+exist); `render_groups` draws the clips and mixtures of the first groups of the first mix split, with each
+mixture's no-mix windows outlined (where only the primary is present). Mixtures that were not materialised are
+formed here exactly as the loader forms them (log-mel max). Rendering uses matplotlib's Agg canvas directly,
+without touching the global backend.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import torch
+
+from pipeline import mixing, shards
+from pipeline.preprocess import DATASET_INFO, INDEX_TABLE, MANIFEST_STAGE, QUARANTINE_TABLE
+
+WINDOW_COLOUR = "#00e5ff"
+
+
+def _read(location: shards.Location, name: str) -> bytes | None:
+    path = location.join(name)
+    try:
+        if location.filesystem is None:
+            return Path(path).read_bytes()
+        with location.filesystem.open_input_stream(path) as stream:
+            return stream.read()
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def _exists(location: shards.Location, name: str) -> bool:
+    if location.filesystem is None:
+        return os.path.isfile(location.join(name))
+    return location.filesystem.get_file_info(location.join(name)).type == pafs.FileType.File
+
+
+def load_dataset_info(shards_dir: str) -> dict:
+    """The parsed dataset.json of a shard set; FileNotFoundError with the location when there is none."""
+    raw = _read(shards.locate(shards_dir), DATASET_INFO)
+    if raw is None:
+        raise FileNotFoundError(f"{shards_dir}: no {DATASET_INFO} (not a finished shard set)")
+    return json.loads(raw)
+
+
+def listed_shards(info: dict) -> list[str]:
+    """Every shard name dataset.json lists, split by split, epoch by epoch."""
+    return [name for entry in info["splits"].values() for names in entry["shards_per_epoch"].values() for name in names]
+
+
+def _table(shards_dir: str, location: shards.Location, name: str) -> pa.Table | None:
+    if not _exists(location, name):
+        return None
+    return shards.read_table(location.directory, name, filesystem=location.filesystem)
+
+
+def summarize(shards_dir: str) -> str:
+    """A few lines describing the shard set: features, groups, splits, counts, quarantine, missing shards."""
+    location = shards.locate(shards_dir)
+    info = load_dataset_info(shards_dir)
+    index = _table(shards_dir, location, INDEX_TABLE)
+    quarantine = _table(shards_dir, location, QUARANTINE_TABLE)
+    classes = {c["index"]: c["name"] for c in info.get("classes", [])}
+    lines = [
+        f"shard set      {shards_dir} ({info.get('name', '')})",
+        f"fingerprint    {info['fingerprint']}",
+        f"features       raw log-mel {info['target_length']} x {info['mel_bins']} at {info['sample_rate']} Hz, "
+        f"patch {info['patch_size']} ({info['target_length'] // info['patch_size']} time patches)",
+        f"mixtures       groups of {info['group_size']}, r = {info['r']} rows per no-mix window, "
+        f"{info['mixture_epochs']} mixture epochs, domain {info.get('domain', 'logmel_max')}, "
+        f"{'materialised' if info['materialize_mixtures'] else 'formed by the loader'}, "
+        f"padding {info.get('mix_padding', 'zero')}",
+        f"classes        {len(classes)}",
+    ]
+    stats = info.get("feature_stats")
+    if stats and stats.get("values"):
+        lines.append(f"feature stats  mean {stats['mean']:.3f}, std {stats['std']:.3f} over {stats['values']} values")
+    listed = listed_shards(info)
+    missing = [name for name in listed if not _exists(location, name)]
+    lines.append(f"shards         {len(listed)} listed, {info.get('bytes', 0) / 2**20:.1f} MiB, {len(missing)} missing")
+    if missing:
+        lines.append(f"  missing: {', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}")
+    for split, entry in info["splits"].items():
+        per_epoch = entry["shards_per_epoch"]
+        samples = entry.get("samples_per_epoch", {})
+        lines.append(
+            f"split {split:<8} {'mix' if entry['mix'] else 'eval'}, {entry.get('clips', '?')} clips, "
+            f"{len(per_epoch)} epochs x {len(next(iter(per_epoch.values()), []))} shards, "
+            f"samples per epoch {[samples.get(epoch) for epoch in sorted(per_epoch, key=int)]}"
+        )
+        for epoch, counts in sorted(entry.get("ledger", {}).items(), key=lambda item: int(item[0])):
+            lines.append(
+                f"  e{int(epoch):02d}: {counts['primaries']} primaries + {counts['quarantined']} quarantined "
+                f"= {counts['manifest']} manifest clips, {counts['fillers']} filler slots"
+            )
+        if index is not None:
+            lines.append(f"  top labels: {_top_labels(index, split, classes)}")
+    if quarantine is not None and quarantine.num_rows:
+        lines.append("quarantine")
+        rows = quarantine.to_pylist()
+        for (stage, reason), group in _by_stage_reason(rows).items():
+            keys = {(row["split"], row["key"]) for row in group}
+            count = len(group) if stage == MANIFEST_STAGE else len(keys)
+            example = group[0]
+            lines.append(f"  {stage:<9} {reason:<20} {count:>5}  e.g. {example['key']}: {example['detail']}")
+    return "\n".join(lines)
+
+
+def _by_stage_reason(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    grouped: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        grouped.setdefault((row["stage"], row["reason"]), []).append(row)
+    return dict(sorted(grouped.items()))
+
+
+def _top_labels(index: pa.Table, split: str, classes: dict[int, str], count: int = 5) -> str:
+    """The most frequent labels of the split's primaries in mixture epoch 0."""
+    labels: Counter = Counter()
+    for row_split, epoch, row_labels, filler in zip(
+        *(index.column(name).to_pylist() for name in ("split", "epoch", "labels", "filler"))
+    ):
+        if row_split != split or epoch != 0:
+            continue
+        for clip_labels, is_filler in zip(row_labels, filler):
+            if not is_filler:
+                labels.update(clip_labels)
+    return ", ".join(f"{classes.get(label, label)} ({n})" for label, n in labels.most_common(count)) or "none"
+
+
+def _shard_path(shards_dir: str, name: str) -> str:
+    return f"{shards_dir.rstrip('/')}/{name}" if "://" in shards_dir else os.path.join(shards_dir, name)
+
+
+def _first_samples(shards_dir: str, names: list[str], count: int) -> list[dict]:
+    decoded = []
+    for name in names:
+        for _, members in shards.read_shard_samples(_shard_path(shards_dir, name)):
+            decoded.append(shards.decode_sample(members))
+            if len(decoded) == count:
+                return decoded
+    return decoded
+
+
+def render_groups(shards_dir: str, out_png: str | os.PathLike, n_groups: int = 2) -> str:
+    """Draw the first `n_groups` samples of the first mix split (clips above, mixtures below); returns the path.
+
+    Each mixture panel outlines its two no-mix windows. Without a mix split, the first evaluation clips are drawn.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    info = load_dataset_info(shards_dir)
+    mix_splits = sorted(split for split, entry in info["splits"].items() if entry["mix"])
+    split = mix_splits[0] if mix_splits else sorted(info["splits"])[0]
+    names = info["splits"][split]["shards_per_epoch"]["0"]
+    samples = _first_samples(shards_dir, names, max(1, n_groups))
+    if not samples:
+        raise ValueError(f"{shards_dir}: split {split!r} holds no samples to draw")
+    patch = int(info["patch_size"])
+    columns = max(len(sample["clips"]) for sample in samples)
+    rows_per_sample = 2 if mix_splits else 1
+    figure = Figure(figsize=(3.2 * columns, 2.4 * rows_per_sample * len(samples)), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(rows_per_sample * len(samples), columns, squeeze=False)
+    for position, sample in enumerate(samples):
+        meta = sample["meta"]
+        clips = sample["clips"]
+        fillers = meta.get("filler", [False] * len(clips))
+        for i, clip in enumerate(clips):
+            role = "filler" if fillers[i] else "primary"
+            _draw(axes[rows_per_sample * position, i], clip, f"c{i} {meta['clips'][i]} ({role})")
+        if not mix_splits:
+            continue
+        mixtures = sample["mixtures"] or _loader_mixtures(sample, info)
+        formed = "" if sample["mixtures"] else " [loader]"
+        for i, mixture in enumerate(mixtures):
+            spec = meta["mixtures"][i]
+            axis = axes[rows_per_sample * position + 1, i]
+            _draw(axis, mixture, f"m{i} = c{i} + c{spec['partner']} ({spec['domain']}){formed}")
+            for start, end in spec["nomix"]:
+                axis.add_patch(
+                    Rectangle(
+                        (start * patch - 0.5, -0.5),
+                        (end - start) * patch,
+                        mixture.shape[1],
+                        fill=False,
+                        edgecolor=WINDOW_COLOUR,
+                        linewidth=1.5,
+                    )
+                )
+        for axis in axes[rows_per_sample * position : rows_per_sample * (position + 1), len(clips) :].flat:
+            axis.set_visible(False)
+    figure.suptitle(f"{shards_dir}: {split}, first {len(samples)} samples (no-mix windows outlined)", fontsize=9)
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=80)
+    return str(out)
+
+
+def _loader_mixtures(sample: dict, info: dict) -> list[np.ndarray]:
+    """Log-mel max mixtures of a sample whose mixtures were not materialised (as the loader forms them)."""
+    meta = sample["meta"]
+    clean = torch.from_numpy(np.stack(sample["clips"]).astype(np.float32))
+    size, frames = clean.shape[0], clean.shape[1]
+    patch = int(info["patch_size"])
+    nomix = torch.zeros(size, frames // patch, dtype=torch.bool)
+    for i, spec in enumerate(meta["mixtures"]):
+        for start, end in spec["nomix"]:
+            nomix[i, start:end] = True
+    partner = torch.tensor([spec["partner"] for spec in meta["mixtures"]], dtype=torch.long)
+    valid = torch.tensor(meta["frames"], dtype=torch.long) if "frames" in meta else None
+    mixed = mixing.logmel_max_batch(clean, partner, nomix, patch, info.get("mix_padding", "zero"), valid)
+    return [mixture.numpy() for mixture in mixed]
+
+
+def _draw(axis, spectrogram: np.ndarray, title: str) -> None:
+    axis.imshow(np.asarray(spectrogram, dtype=np.float32).T, origin="lower", aspect="auto", cmap="magma")
+    axis.set_title(title, fontsize=7)
+    axis.set_xlabel("frame", fontsize=6)
+    axis.set_ylabel("mel bin", fontsize=6)
+    axis.tick_params(labelsize=5)
