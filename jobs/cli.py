@@ -22,6 +22,21 @@ def _make_sample_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _preprocess(args: argparse.Namespace) -> int:
+    from jobs.preprocess import run_from_args
+
+    return run_from_args(args)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from pipeline.inspect import render_groups, summarize
+
+    print(summarize(args.shards))
+    if args.png:
+        print(f"preview: {render_groups(args.shards, args.png, n_groups=args.groups)}")
+    return 0
+
+
 def _pretrain(args: argparse.Namespace) -> int:
     """One rank runs in this process; several ranks go through the `deepspeed` launcher on this machine."""
     import os
@@ -66,6 +81,19 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("out", help="output folder, e.g. data/sample")
     add_config_arguments(sample, default="sample")
     sample.set_defaults(func=_make_sample_data)
+
+    preprocess = commands.add_parser("preprocess", help="audio -> WebDataset shards with mixtures (Ray)")
+    add_config_arguments(preprocess, default="sample")
+    from jobs.preprocess import add_arguments as add_preprocess_arguments
+
+    add_preprocess_arguments(preprocess)
+    preprocess.set_defaults(func=_preprocess)
+
+    inspect = commands.add_parser("inspect", help="summarise a shard set and render a PNG of a few groups")
+    inspect.add_argument("shards", help="shard folder or URL (with dataset.json)")
+    inspect.add_argument("--png", default="", help="write a preview of a few groups to this PNG")
+    inspect.add_argument("--groups", type=int, default=2, help="groups in the preview")
+    inspect.set_defaults(func=_inspect)
 
     pretrain = commands.add_parser("pretrain", help="pre-train on this machine (stage 1 or 2, from the config)")
     add_config_arguments(pretrain)

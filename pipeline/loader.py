@@ -38,6 +38,7 @@ import json
 import logging
 import os
 import random
+import signal
 import tarfile
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -278,6 +279,11 @@ def assign_shares(num_shards: int, slots: int) -> list[list[Share]]:
             sharers = len(range(position, slots, remaining))
             shares[slot].append(Share(whole + position, sharers, slot // remaining))
     return shares
+
+
+def _ignore_sigterm(worker_id: int) -> None:
+    """Preemption sends SIGTERM to every process; workers leave it to the rank, which checkpoints first."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _seed(*parts: int) -> int:
@@ -683,7 +689,7 @@ class TrainLoader:
             return
         loader = DataLoader(
             self._dataset(), batch_size=None, num_workers=self.cfg.num_workers, collate_fn=_unchanged,
-            pin_memory=self.pin_memory,
+            pin_memory=self.pin_memory, worker_init_fn=_ignore_sigterm,
         )
         iterator = iter(loader)
         try:
@@ -822,7 +828,10 @@ class EvalLoader:
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         self.skipped_samples = self.skipped_shards = 0
         dataset = _EvalStream(self._urls, self._counts, self._offsets, self._shares, self.geometry)
-        loader = DataLoader(dataset, batch_size=None, num_workers=self.cfg.num_workers, collate_fn=_unchanged)
+        loader = DataLoader(
+            dataset, batch_size=None, num_workers=self.cfg.num_workers, collate_fn=_unchanged,
+            worker_init_fn=_ignore_sigterm,
+        )
         pending: list[dict] = []
         for item, meta in loader:
             self.skipped_samples += meta["skipped_samples"]
