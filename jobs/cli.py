@@ -66,6 +66,17 @@ def _pretrain(args: argparse.Namespace) -> int:
     return subprocess.call(command)
 
 
+def _delegate(module_name: str):
+    """Subcommands whose module owns its argument parser (`main(argv)`)."""
+
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        return importlib.import_module(module_name).main(args.arguments)
+
+    return run
+
+
 def _demo(args: argparse.Namespace) -> int:
     from jobs.demo import run_demo
 
@@ -101,8 +112,18 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     pretrain.set_defaults(func=_pretrain)
 
+    for name, module, summary in [
+        ("register", "jobs.registry", "register checkpoints (pending ones, one, or an official EAT/SSLAM file)"),
+        ("evaluate", "jobs.evaluate", "linear-probe a registered model on evaluation shards (mAP vs label prior)"),
+        ("infer", "jobs.infer", "embed (or tag) one audio file with a registered model"),
+    ]:
+        delegated = commands.add_parser(name, help=summary, add_help=False, prefix_chars="\0")
+        delegated.add_argument("arguments", nargs=argparse.REMAINDER)
+        delegated.set_defaults(func=_delegate(module))
+
     demo = commands.add_parser("demo", help="run the end-to-end demo on generated data")
     add_config_arguments(demo, default="sample")
+    demo.add_argument("--ranks", type=int, default=2, help="DeepSpeed ranks for the pre-training steps")
     demo.set_defaults(func=_demo)
     return parser
 

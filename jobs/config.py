@@ -58,10 +58,17 @@ class TrainConfig:
 
 @dataclass
 class TrackingConfig:
+    """MLflow tracking and registry (jobs.tracking, jobs.registry)."""
+
+    enabled: bool = True  # false: no MLflow at all (metrics.jsonl and checkpoints only)
     experiment: str = "sslam"
     run_name: str = ""
     model_name: str = "sslam-encoder"
     register_every_checkpoint: bool = False
+    system_metrics: bool = True
+    queue_size: int = 10000  # metric values waiting for MLflow; the oldest are dropped (and counted) beyond
+    retry_interval_s: float = 5.0  # wait between attempts while MLflow is unreachable
+    finish_timeout_s: float = 60.0  # how long the end of a run waits for MLflow
 
 
 @dataclass
@@ -70,12 +77,15 @@ class EvalConfig:
 
     train_shards: str = ""
     test_shards: str = ""
+    train_split: str = "train"
+    test_split: str = "eval"
     pooling: str = "cls"  # "cls" | "mean"
     epochs: int = 100
     lr: float = 1e-3
     weight_decay: float = 0.0
     batch_size: int = 64
     seed: int = 0
+    use_head: bool = True  # score a model's own classifier head directly when it covers the dataset's classes
 
 
 @dataclass

@@ -29,6 +29,7 @@ import torch.distributed as dist
 from jobs import checkpointing
 from jobs.config import Config, ConfigError, add_config_arguments, config_from_args, dump_yaml
 from jobs.ema import MasterWeightEMA
+from jobs.tracking import NullTracker, Tracker
 from model.sslam import SSLAM
 
 log = logging.getLogger("sslam.pretrain")
@@ -164,11 +165,10 @@ def _any_rank(flags: list[float], device) -> list[bool]:
 class Pretrainer:
     """Holds the engine, the teacher EMA, the loader and the run state; `run()` is the training loop."""
 
-    def __init__(self, config: Config, tracker=None):
+    def __init__(self, config: Config):
         import deepspeed
 
         self.config = config
-        self.tracker = tracker
         self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -210,6 +210,13 @@ class Pretrainer:
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(train.precision)
         self.stop = StopSignal()
         self.trace = RunTrace(Path(train.output_dir), self.rank, train.record_samples)
+        self.preempted = False
+        # Rank 0 alone talks to MLflow, on a background thread (jobs.tracking).
+        self.tracker = (
+            Tracker.start(config, self.ds_config, self.dataset_info, self.world_size)
+            if self.rank == 0 and config.tracking.enabled
+            else NullTracker()
+        )
 
     # ---- setup -------------------------------------------------------------------------------------
     def _read_dataset_info(self) -> dict:
@@ -309,8 +316,7 @@ class Pretrainer:
             self.engine, self.root, self.state.updates, client, self.model.teacher, dump_yaml(self.config),
             self.config.train.keep_checkpoints,
         )
-        if self.tracker is not None and self.rank == 0:
-            self.tracker.on_checkpoint(self.root / checkpointing.tag_for(self.state.updates), self.state.updates)
+        self.tracker.on_checkpoint(self.root / checkpointing.tag_for(self.state.updates), self.state.updates)
 
     def run(self) -> int:
         train = self.config.train
@@ -326,6 +332,7 @@ class Pretrainer:
                 if stop:  # before fetching, so the saved loader position has not consumed a batch
                     log.warning("SIGTERM: writing a checkpoint at update %d, then exiting", self.state.updates)
                     self._save(loader)
+                    self.preempted = True
                     return 0
                 fetch_start = time.perf_counter()
                 batch = next(batches, None)
@@ -333,6 +340,8 @@ class Pretrainer:
                 (exhausted,) = _any_rank([float(batch is None)], self.device)
                 if exhausted:
                     break
+                if self.state.updates == 0 and self.state.micro_steps == 0:
+                    self.tracker.log_preview(batch)
                 lr = self.scheduler.get_last_lr()[0]
                 loss, parts, stats, finite = self._forward_backward(batch)
                 (nonfinite,) = _any_rank([float(not finite)], self.device)
@@ -384,7 +393,7 @@ class Pretrainer:
     def _log(self, loss, parts, stats, meter) -> None:
         elapsed = max(1e-9, time.perf_counter() - meter["start"])
         metrics = {
-            "loss": float(loss),
+            "loss": float(loss.detach()),
             **{f"loss_{k}": float(v) for k, v in parts.items()},
             "lr": self.scheduler.get_last_lr()[0],
             "ema_decay": self.model.ema_decay(self.state.updates),
@@ -396,16 +405,19 @@ class Pretrainer:
         }
         if self.rank == 0:
             log.info("update %d %s", self.state.updates, " ".join(f"{k}={v:.5g}" for k, v in metrics.items()))
-            if self.tracker is not None:
-                self.tracker.log_metrics(metrics, self.state.updates)
+            self.tracker.log_metrics(metrics, self.state.updates)
 
 def train(config: Config) -> int:
     """Run one pre-training job in this process (one rank); the process group stays up for the caller."""
     trainer = Pretrainer(config)
+    status = "FAILED"
     try:
-        return trainer.run()
+        code = trainer.run()
+        status = "KILLED" if trainer.preempted else "FINISHED"
+        return code
     finally:
         trainer.trace.close()
+        trainer.tracker.finish(status)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -68,7 +68,8 @@ def shards(tmp_path_factory) -> Path:
 
 def pretrain_args(shards: Path, output_dir: Path, *overrides: str) -> list[str]:
     args = [PRETRAIN, "--config", "tiny_stage1", "--set", f"data.loader.shards={shards}",
-            "--set", f"train.output_dir={output_dir}", "--set", "data.loader.num_workers=0"]
+            "--set", f"train.output_dir={output_dir}", "--set", "data.loader.num_workers=0",
+            "--set", "tracking.enabled=false"]
     for override in overrides:
         args += ["--set", override]
     return args

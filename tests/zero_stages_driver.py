@@ -28,7 +28,8 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING)
     # A fast EMA so the teacher moves far from its start and a wrong partition update would show.
     common = [f"data.loader.shards={args.shards}", "data.loader.num_workers=0", "train.log_interval=4",
-              "model.ema_decay=0.9", "model.ema_end_decay=0.99", "model.ema_anneal_end_step=100"]
+              "model.ema_decay=0.9", "model.ema_end_decay=0.99", "model.ema_anneal_end_step=100",
+              "tracking.enabled=false"]
     try:
         for zero in args.zero:
             stage1 = f"{args.out}/zero{zero}/stage1"

@@ -1,0 +1,307 @@
+"""Linear evaluation of a registered encoder: frozen features -> linear probe -> metrics on a run and on the version.
+
+    sslam evaluate --model models:/sslam-encoder@candidate --config probe [--promote] [--set eval.pooling=mean]
+
+The protocol (fixed; every knob is in `eval.*` of the config and logged as a param):
+
+1. Model: `models:/NAME@ALIAS` (or `/VERSION`, `/latest`) is resolved to its version first, then that version's
+   pyfunc is loaded (jobs/pyfunc_model.py: the student encoder weights from the version's artifacts).
+2. Features: the frozen encoder on every clip of `eval.train_split` of `eval.train_shards` and `eval.test_split` of
+   `eval.test_shards` (pipeline.loader.EvalLoader, raw fbank from the shards): the last block's CLS token
+   (`eval.pooling: cls`) or the mean of its patch tokens (`mean`). Both sets need the same class list.
+3. Probe: features standardised with the training set's per-dimension mean and std; one `torch.nn.Linear(D, C)`
+   (seeded with `eval.seed`) trained with AdamW (`eval.lr`, `eval.weight_decay`) for `eval.epochs` epochs of
+   shuffled mini-batches of `eval.batch_size`; binary cross-entropy per class when any clip has several labels
+   (multi-label), else cross-entropy (single-label).
+4. Metric: multi-label: mAP = nanmean over classes of sklearn's `average_precision_score` on sigmoid scores,
+   classes without a positive test clip skipped (SSLAM_SPEC §11); single-label: accuracy.
+5. Baseline: the label prior: every test clip scored with the training class frequencies (its mAP is the mean
+   test prevalence of the scored classes; its accuracy that of always answering the most frequent class).
+6. A model with a classifier head whose class MIDs cover the dataset's is scored directly (no probe) unless
+   `eval.use_head: false`.
+
+Results go to a new run in `tracking.experiment` (tags link it to the version) and, as tags `eval.<metric>`,
+`eval.baseline_<metric>`, `eval.run_id`, ..., onto the version. `--promote` moves alias `best` to the version when
+its metric beats the tag of the version holding `best` (or nothing holds it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from jobs.config import Config, ConfigError, EvalConfig, add_config_arguments, config_from_args
+from jobs.registry import BEST, resolve_version
+from jobs.tracking import ensure_experiment, mlflow_client, param_value
+
+log = logging.getLogger("sslam.evaluate")
+
+STD_FLOOR = 1e-6
+
+
+@dataclass
+class FeatureSet:
+    features: torch.Tensor  # (N, D) float32
+    labels: torch.Tensor  # (N, C) float32 multi-hot
+    classes: list[dict]
+    logits: torch.Tensor | None = None  # (N, C_head) when the model has a head
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+
+
+def mean_average_precision(labels: np.ndarray, scores: np.ndarray) -> tuple[float, int]:
+    """(nanmean over classes of sklearn's average precision, number of classes scored); classes without a
+    positive clip give NaN and are skipped (SSLAM_SPEC §11)."""
+    from sklearn.metrics import average_precision_score
+
+    per_class = np.full(labels.shape[1], np.nan)
+    for k in range(labels.shape[1]):
+        if labels[:, k].any():
+            per_class[k] = average_precision_score(labels[:, k], scores[:, k])
+    scored = int(np.isfinite(per_class).sum())
+    return (float(np.nanmean(per_class)) if scored else float("nan")), scored
+
+
+def accuracy(labels: np.ndarray, scores: np.ndarray) -> float:
+    return float((scores.argmax(axis=1) == labels.argmax(axis=1)).mean())
+
+
+def is_multi_label(*label_sets: torch.Tensor) -> bool:
+    return any(bool((labels.sum(dim=1) != 1).any()) for labels in label_sets)
+
+
+def label_prior(train_labels: torch.Tensor, count: int) -> np.ndarray:
+    """The baseline's scores: the training class frequencies for each of `count` clips."""
+    return np.tile(train_labels.float().mean(dim=0).numpy(), (count, 1))
+
+
+def score(labels: torch.Tensor, scores: np.ndarray, multi_label: bool) -> tuple[str, float, int]:
+    """(metric name, value, classes scored)."""
+    target = labels.numpy()
+    if multi_label:
+        value, scored = mean_average_precision(target, scores)
+        return "mAP", value, scored
+    return "accuracy", accuracy(target, scores), int(target.any(axis=0).sum())
+
+
+# -------------------------------------------------------------------------------------------------- probe
+
+
+def train_probe(features: torch.Tensor, labels: torch.Tensor, cfg: EvalConfig, multi_label: bool) -> nn.Module:
+    """The linear probe of the module docstring (standardisation included in the returned module)."""
+    torch.manual_seed(cfg.seed)
+    mean = features.mean(dim=0)
+    std = features.std(dim=0).clamp_min(STD_FLOOR)
+    linear = nn.Linear(features.shape[1], labels.shape[1])
+    probe = nn.Sequential(_Standardise(mean, std), linear)
+    optimizer = torch.optim.AdamW(linear.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    loss_fn = nn.BCEWithLogitsLoss() if multi_label else nn.CrossEntropyLoss()
+    targets = labels if multi_label else labels.argmax(dim=1)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    for _ in range(cfg.epochs):
+        order = torch.randperm(features.shape[0], generator=generator)
+        for start in range(0, len(order), cfg.batch_size):
+            rows = order[start : start + cfg.batch_size]
+            optimizer.zero_grad()
+            loss_fn(probe(features[rows]), targets[rows]).backward()
+            optimizer.step()
+    return probe.eval()
+
+
+class _Standardise(nn.Module):
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+# ------------------------------------------------------------------------------------------------- data
+
+
+def extract(python_model, config: Config, location: str, split: str) -> FeatureSet:
+    """Frozen features (and head logits) of every clip of a split, in the loader's order."""
+    from pipeline.loader import EvalLoader
+
+    loader_cfg = dataclasses.replace(config.data.loader, shards=location)
+    loader = EvalLoader(loader_cfg, split, batch_size=config.eval.batch_size)
+    features, labels, logits = [], [], []
+    for batch in loader:
+        outputs = python_model.embed(batch["clean"][:, 0], pooling=config.eval.pooling)
+        features.append(outputs["utterance"])
+        labels.append(batch["labels"])
+        if "logits" in outputs:
+            logits.append(outputs["logits"])
+    if not features:
+        raise ValueError(f"split {split!r} of {location} holds no clips")
+    if loader.skipped_samples or loader.skipped_shards:
+        log.warning("%s/%s: %d samples and %d shards skipped as broken", location, split, loader.skipped_samples,
+                    loader.skipped_shards)
+    return FeatureSet(torch.cat(features), torch.cat(labels), loader.classes, torch.cat(logits) if logits else None)
+
+
+def head_columns(model_classes: list[dict] | None, dataset_classes: list[dict]) -> list[int] | None:
+    """Head output index of each dataset class (matched by MID), or None when the head does not cover them."""
+    if not model_classes:
+        return None
+    by_mid = {entry.get("mid"): entry["index"] for entry in model_classes if entry.get("mid")}
+    columns = [by_mid.get(entry.get("mid")) for entry in dataset_classes]
+    return None if any(column is None for column in columns) else columns
+
+
+# -------------------------------------------------------------------------------------------------- the job
+
+
+def _load(model_uri: str, client):
+    """(ModelVersion or None, the exact URI loaded, the pyfunc's python model)."""
+    import mlflow
+
+    version = resolve_version(model_uri, client)
+    exact = f"models:/{version.name}/{version.version}" if version is not None else model_uri
+    python_model = mlflow.pyfunc.load_model(exact).unwrap_python_model()
+    return version, exact, python_model
+
+
+def evaluate(
+    model_uri: str, train_shards: str, test_shards: str, config: Config, promote: bool = False
+) -> dict[str, Any]:
+    """Run the protocol of the module docstring; returns the metrics plus `run_id`, `model_version`, `promoted`."""
+    cfg = config.eval
+    if cfg.pooling not in ("cls", "mean"):
+        raise ConfigError(f"eval.pooling must be 'cls' or 'mean', got {cfg.pooling!r}")
+    client = mlflow_client()
+    version, exact_uri, python_model = _load(model_uri, client)
+    test = extract(python_model, config, test_shards, cfg.test_split)
+    train = extract(python_model, config, train_shards, cfg.train_split)
+    if [c.get("mid") for c in train.classes] != [c.get("mid") for c in test.classes]:
+        raise ValueError(f"{train_shards} and {test_shards} have different class lists")
+    multi_label = is_multi_label(train.labels, test.labels)
+    columns = head_columns(getattr(python_model, "classes", None), test.classes) if test.logits is not None else None
+    if cfg.use_head and columns is not None:
+        protocol = "head"
+        logits = test.logits[:, columns]
+        test_scores = torch.sigmoid(logits).numpy() if multi_label else logits.softmax(dim=1).numpy()
+    else:
+        protocol = "probe"
+        probe = train_probe(train.features, train.labels, cfg, multi_label)
+        with torch.no_grad():
+            logits = probe(test.features)
+        test_scores = torch.sigmoid(logits).numpy() if multi_label else logits.softmax(dim=1).numpy()
+    metric, value, scored = score(test.labels, test_scores, multi_label)
+    _, baseline, _ = score(test.labels, label_prior(train.labels, len(test.labels)), multi_label)
+    results: dict[str, Any] = {
+        metric: value,
+        f"baseline_{metric}": baseline,
+        f"{metric}_over_baseline": value - baseline,
+        "num_train": int(train.features.shape[0]),
+        "num_test": int(test.features.shape[0]),
+        "classes_scored": scored,
+    }
+    log.info("%s %s: %s %.4f, label-prior baseline %.4f (%d classes, %d train / %d test clips)",
+             exact_uri, protocol, metric, value, baseline, scored, results["num_train"], results["num_test"])
+    run_id = _log_run(client, config, exact_uri, version, train_shards, test_shards, protocol, results)
+    promoted = False
+    if version is not None:
+        _tag_version(client, version, metric, results, run_id, test_shards, cfg.pooling, protocol)
+        if promote:
+            promoted = _promote(client, version, metric, value)
+    return {**results, "metric": metric, "protocol": protocol, "run_id": run_id,
+            "model_version": str(version.version) if version is not None else None, "promoted": promoted}
+
+
+def _log_run(client, config: Config, model_uri: str, version, train_shards: str, test_shards: str, protocol: str,
+             results: dict[str, Any]) -> str:
+    from mlflow.entities import Metric, Param
+
+    experiment_id = ensure_experiment(client, config.tracking.experiment)
+    tags = {"sslam.job": "evaluate", "model_uri": model_uri, "protocol": protocol}
+    name = "eval"
+    if version is not None:
+        tags.update(model_name=version.name, model_version=str(version.version), model_run_id=version.run_id or "")
+        name = f"eval-{version.name}-v{version.version}"
+    run = client.create_run(experiment_id, run_name=name, tags=tags)
+    params = {f"eval.{k}": v for k, v in dataclasses.asdict(config.eval).items()}
+    params.update({"eval.train_shards": train_shards, "eval.test_shards": test_shards, "model_uri": model_uri})
+    now = int(time.time() * 1000)
+    client.log_batch(
+        run.info.run_id,
+        params=[Param(k, param_value(v)) for k, v in params.items()],
+        metrics=[Metric(k, float(v), now, 0) for k, v in results.items()],
+    )
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+def _tag_version(client, version, metric: str, results: dict[str, Any], run_id: str, test_shards: str, pooling: str,
+                 protocol: str) -> None:
+    tags = {
+        f"eval.{metric}": f"{results[metric]:.6f}",
+        f"eval.baseline_{metric}": f"{results[f'baseline_{metric}']:.6f}",
+        "eval.run_id": run_id,
+        "eval.test_shards": test_shards,
+        "eval.pooling": pooling,
+        "eval.protocol": protocol,
+    }
+    for key, value in tags.items():
+        client.set_model_version_tag(version.name, str(version.version), key, value)
+
+
+def _promote(client, version, metric: str, value: float) -> bool:
+    """Move `best` to `version` when its metric beats the holder's `eval.<metric>` tag (or nothing holds it)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        holder = client.get_model_version_by_alias(version.name, BEST)
+    except MlflowException:
+        holder = None
+    if holder is not None and str(holder.version) != str(version.version):
+        try:
+            current = float(holder.tags[f"eval.{metric}"])
+        except (KeyError, ValueError):
+            current = float("-inf")
+        if not value > current:
+            log.info("alias %s stays on version %s (%s %.4f >= %.4f)", BEST, holder.version, metric, current, value)
+            return False
+    client.set_registered_model_alias(version.name, BEST, str(version.version))
+    log.info("alias %s -> %s version %s (%s %.4f)", BEST, version.name, version.version, metric, value)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sslam evaluate", description="linear evaluation of a registered encoder")
+    parser.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or another MLflow URI")
+    parser.add_argument("--train-shards", help="shard location of the probe's training split (eval.train_shards)")
+    parser.add_argument("--test-shards", help="shard location of the test split (eval.test_shards)")
+    parser.add_argument("--promote", action="store_true", help="move alias 'best' here when the metric is better")
+    add_config_arguments(parser, default="probe")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = config_from_args(args)
+        train_shards = args.train_shards or config.eval.train_shards
+        test_shards = args.test_shards or config.eval.test_shards
+        if not train_shards or not test_shards:
+            raise ConfigError("give the shard locations: --train-shards/--test-shards or eval.train_shards/test_shards")
+        results = evaluate(args.model, train_shards, test_shards, config, promote=args.promote)
+    except ConfigError as error:
+        log.error("config error: %s", error)
+        return 2
+    print(json.dumps(results, indent=2, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

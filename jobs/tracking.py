@@ -1,0 +1,704 @@
+"""MLflow run tracking of the pre-training job: where runs go, and a tracker that never blocks training.
+
+Where runs go. With no `MLFLOW_TRACKING_URI`, every command uses one project-level store in the working
+directory: `sqlite:///mlruns/mlflow.db` for runs and the model registry, `mlruns/artifacts` for artifacts (the
+experiment is created with that artifact location). With `MLFLOW_TRACKING_URI=http://...` the same code talks to an
+`mlflow server` (basic auth from MLflow's own `MLFLOW_TRACKING_USERNAME` / `MLFLOW_TRACKING_PASSWORD`).
+
+The tracker (`Tracker.start(...)`, rank 0 only; other ranks use `NullTracker`) puts everything on a background
+thread: the run's creation, params (the flattened resolved config, long values truncated to MLflow's limit), tags
+(git commit, dataset fingerprint, stage, world size), artifacts (resolved config YAML, DeepSpeed config JSON,
+dataset.json, a PNG preview of the first batch), metrics, system metrics (MLflow's own CPU / memory / disk / network
+/ GPU collectors, every `MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL` seconds, default 10) and model registrations.
+Metric values wait in a bounded queue: when it is full the oldest are dropped and counted (`dropped_metrics`, and
+the metric `tracking/dropped_metrics`). HTTP calls use short timeouts and one retry (set in this process unless the
+user set MLflow's variables). An unreachable server is reported once as a warning; the thread keeps retrying every
+`tracking.retry_interval_s` and says when the server is back.
+
+Registrations (`on_checkpoint`, and `finish` for the last checkpoint): the ZeRO checkpoint is consolidated and
+exported to a local MLflow model folder first (jobs.registry), persisted as a pending registration under
+`<output_dir>/registrations/`, then uploaded and registered on the background thread. A failed one stays pending
+and is retried at the next checkpoint, at the end, and by `sslam register RUN_DIR` (`registry.register_pending`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from jobs.config import Config, dump_yaml, flatten
+from model.config import ModelConfig
+
+log = logging.getLogger("sslam.tracking")
+
+STORE_DIR = "mlruns"
+STORE_DB = "mlflow.db"
+ARTIFACTS_DIR = "artifacts"
+RUN_FILE = "mlflow_run.json"
+# Short HTTP behaviour for the training process, unless the user chose otherwise (MLflow retries for minutes).
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
+# MLflow errors that retrying cannot fix (the item is dropped with a warning); anything else counts as transient.
+PERMANENT_ERRORS = {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST", "BAD_REQUEST"}
+DROPPED_METRIC = "tracking/dropped_metrics"
+MAX_PARAMS_PER_BATCH = 100  # MLflow's limit
+RETRY_REGISTRATIONS = "register pending models"
+PREVIEW_CLIPS = 3
+SYSTEM_METRICS_INTERVAL_S = 10.0  # MLflow's default when MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL is unset
+
+
+# ---------------------------------------------------------------------------------------------- the store
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI when set, else the project-level SQLite store in the working directory."""
+    configured = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if configured:
+        return configured
+    return "sqlite:///" + str((Path(STORE_DIR) / STORE_DB).resolve())
+
+
+def default_artifact_location(uri: str) -> str | None:
+    """`mlruns/artifacts` for the project-level store; None (the server's or MLflow's choice) otherwise."""
+    if uri != "sqlite:///" + str((Path(STORE_DIR) / STORE_DB).resolve()):
+        return None
+    return (Path(STORE_DIR) / ARTIFACTS_DIR).resolve().as_uri()
+
+
+def mlflow_client(uri: str | None = None):
+    """An MlflowClient for tracking and registry at `uri` (default `tracking_uri()`), the store folder created."""
+    import mlflow
+
+    uri = uri or tracking_uri()
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def ensure_experiment(client, name: str) -> str:
+    """The id of experiment `name`, created (with the project artifact location when it applies) if missing."""
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        if experiment.lifecycle_stage == "deleted":
+            raise ValueError(f"MLflow experiment {name!r} is deleted: restore it or choose tracking.experiment")
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=default_artifact_location(client.tracking_uri))
+    except MlflowException:  # created meanwhile by another process
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+def is_permanent(error: BaseException) -> bool:
+    return getattr(error, "error_code", None) in PERMANENT_ERRORS
+
+
+def git_commit() -> str | None:
+    """HEAD of the repository holding this code, or None outside a git checkout."""
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True, text=True,
+            timeout=5, check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() or None
+
+
+def param_value(value: Any) -> str:
+    """A config value as an MLflow param: text, truncated to MLflow's length limit with a marker."""
+    from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+
+    text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    marker = "...[truncated]"
+    return text if len(text) <= MAX_PARAM_VAL_LENGTH else text[: MAX_PARAM_VAL_LENGTH - len(marker)] + marker
+
+
+def run_tags(config: Config, dataset_info: dict | None, world_size: int) -> dict[str, str]:
+    from jobs.registry import encoder_name
+
+    tags = {
+        "stage": str(config.model.stage),
+        "world_size": str(world_size),
+        "encoder": encoder_name(config.model),
+        "config_name": config.name,
+        "dataset_fingerprint": str((dataset_info or {}).get("fingerprint", "")),
+    }
+    commit = git_commit()
+    if commit:
+        tags["git_commit"] = commit
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+# -------------------------------------------------------------------------------------------- the preview
+
+
+def _runs(flags: torch.Tensor) -> list[tuple[int, int]]:
+    """[start, stop) ranges of the True entries of a 1-D bool tensor."""
+    ranges, start = [], None
+    for index, flag in enumerate(flags.tolist() + [False]):
+        if flag and start is None:
+            start = index
+        elif not flag and start is not None:
+            ranges.append((start, index))
+            start = None
+    return ranges
+
+
+def render_preview(batch: dict[str, torch.Tensor], model_cfg: ModelConfig, path: str | Path, seed: int = 0) -> Path:
+    """PNG of a training batch: the first clean clips, their mixtures with the no-mix windows outlined (stage-2
+    batches), and one student mask (model.masking.block_masks) over the first clip. Matplotlib's Agg canvas."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    from model.masking import block_masks
+
+    clean = batch["clean"].detach().float().cpu()[:, 0]
+    count = min(PREVIEW_CLIPS, clean.shape[0])
+    frames, bins = clean.shape[1:]
+    patch = model_cfg.patch_size
+    time_patches, freq_patches = frames // patch, bins // patch
+    mixed = batch.get("mixed")
+    rows = 3 if mixed is not None else 2
+    figure = Figure(figsize=(4.0 * count, 2.4 * rows), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(rows, count, squeeze=False)
+
+    def show(ax, image: torch.Tensor, title: str) -> None:
+        ax.imshow(image.T.numpy(), origin="lower", aspect="auto", cmap="magma", interpolation="nearest")
+        ax.set_title(title, fontsize=8)
+        ax.set_xlabel("frame", fontsize=7)
+        ax.set_ylabel("mel bin", fontsize=7)
+        ax.tick_params(labelsize=6)
+
+    for i in range(count):
+        show(axes[0][i], clean[i], f"clean clip {i}")
+    if mixed is not None:
+        mixed = mixed.detach().float().cpu()[:, 0]
+        partner = batch.get("partner")
+        nomix = batch.get("nomix")
+        for i in range(count):
+            foreign = f" + clip {int(partner[i])}" if partner is not None else ""
+            show(axes[1][i], mixed[i], f"mixture {i}{foreign}, no-mix windows outlined")
+            for start, stop in _runs(nomix[i].cpu()) if nomix is not None else []:
+                axes[1][i].add_patch(
+                    Rectangle((start * patch - 0.5, -0.5), (stop - start) * patch, bins, fill=False, edgecolor="cyan",
+                              linewidth=1.5)
+                )
+    generator = torch.Generator().manual_seed(seed)
+    mask = block_masks(1, time_patches, freq_patches, model_cfg, generator)[0].reshape(time_patches, freq_patches)
+    cells = mask.repeat_interleave(patch, dim=0).repeat_interleave(patch, dim=1).float()
+    mask_ax = axes[-1][0]
+    show(mask_ax, clean[0], f"student mask on clip 0 ({int(mask.sum())}/{mask.numel()} patches masked)")
+    mask_ax.imshow(cells.T.numpy(), origin="lower", aspect="auto", cmap="gray", alpha=0.55, interpolation="nearest")
+    for ax in axes[-1][1:]:
+        ax.axis("off")
+    path = Path(path)
+    figure.savefig(path, format="png", dpi=80)
+    return path
+
+
+# ------------------------------------------------------------------------------------------- the outbox
+
+
+@dataclass
+class _Metric:
+    key: str
+    value: float
+    step: int
+    timestamp: int
+
+
+class _Outbox:
+    """Metric values (bounded, oldest dropped first and counted) and tasks (params, tags, artifacts,
+    registrations: few, never dropped), shared by the training thread and the tracking thread."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = max(1, capacity)
+        self.metrics: deque[_Metric] = deque()
+        self.tasks: deque[tuple[str, Callable[[], None]]] = deque()
+        self.dropped = 0
+        self.busy = False
+        self.condition = threading.Condition()
+
+    def put_metrics(self, items: list[_Metric]) -> None:
+        with self.condition:
+            for item in items:
+                if len(self.metrics) >= self.capacity:
+                    self.metrics.popleft()
+                    self.dropped += 1
+                self.metrics.append(item)
+            self.condition.notify()
+
+    def put_task(self, name: str, task: Callable[[], None]) -> None:
+        with self.condition:
+            self.tasks.append((name, task))
+            self.condition.notify()
+
+    def return_metrics(self, items: list[_Metric]) -> None:
+        """Put unsent values back at the front, keeping the newest when there is no room for all."""
+        with self.condition:
+            room = self.capacity - len(self.metrics)
+            kept = items[-room:] if room > 0 else []
+            self.dropped += len(items) - len(kept)
+            self.metrics.extendleft(reversed(kept))
+
+    def empty(self) -> bool:
+        return not self.metrics and not self.tasks and not self.busy
+
+
+# ----------------------------------------------------------------------------------------- the trackers
+
+
+class NullTracker:
+    """What ranks other than 0 (and runs without tracking) hold: every call does nothing."""
+
+    run_id: str | None = None
+    dropped_metrics = 0
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def log_preview(self, batch: dict[str, torch.Tensor]) -> None:
+        pass
+
+    def on_checkpoint(self, tag_dir: str | Path, updates: int) -> None:
+        pass
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        return True
+
+    def finish(self, status: str = "FINISHED") -> None:
+        pass
+
+
+class Tracker:
+    """One MLflow run of a pre-training job, fed from rank 0 without ever waiting on MLflow (module docstring)."""
+
+    def __init__(
+        self,
+        config: Config,
+        ds_config: dict | None = None,
+        dataset_info: dict | None = None,
+        world_size: int = 1,
+    ) -> None:
+        self.config = config
+        self.dataset_info = dataset_info or {}
+        self.world_size = world_size
+        self.uri = tracking_uri()
+        self.run_dir = Path(config.train.output_dir)
+        self.run_id: str | None = None
+        self.experiment_id: str | None = None
+        self._outbox = _Outbox(config.tracking.queue_size)
+        self._staging = Path(tempfile.mkdtemp(prefix="sslam-tracking-"))
+        self._unreachable = False
+        self._stopping = False
+        self._stop = threading.Event()
+        self._deadline: float | None = None
+        self._last_checkpoint: tuple[Path, int] | None = None
+        self._exported: set[int] = set()
+        self._dropped_reported = 0
+        self._client = None
+        self._queue_start_artifacts(ds_config)
+        self._thread = threading.Thread(target=self._work, name="sslam-mlflow", daemon=True)
+        self._sampler: _SystemSampler | None = None
+
+    @classmethod
+    def start(
+        cls,
+        config: Config,
+        ds_config: dict | None = None,
+        dataset_info: dict | None = None,
+        world_size: int = 1,
+    ) -> Tracker:
+        """Start tracking on this process (rank 0). Returns at once: MLflow is reached on a background thread."""
+        for name, value in HTTP_DEFAULTS.items():
+            os.environ.setdefault(name, value)
+        tracker = cls(config, ds_config, dataset_info, world_size)
+        tracker._thread.start()
+        if config.tracking.system_metrics:
+            tracker._sampler = _SystemSampler(tracker._outbox)
+            tracker._sampler.start()
+        log.info("tracking to %s (experiment %r)", tracker.uri, config.tracking.experiment)
+        return tracker
+
+    @property
+    def dropped_metrics(self) -> int:
+        return self._outbox.dropped
+
+    # ---- calls from the training loop (all return at once) ----------------------------------------------
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        self._outbox.put_metrics([_Metric(k, float(v), int(step), now) for k, v in metrics.items()])
+
+    def log_preview(self, batch: dict[str, torch.Tensor]) -> None:
+        """Queue the PNG preview of (the first clips of) a training batch."""
+        keep = PREVIEW_CLIPS
+        copied = {k: v[:keep].detach().cpu().clone() for k, v in batch.items() if k in ("clean", "mixed", "nomix")}
+        if "partner" in batch:
+            copied["partner"] = batch["partner"][:keep].detach().cpu().clone()
+
+        def task() -> None:
+            self._log_artifact(render_preview(copied, self.config.model, self._staging / "preview.png"), "preview")
+
+        self._outbox.put_task("log the batch preview", task)
+
+    def on_checkpoint(self, tag_dir: str | Path, updates: int) -> None:
+        """After every rank finished writing checkpoint `tag_dir`: export + queue its registration when
+        `tracking.register_every_checkpoint`; always retry the run's pending registrations."""
+        self._last_checkpoint = (Path(tag_dir), int(updates))
+        if self.config.tracking.register_every_checkpoint:
+            self._export(Path(tag_dir), int(updates))
+        self._outbox.put_task(RETRY_REGISTRATIONS, self._register_pending)
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait until everything queued so far was sent (or timeout); True when the queue is empty."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        with self._outbox.condition:
+            while not self._outbox.empty():
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._outbox.condition.wait(timeout=0.1 if remaining is None else min(0.1, remaining))
+        return True
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """End the run: register the last checkpoint (status FINISHED), send what is queued within
+        `tracking.finish_timeout_s`, mark the run terminated. Pending registrations stay on disk."""
+        if self._stopping:
+            return
+        if self._sampler is not None:
+            self._sampler.stop()
+        if status == "FINISHED" and self._last_checkpoint is not None:
+            self._export(*self._last_checkpoint)
+        self._outbox.put_task(RETRY_REGISTRATIONS, self._register_pending)
+        self._outbox.put_task(f"end the run ({status})", lambda: self._client.set_terminated(self.run_id, status))
+        self._deadline = time.monotonic() + self.config.tracking.finish_timeout_s
+        sent = self.flush(self.config.tracking.finish_timeout_s)
+        with self._outbox.condition:
+            self._stopping = True
+            left = len(self._outbox.metrics), [name for name, _ in self._outbox.tasks]
+            self._outbox.condition.notify_all()
+        self._stop.set()
+        self._thread.join(timeout=5.0)
+        if not sent:
+            log.warning(
+                "MLflow at %s did not take everything before the deadline: %d metric values and tasks %s are lost; "
+                "pending registrations stay under %s (run `sslam register %s`)",
+                self.uri, left[0], left[1], self.run_dir / "registrations", self.run_dir,
+            )
+        if self.dropped_metrics:
+            log.warning("%d metric values were dropped because the tracking queue was full", self.dropped_metrics)
+        shutil.rmtree(self._staging, ignore_errors=True)
+
+    # ---- the tracking thread ----------------------------------------------------------------------------
+    def _work(self) -> None:
+        """The tracking thread: create the run, then tasks in order, then metric batches; on failure wait
+        `retry_interval_s` and try again (until `finish`'s deadline)."""
+        from mlflow.utils.validation import MAX_METRICS_PER_BATCH
+
+        outbox = self._outbox
+        while True:
+            task: tuple[str, Callable[[], None]] | None = None
+            batch: list[_Metric] = []
+            with outbox.condition:
+                while not outbox.metrics and not outbox.tasks and not self._stopping:
+                    outbox.condition.wait()
+                if self._stopping:
+                    return
+                outbox.busy = True
+                if self.run_id is None:
+                    task = ("create the run", self._create_run)
+                elif outbox.tasks:
+                    task = outbox.tasks[0]
+                else:
+                    while outbox.metrics and len(batch) < MAX_METRICS_PER_BATCH - 1:
+                        batch.append(outbox.metrics.popleft())
+            try:
+                if self._client is None:
+                    self._client = mlflow_client(self.uri)
+                if task is not None:
+                    self._run_task(*task)
+                    if task[1] != self._create_run:
+                        with outbox.condition:
+                            outbox.tasks.popleft()
+                elif batch:
+                    self._send_metrics(batch)
+                if task is None or task[0] != RETRY_REGISTRATIONS:  # registrations report their own failures
+                    self._reachable()
+            except Exception as error:  # noqa: BLE001 - no failure of MLflow may reach training
+                if batch:
+                    outbox.return_metrics(batch)
+                self._report_unreachable(error)
+                if not self._wait_before_retry():
+                    return
+                continue
+            with outbox.condition:
+                outbox.busy = False
+                outbox.condition.notify_all()
+
+    def _wait_before_retry(self) -> bool:
+        """Sleep `retry_interval_s` (new metrics do not wake it; `finish` does); False once stopping or past
+        the finish deadline."""
+        outbox = self._outbox
+        with outbox.condition:
+            outbox.busy = False
+            outbox.condition.notify_all()
+        wait = self.config.tracking.retry_interval_s
+        if self._deadline is not None:
+            wait = min(wait, max(0.0, self._deadline - time.monotonic()))
+        self._stop.wait(wait)
+        return not self._stop.is_set() and (self._deadline is None or time.monotonic() < self._deadline)
+
+    def _run_task(self, name: str, task: Callable[[], None]) -> None:
+        try:
+            task()
+        except Exception as error:
+            if is_permanent(error):
+                log.warning("MLflow refused to %s (%s); skipped", name, error)
+                return
+            raise
+
+    def _send_metrics(self, batch: list[_Metric]) -> None:
+        from mlflow.entities import Metric
+
+        metrics = [Metric(m.key, m.value, m.timestamp, m.step) for m in batch]
+        if self._outbox.dropped != self._dropped_reported:
+            self._dropped_reported = self._outbox.dropped
+            now = int(time.time() * 1000)
+            metrics.append(Metric(DROPPED_METRIC, float(self._dropped_reported), now, batch[-1].step))
+        try:
+            self._client.log_batch(self.run_id, metrics=metrics)
+        except Exception as error:
+            if is_permanent(error):
+                log.warning("MLflow refused %d metric values (%s); dropped", len(batch), error)
+                return
+            raise
+
+    def _reachable(self) -> None:
+        if self._unreachable:
+            self._unreachable = False
+            log.warning("MLflow at %s is reachable again; logging resumes", self.uri)
+
+    def _report_unreachable(self, error: BaseException) -> None:
+        if not self._unreachable:
+            self._unreachable = True
+            log.warning(
+                "MLflow at %s is unreachable (%s: %s); training continues, tracking retries every %g s and "
+                "keeps the newest %d metric values", self.uri, type(error).__name__, str(error).splitlines()[0][:300],
+                self.config.tracking.retry_interval_s, self._outbox.capacity,
+            )
+
+    # ---- tasks --------------------------------------------------------------------------------------------
+    def _create_run(self) -> None:
+        client = self._client
+        self.experiment_id = ensure_experiment(client, self.config.tracking.experiment)
+        run_id = self._resumable_run(client)
+        if run_id is None:
+            run = client.create_run(
+                self.experiment_id,
+                run_name=self.config.tracking.run_name or None,
+                tags=run_tags(self.config, self.dataset_info, self.world_size),
+            )
+            run_id = run.info.run_id
+            with self._outbox.condition:  # first task of the run, retried like any other
+                self._outbox.tasks.appendleft(("log the params", self._log_params))
+        self.run_id = run_id
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / RUN_FILE).write_text(json.dumps({"run_id": self.run_id, "tracking_uri": self.uri}))
+        log.info("MLflow run %s in experiment %s at %s", self.run_id, self.experiment_id, self.uri)
+
+    def _log_params(self) -> None:
+        from mlflow.entities import Param
+
+        params = [Param(key, param_value(value)) for key, value in flatten(self.config).items()]
+        for start in range(0, len(params), MAX_PARAMS_PER_BATCH):
+            self._client.log_batch(self.run_id, params=params[start : start + MAX_PARAMS_PER_BATCH])
+
+    def _resumable_run(self, client) -> str | None:
+        """The run of an earlier process of this job, when training resumes from one of its checkpoints and the
+        run is in this store."""
+        from jobs.checkpointing import checkpoint_root, latest_tag
+
+        path = self.run_dir / RUN_FILE
+        if self.config.train.resume == "never" or not path.is_file():
+            return None
+        if latest_tag(checkpoint_root(self.run_dir)) is None:
+            return None
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        if saved.get("tracking_uri") != self.uri:
+            return None
+        try:
+            run = client.get_run(saved["run_id"])
+        except Exception as error:  # noqa: BLE001
+            if is_permanent(error):
+                return None
+            raise
+        if run.info.lifecycle_stage == "deleted" or run.info.experiment_id != self.experiment_id:
+            return None
+        client.update_run(run.info.run_id, status="RUNNING")
+        log.info("continuing MLflow run %s (resumed training)", run.info.run_id)
+        return run.info.run_id
+
+    def _queue_start_artifacts(self, ds_config: dict | None) -> None:
+        files = {"config.yaml": dump_yaml(self.config)}
+        if ds_config is not None:
+            files["deepspeed_config.json"] = json.dumps(ds_config, indent=2, sort_keys=True)
+        if self.dataset_info:
+            files["dataset.json"] = json.dumps(self.dataset_info, indent=2, sort_keys=True)
+        for name, text in files.items():
+            path = self._staging / name
+            path.write_text(text)
+            self._outbox.put_task(f"log {name}", functools.partial(self._log_artifact, path, "config"))
+
+    def _log_artifact(self, path: Path, folder: str) -> None:
+        self._client.log_artifact(self.run_id, str(path), folder)
+
+    def _export(self, tag_dir: Path, updates: int) -> None:
+        """Consolidate + export a checkpoint into a pending registration (local disk only), then queue it."""
+        from jobs import registry
+
+        if updates in self._exported:
+            return
+        self._exported.add(updates)
+        try:
+            registry.export_checkpoint(
+                tag_dir,
+                updates,
+                self.run_dir,
+                model_name=self.config.tracking.model_name,
+                experiment=self.config.tracking.experiment,
+                run_id=self.run_id,
+                tracking_uri=self.uri,
+                dataset_fingerprint=str(self.dataset_info.get("fingerprint", "")),
+                config=self.config,
+            )
+        except Exception:
+            log.exception("could not export checkpoint %s for registration; training continues", tag_dir)
+
+    def _register_pending(self) -> None:
+        from jobs import registry
+
+        registry.register_pending(self.run_dir, run_id=self.run_id, client=self._client)
+
+
+def _torch_gpu_memory_monitor():
+    """GPU memory of this process's device through torch, when MLflow's NVML-based GPU monitor is unavailable
+    (the `nvidia-ml-py` package is missing): `gpu_{i}_memory_usage_megabytes` / `_percentage`, MLflow's names."""
+    from mlflow.system_metrics.metrics.base_metrics_monitor import BaseMetricsMonitor
+
+    class TorchGPUMemoryMonitor(BaseMetricsMonitor):
+        def __init__(self) -> None:
+            super().__init__()
+            self.device = int(os.environ.get("LOCAL_RANK", 0))
+
+        def collect_metrics(self) -> None:
+            free, total = torch.cuda.mem_get_info(self.device)
+            self._metrics[f"gpu_{self.device}_memory_usage_megabytes"].append((total - free) / 1e6)
+            self._metrics[f"gpu_{self.device}_memory_usage_percentage"].append(100.0 * (total - free) / total)
+
+        def aggregate_metrics(self) -> dict[str, float]:
+            return {key: round(sum(values) / len(values), 1) for key, values in self._metrics.items() if values}
+
+    return TorchGPUMemoryMonitor()
+
+
+class _SystemSampler:
+    """MLflow's system-metrics collectors (psutil CPU / memory / disk / network, NVIDIA or ROCm GPUs when
+    present) sampled on their own thread into the tracker's queue, so an unreachable server neither stops
+    sampling (MLflow's own monitor gives up) nor blocks anything."""
+
+    def __init__(self, outbox: _Outbox) -> None:
+        self.outbox = outbox
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._sample, name="sslam-system-metrics", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join(timeout=5.0)
+
+    @staticmethod
+    def _collectors() -> list:
+        """The collectors MLflow's SystemMetricsMonitor uses: CPU and memory, disk, network, a GPU when present."""
+        from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
+        from mlflow.system_metrics.metrics.disk_monitor import DiskMonitor
+        from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
+        from mlflow.system_metrics.metrics.network_monitor import NetworkMonitor
+        from mlflow.system_metrics.metrics.rocm_monitor import ROCMMonitor
+
+        collectors = [CPUMonitor(), DiskMonitor(), NetworkMonitor()]
+        for gpu in (GPUMonitor, ROCMMonitor):
+            try:
+                collectors.append(gpu())
+                return collectors
+            except Exception:  # noqa: BLE001 - no such GPU or library
+                continue
+        if torch.cuda.is_available():
+            collectors.append(_torch_gpu_memory_monitor())
+        return collectors
+
+    def _sample(self) -> None:
+        try:  # built here, off the training thread: importing MLflow and probing GPUs takes seconds
+            monitors = self._collectors()
+        except Exception as error:  # noqa: BLE001
+            log.warning("no system metrics: %s", error)
+            return
+        from mlflow.environment_variables import (
+            MLFLOW_SYSTEM_METRICS_NODE_ID,
+            MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING,
+            MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL,
+        )
+
+        node = MLFLOW_SYSTEM_METRICS_NODE_ID.get()
+        prefix = "system/" + (f"{node}/" if node else "")
+        interval = float(MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL.get() or SYSTEM_METRICS_INTERVAL_S)
+        per_log = max(1, int(MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING.get() or 1))
+        step = 0
+        while not self.stopped.is_set():
+            try:
+                for _ in range(per_log):
+                    for collector in monitors:
+                        collector.collect_metrics()
+                    if self.stopped.wait(interval):
+                        return
+                values: dict[str, float] = {}
+                for collector in monitors:
+                    values.update(collector.aggregate_metrics())
+                    collector.clear_metrics()
+            except Exception as error:  # noqa: BLE001 - a broken collector must not reach training
+                log.warning("system metrics sampling stopped: %s", error)
+                return
+            now = int(time.time() * 1000)
+            self.outbox.put_metrics([_Metric(prefix + k, float(v), step, now) for k, v in values.items()])
+            step += 1
