@@ -36,7 +36,6 @@ import glob as globbing
 import io
 import json
 import logging
-import os
 import random
 import signal
 import tarfile
@@ -48,7 +47,6 @@ from urllib.parse import urlparse
 import braceexpand
 import fsspec
 import numpy as np
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -59,7 +57,7 @@ from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expan
 from pipeline.config import DataConfig, LoaderConfig
 from pipeline.mixing import MIX_PADDINGS, logmel_max_batch
 from pipeline.plan import parse_shard_name
-from pipeline.shards import Location, ShardFormatError, decode_sample, locate
+from pipeline.shards import ShardFormatError, decode_sample, file_exists, locate, read_file
 
 logger = logging.getLogger(__name__)
 
@@ -92,26 +90,12 @@ def _split_location(location: str) -> tuple[str, str | None]:
     return text, None
 
 
-def _read_bytes(location: Location, name: str) -> bytes:
-    if location.filesystem is None:
-        with open(location.join(name), "rb") as handle:
-            return handle.read()
-    with location.filesystem.open_input_stream(location.join(name)) as stream:
-        return stream.read()
-
-
-def _exists(location: Location, name: str) -> bool:
-    if location.filesystem is None:
-        return os.path.isfile(location.join(name))
-    return location.filesystem.get_file_info(location.join(name)).type == pafs.FileType.File
-
-
 def read_dataset_info(location: str) -> dict:
     """The parsed `dataset.json` of a shard location (folder, URL, glob/brace pattern or the json itself)."""
     root, _ = _split_location(location)
     resolved = locate(root)
     try:
-        data = _read_bytes(resolved, DATASET_INFO)
+        data = read_file(resolved, DATASET_INFO)
     except FileNotFoundError as error:
         raise FileNotFoundError(f"no {DATASET_INFO} in {root} (shard location {location!r})") from error
     try:
@@ -225,7 +209,7 @@ class ShardSource:
         return [self._counts[name] for name in names]
 
     def _index_counts(self) -> dict[str, int]:
-        if not _exists(self._resolved, INDEX_TABLE):
+        if not file_exists(self._resolved, INDEX_TABLE):
             return {}
         table = pq.read_table(
             self._resolved.join(INDEX_TABLE), columns=["shard"], filesystem=self._resolved.filesystem

@@ -499,7 +499,11 @@ def write_shard(
 def _read_bytes(source: str | os.PathLike, filesystem: pafs.FileSystem | None = None) -> bytes:
     text = os.fspath(source)
     parent, _, name = text.rstrip("/").rpartition("/")
-    location = locate(parent or ".", filesystem)
+    return read_file(locate(parent or ".", filesystem), name)
+
+
+def read_file(location: Location, name: str) -> bytes:
+    """The whole content of `name` in a local folder or a pyarrow/fsspec location."""
     if location.filesystem is None:
         with open(location.join(name), "rb") as handle:
             return handle.read()
@@ -507,7 +511,7 @@ def _read_bytes(source: str | os.PathLike, filesystem: pafs.FileSystem | None = 
         return stream.read()
 
 
-def _file_exists(location: Location, name: str) -> bool:
+def file_exists(location: Location, name: str) -> bool:
     if location.filesystem is None:
         return os.path.isfile(location.join(name))
     return location.filesystem.get_file_info(location.join(name)).type == pafs.FileType.File
@@ -525,7 +529,7 @@ def is_published(
     object and its done-marker exist (the marker's checksum is compared when `sha256` is given).
     """
     location = locate(directory, filesystem)
-    if not _file_exists(location, name):
+    if not file_exists(location, name):
         return False
     if location.filesystem is None:
         if sha256 is None:
@@ -535,7 +539,7 @@ def is_published(
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
         return digest.hexdigest() == sha256
-    if not _file_exists(location, name + DONE_SUFFIX):
+    if not file_exists(location, name + DONE_SUFFIX):
         return False
     if sha256 is None:
         return True

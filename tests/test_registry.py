@@ -22,7 +22,7 @@ from jobs import infer as infer_job
 from jobs import registry
 from jobs.checkpointing import consolidated_student
 from jobs.config import load_config
-from jobs.tracking import HTTP_DEFAULTS, Tracker, mlflow_client
+from jobs.tracking import HTTP_DEFAULTS, mlflow_client
 from model.checkpoint import build_classifier, import_official, official_name
 from model.encoder import Encoder
 from model.features import extract_features
