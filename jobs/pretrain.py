@@ -321,7 +321,7 @@ class Pretrainer:
     def run(self) -> int:
         train = self.config.train
         meter = {"start": time.perf_counter(), "wait": 0.0, "clips": 0}
-        saved_at = -1
+        saved_at = self.state.updates if self.state.updates else -1  # a resumed run's checkpoint exists already
         loader = None
         while self.state.updates < train.max_updates and (not train.epochs or self.state.epoch < train.epochs):
             position = self.state.loader_positions[self.rank] if self.state.loader_positions else None
