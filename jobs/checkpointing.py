@@ -1,9 +1,11 @@
 """Checkpoints of the pre-training job: DeepSpeed save/resume, keep-last-M, and stage-2 initialisation.
 
 A checkpoint is a DeepSpeed tag folder `update_{u:08d}` under `train.output_dir/checkpoints`, written by
-every rank. Beside DeepSpeed's files, rank 0 writes the resolved config (`config.yaml`) and the teacher
-(`teacher.safetensors`, fp32) into the tag folder. `client_state` holds the update count, epoch, every
-rank's loader position and RNG states, the teacher and the dataset fingerprint.
+every rank. Beside DeepSpeed's files, rank 0 writes the resolved config (`config.yaml`), the student's full
+fp32 weights (`student.safetensors`, gathered from the master copies) and the teacher (`teacher.safetensors`).
+`client_state` holds the update count, epoch, every rank's loader position and RNG states, the teacher and
+the dataset fingerprint. Stage-2 initialisation reads only the two safetensors files, never a pickle, so a
+stage-1 folder from elsewhere cannot run code; resuming a run's own checkpoints goes through DeepSpeed.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from safetensors.torch import load_file, save_file
 log = logging.getLogger("sslam.checkpoint")
 
 TAG_PATTERN = re.compile(r"^update_(\d{8})$")
+STUDENT_FILE = "student.safetensors"
+TEACHER_FILE = "teacher.safetensors"
 
 
 def tag_for(updates: int) -> str:
@@ -72,15 +76,30 @@ def gather_from_ranks(value):
     return values
 
 
+def full_fp32_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The module's full fp32 weights from DeepSpeed's master copies (under ZeRO a collective: all ranks call it)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    state = {}
+    for name, param in module.named_parameters():
+        full = safe_get_full_fp32_param(param) if hasattr(param, "ds_id") or hasattr(param, "_hp_mapping") else None
+        state[name] = (param.detach() if full is None else full).float().cpu().contiguous()
+    for name, buffer in module.named_buffers():
+        state[name] = buffer.detach().float().cpu().contiguous()
+    return state
+
+
 def save(engine, root: Path, updates: int, client_state: dict, teacher: torch.nn.Module, config_yaml: str, keep: int):
-    """All ranks call this. Rank 0 adds config and teacher files, then prunes to the newest `keep` tags."""
+    """All ranks call this. Rank 0 adds config, student and teacher files, then prunes to the newest `keep` tags."""
     tag = tag_for(updates)
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state)
+    student = full_fp32_state(engine.module)
     if engine.global_rank == 0:
         folder = root / tag
         (folder / "config.yaml").write_text(config_yaml)
+        save_file(student, str(folder / STUDENT_FILE))
         teacher_state = {k: v.detach().float().cpu().contiguous() for k, v in teacher.state_dict().items()}
-        save_file(teacher_state, str(folder / "teacher.safetensors"))
+        save_file(teacher_state, str(folder / TEACHER_FILE))
         for old in list_tags(root)[:-keep] if keep > 0 else []:
             shutil.rmtree(root / old, ignore_errors=True)
     if dist.is_available() and dist.is_initialized():
@@ -89,8 +108,12 @@ def save(engine, root: Path, updates: int, client_state: dict, teacher: torch.nn
     return tag
 
 
-def load_teacher(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(folder / "teacher.safetensors"))
+def load_initialisation(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(student, teacher) fp32 weights of a checkpoint folder, from safetensors only."""
+    missing = [name for name in (STUDENT_FILE, TEACHER_FILE) if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{folder} lacks {' and '.join(missing)} (written beside every checkpoint)")
+    return load_file(str(folder / STUDENT_FILE)), load_file(str(folder / TEACHER_FILE))
 
 
 def consolidated_student(root: Path, tag: str) -> dict[str, torch.Tensor]:

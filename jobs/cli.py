@@ -31,9 +31,13 @@ def _preprocess(args: argparse.Namespace) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     from pipeline.inspect import render_groups, summarize
 
-    print(summarize(args.shards))
-    if args.png:
-        print(f"preview: {render_groups(args.shards, args.png, n_groups=args.groups)}")
+    try:
+        print(summarize(args.shards))
+        if args.png:
+            print(f"preview: {render_groups(args.shards, args.png, n_groups=args.groups)}")
+    except (FileNotFoundError, ValueError) as error:  # missing or damaged shard sets (ValueError: InspectError, ...)
+        print(f"sslam inspect: {error}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -46,6 +50,8 @@ def _pretrain(args: argparse.Namespace) -> int:
 
     import torch
 
+    if args.ranks < 1:
+        raise ConfigError(f"--ranks must be at least 1, got {args.ranks}")
     config_from_args(args)  # fail fast on a bad config, before starting ranks
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -84,29 +90,29 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sslam", description="SSLAM pre-training pipeline")
+    parser = argparse.ArgumentParser(prog="sslam", description="SSLAM pre-training pipeline", allow_abbrev=False)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    sample = commands.add_parser("make-sample-data", help="generate the AudioSet-like sample dataset")
+    sample = commands.add_parser("make-sample-data", allow_abbrev=False, help="generate the AudioSet-like sample dataset")
     sample.add_argument("out", help="output folder, e.g. data/sample")
     add_config_arguments(sample, default="sample")
     sample.set_defaults(func=_make_sample_data)
 
-    preprocess = commands.add_parser("preprocess", help="audio -> WebDataset shards with mixtures (Ray)")
+    preprocess = commands.add_parser("preprocess", allow_abbrev=False, help="audio -> WebDataset shards with mixtures (Ray)")
     add_config_arguments(preprocess, default="sample")
     from jobs.preprocess import add_arguments as add_preprocess_arguments
 
     add_preprocess_arguments(preprocess)
     preprocess.set_defaults(func=_preprocess)
 
-    inspect = commands.add_parser("inspect", help="summarise a shard set and render a PNG of a few groups")
+    inspect = commands.add_parser("inspect", allow_abbrev=False, help="summarise a shard set and render a PNG of a few groups")
     inspect.add_argument("shards", help="shard folder or URL (with dataset.json)")
     inspect.add_argument("--png", default="", help="write a preview of a few groups to this PNG")
     inspect.add_argument("--groups", type=int, default=2, help="groups in the preview")
     inspect.set_defaults(func=_inspect)
 
-    pretrain = commands.add_parser("pretrain", help="pre-train on this machine (stage 1 or 2, from the config)")
+    pretrain = commands.add_parser("pretrain", allow_abbrev=False, help="pre-train on this machine (stage 1 or 2, from the config)")
     add_config_arguments(pretrain)
     pretrain.add_argument("--ranks", type=int, default=1, help="ranks on this machine (GPUs, or CPU processes)")
     pretrain.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
@@ -121,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
         delegated.add_argument("arguments", nargs=argparse.REMAINDER)
         delegated.set_defaults(func=_delegate(module))
 
-    demo = commands.add_parser("demo", help="run the end-to-end demo on generated data")
+    demo = commands.add_parser("demo", allow_abbrev=False, help="run the end-to-end demo on generated data")
     add_config_arguments(demo, default="sample")
     demo.add_argument("--ranks", type=int, default=2, help="DeepSpeed ranks for the pre-training steps")
     demo.set_defaults(func=_demo)

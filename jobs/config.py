@@ -48,6 +48,7 @@ class TrainConfig:
     keep_checkpoints: int = 1
     resume: str = "auto"  # "auto" | "never" | a checkpoint directory
     init_from: str = ""  # stage 2: a stage-1 checkpoint of ours or an official EAT .pt
+    init_from_trusted: bool = False  # unpickle an official .pt without the safe allow-list (trusted files only)
     dataset_fingerprint: str = ""  # when set, dataset.json must carry this fingerprint
     min_target_var: float = 0.0  # collapse guard floors; 0 disables
     min_pred_var: float = 0.0
@@ -226,17 +227,29 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> Config
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     if path in seen:
         raise ConfigError(f"{path}: 'base' chain loops back to itself")
-    with open(path) as handle:
-        values = yaml.safe_load(handle) or {}
+    try:
+        with open(path) as handle:
+            values = yaml.safe_load(handle) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(error).split())})") from None
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read ({error.strerror})") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     base = values.pop("base", None)
     if base is None:
         return values
-    base_path = (path.parent / base) if not Path(base).is_absolute() else Path(base)
-    if not base_path.suffix:
-        base_path = base_path.with_suffix(".yaml")
-    return _merge(_read_yaml(base_path, seen + (path,)), values)
+    return _merge(_read_yaml(_resolve_base(path, str(base)), seen + (path,)), values)
+
+
+def _resolve_base(path: Path, base: str) -> Path:
+    """`base:` is a file relative to the config that names it, or a config name in jobs/configs."""
+    candidates = [Path(base) if Path(base).is_absolute() else path.parent / base, CONFIG_DIR / base]
+    for candidate in candidates:
+        for option in (candidate, candidate.with_suffix(".yaml")):
+            if option.is_file():
+                return option
+    raise ConfigError(f"{path}: base '{base}' not found (looked beside the file and in {CONFIG_DIR})")
 
 
 def to_dict(config: Config) -> dict:

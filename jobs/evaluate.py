@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from mlflow.exceptions import MlflowException
 from torch import nn
 
 from jobs.config import Config, ConfigError, EvalConfig, add_config_arguments, config_from_args
@@ -299,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         log.error("config error: %s", error)
         return 2
+    except (MlflowException, FileNotFoundError, ValueError) as error:
+        print(f"sslam evaluate: {args.model}: {error}", file=sys.stderr)
+        return 1
     print(json.dumps(results, indent=2, sort_keys=True))
     return 0
 

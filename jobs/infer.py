@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from mlflow.exceptions import MlflowException
 
 from jobs.tracking import mlflow_client
 from pipeline.audio import AudioError, decode
@@ -66,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         result = infer(args.file, args.model, args.top_k)
     except AudioError as error:
         print(f"sslam infer: cannot read {args.file}: {error}", file=sys.stderr)
+        return 1
+    except MlflowException as error:
+        print(f"sslam infer: cannot load model {args.model}: {error}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(result, indent=2))

@@ -30,6 +30,7 @@ from jobs import checkpointing
 from jobs.config import Config, ConfigError, add_config_arguments, config_from_args, dump_yaml
 from jobs.ema import MasterWeightEMA
 from jobs.tracking import NullTracker, Tracker
+from model.checkpoint import CheckpointError
 from model.sslam import SSLAM
 
 log = logging.getLogger("sslam.pretrain")
@@ -222,7 +223,10 @@ class Pretrainer:
     def _read_dataset_info(self) -> dict:
         from pipeline.loader import read_dataset_info
 
-        return read_dataset_info(self.config.data.loader.shards)
+        try:
+            return read_dataset_info(self.config.data.loader.shards)
+        except (FileNotFoundError, ValueError) as error:
+            raise ConfigError(f"data.loader.shards={self.config.data.loader.shards}: {error}") from None
 
     def _resume_tag(self) -> str | None:
         resume = self.config.train.resume
@@ -238,20 +242,24 @@ class Pretrainer:
 
     def _initialise_from(self, source: str) -> None:
         """Stage 2 starts from a stage-1 run of ours or an official EAT checkpoint; everything else resets (§10)."""
+        from model.checkpoint import import_official, load_into_sslam, load_state_strict
+
         path = Path(source)
         if path.is_file():
-            from model.checkpoint import import_official, load_into_sslam
-
-            load_into_sslam(self.model, import_official(path))
-        else:
-            root = checkpointing.checkpoint_root(path) if (path / "checkpoints").is_dir() else path
-            tag = checkpointing.latest_tag(root)
-            if tag is None:
-                raise ConfigError(f"train.init_from: no checkpoint under {path}")
-            student = checkpointing.consolidated_student(root, tag)
-            self.model.load_state_dict(student, strict=True)
-            self.model.teacher.load_state_dict(checkpointing.load_teacher(root / tag), strict=True)
-            log.info("initialised student and teacher from %s/%s", root, tag)
+            load_into_sslam(self.model, import_official(path, trusted=self.config.train.init_from_trusted))
+            log.info("initialised student and teacher from the official checkpoint %s", path)
+            return
+        root = checkpointing.checkpoint_root(path) if (path / "checkpoints").is_dir() else path
+        tag = checkpointing.latest_tag(root)
+        if tag is None:
+            raise ConfigError(f"train.init_from: no checkpoint under {path}")
+        try:
+            student, teacher = checkpointing.load_initialisation(root / tag)
+        except FileNotFoundError as error:
+            raise ConfigError(f"train.init_from: {error}") from None
+        load_state_strict(self.model, student, f"student from {root / tag}")
+        load_state_strict(self.model.teacher, teacher, f"teacher from {root / tag}")
+        log.info("initialised student and teacher from %s/%s", root, tag)
 
     def _resume(self, tag: str) -> None:
         _, client = self.engine.load_checkpoint(str(self.root), tag=tag)
@@ -421,7 +429,7 @@ def train(config: Config) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="SSLAM pre-training (run under the deepspeed launcher)")
+    parser = argparse.ArgumentParser(description="SSLAM pre-training (run under the deepspeed launcher)", allow_abbrev=False)
     add_config_arguments(parser)
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint (train.resume=auto)")
     args = parser.parse_args(argv)
@@ -434,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.resume:
             config.train.resume = "auto"
         return train(config)
-    except ConfigError as error:
+    except (ConfigError, CheckpointError) as error:
         log.error("config error: %s", error)
         return 2
     except TrainingStopped as error:

@@ -32,9 +32,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from mlflow.exceptions import MlflowException
 
 from jobs.tracking import ensure_experiment, mlflow_client, tracking_uri
-from model.checkpoint import ImportedCheckpoint, import_official, save_weights
+from model.checkpoint import CheckpointError, ImportedCheckpoint, import_official, save_weights
 from model.config import ModelConfig
 from pipeline.config import AudioConfig
 
@@ -584,15 +585,20 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if sum(x is not None for x in (args.run_dir, args.checkpoint, args.official)) != 1:
         parser.error("give exactly one of RUN_DIR, --checkpoint and --official")
-    if args.official:
-        if not args.name:
-            parser.error("--official needs --name")
-        version = register_official(args.official, args.name, class_labels_csv=args.class_labels,
-                                    experiment=args.experiment, trusted=args.trusted)
-        print(f"registered {version.name} version {version.version}")
-        return 0
-    if args.checkpoint:
-        version = register_checkpoint(args.checkpoint, model_name=args.name)
+    if args.official and not args.name:
+        parser.error("--official needs --name")
+    try:
+        if args.official:
+            version = register_official(args.official, args.name, class_labels_csv=args.class_labels,
+                                        experiment=args.experiment, trusted=args.trusted)
+        elif args.checkpoint:
+            version = register_checkpoint(args.checkpoint, model_name=args.name)
+        else:
+            version = None
+    except (CheckpointError, FileNotFoundError, MlflowException) as error:
+        print(f"sslam register: {error}", file=sys.stderr)
+        return 1
+    if version is not None:
         print(f"registered {version.name} version {version.version}")
         return 0
     if not Path(args.run_dir).is_dir():

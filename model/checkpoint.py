@@ -194,6 +194,8 @@ def read_pickled_checkpoint(path: str | Path, trusted: bool = False) -> dict[str
                 "Unpickling them could run arbitrary code. If you trust where the file comes from, pass "
                 "trusted=True (torch.load weights_only=False)."
             ) from error
+        except (RuntimeError, EOFError, OSError) as error:  # a cut or corrupt zip / legacy file
+            raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?): {error}") from error
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path} holds a {type(checkpoint).__name__}, expected a fairseq checkpoint dict")
     return checkpoint

@@ -5,13 +5,20 @@ exist); `render_groups` draws the clips and mixtures of the first groups of the 
 mixture's no-mix windows outlined (where only the primary is present). Mixtures that were not materialised are
 formed here exactly as the loader forms them (log-mel max). Rendering uses matplotlib's Agg canvas directly,
 without touching the global backend.
+
+A damaged or missing shard, or a sample that does not decode, is skipped with a warning (and counted in the
+preview's title), so the preview comes from the next good samples. Errors: `FileNotFoundError` when there is
+no dataset.json; `InspectError` (a ValueError) when dataset.json cannot be read or parsed, or when no sample
+of the previewed shards decodes (it names those shards).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,18 +29,29 @@ import torch
 from pipeline import mixing, shards
 from pipeline.preprocess import DATASET_INFO, INDEX_TABLE, MANIFEST_STAGE, QUARANTINE_TABLE
 
+logger = logging.getLogger(__name__)
+
 WINDOW_COLOUR = "#00e5ff"
+# How many shards or skipped samples an InspectError names.
+PROBLEMS_SHOWN = 5
+
+
+class InspectError(ValueError):
+    """A shard set that cannot be described or previewed (the message names the file or shards)."""
 
 
 def _read(location: shards.Location, name: str) -> bytes | None:
+    """The file's bytes; None when it does not exist."""
     path = location.join(name)
     try:
         if location.filesystem is None:
             return Path(path).read_bytes()
         with location.filesystem.open_input_stream(path) as stream:
             return stream.read()
-    except (FileNotFoundError, OSError):
+    except FileNotFoundError:
         return None
+    except OSError as error:
+        raise InspectError(f"cannot read {path}: {error}") from error
 
 
 def _exists(location: shards.Location, name: str) -> bool:
@@ -43,11 +61,20 @@ def _exists(location: shards.Location, name: str) -> bool:
 
 
 def load_dataset_info(shards_dir: str) -> dict:
-    """The parsed dataset.json of a shard set; FileNotFoundError with the location when there is none."""
-    raw = _read(shards.locate(shards_dir), DATASET_INFO)
+    """The parsed dataset.json of a shard set; FileNotFoundError with the location when there is none,
+    InspectError naming the file when it is not a JSON object with a "splits" mapping."""
+    location = shards.locate(shards_dir)
+    raw = _read(location, DATASET_INFO)
     if raw is None:
         raise FileNotFoundError(f"{shards_dir}: no {DATASET_INFO} (not a finished shard set)")
-    return json.loads(raw)
+    path = location.join(DATASET_INFO)
+    try:
+        info = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InspectError(f"{path} is not UTF-8 JSON: {error}") from error
+    if not isinstance(info, dict) or not isinstance(info.get("splits"), dict):
+        raise InspectError(f"{path} has no 'splits' mapping (not a dataset.json of a shard set)")
+    return info
 
 
 def listed_shards(info: dict) -> list[str]:
@@ -138,20 +165,59 @@ def _shard_path(shards_dir: str, name: str) -> str:
     return f"{shards_dir.rstrip('/')}/{name}" if "://" in shards_dir else os.path.join(shards_dir, name)
 
 
-def _first_samples(shards_dir: str, names: list[str], count: int) -> list[dict]:
-    decoded = []
+@dataclass
+class _Skipped:
+    """What the preview passed over: {shard name: reason} and {"shard/key": reason}."""
+
+    shards: dict[str, str] = field(default_factory=dict)
+    samples: dict[str, str] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        return f"skipped {len(self.shards)} unreadable shards, {len(self.samples)} bad samples"
+
+
+def _first_samples(
+    shards_dir: str, names: list[str], count: int, info: dict, mix: bool
+) -> tuple[list[dict], _Skipped]:
+    """The first `count` samples of `names` that decode (checked as the loader checks them), and what was skipped."""
+    expected_shape = (int(info["target_length"]), int(info["mel_bins"]))
+    time_patches = expected_shape[0] // int(info["patch_size"])
+    group_size = info.get("group_size") if mix else None
+    decoded: list[dict] = []
+    skipped = _Skipped()
     for name in names:
-        for _, members in shards.read_shard_samples(_shard_path(shards_dir, name)):
-            decoded.append(shards.decode_sample(members))
+        try:
+            samples = shards.read_shard_samples(_shard_path(shards_dir, name))
+        except (shards.ShardFormatError, OSError) as error:
+            logger.warning("preview: shard %s skipped: %s", name, error)
+            skipped.shards[name] = str(error)
+            continue
+        for key, members in samples:
+            try:
+                sample = shards.decode_sample(
+                    members, expected_shape=expected_shape, group_size=group_size, time_patches=time_patches
+                )
+                if mix and "mixtures" not in sample["meta"]:
+                    raise shards.ShardFormatError("a mix split sample must be a mixture group")
+            except shards.ShardFormatError as error:
+                logger.warning("preview: sample %s of shard %s skipped: %s", key, name, error)
+                skipped.samples[f"{name}/{key}"] = str(error)
+                continue
+            decoded.append(sample)
             if len(decoded) == count:
-                return decoded
-    return decoded
+                return decoded, skipped
+    return decoded, skipped
+
+
+def _first_few(items: list[str], separator: str = ", ") -> str:
+    return separator.join(items[:PROBLEMS_SHOWN]) + (f"{separator}..." if len(items) > PROBLEMS_SHOWN else "")
 
 
 def render_groups(shards_dir: str, out_png: str | os.PathLike, n_groups: int = 2) -> str:
     """Draw the first `n_groups` samples of the first mix split (clips above, mixtures below); returns the path.
 
     Each mixture panel outlines its two no-mix windows. Without a mix split, the first evaluation clips are drawn.
+    Unreadable shards and bad samples are skipped (logged, and counted in the title); InspectError when none is left.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -161,9 +227,13 @@ def render_groups(shards_dir: str, out_png: str | os.PathLike, n_groups: int = 2
     mix_splits = sorted(split for split, entry in info["splits"].items() if entry["mix"])
     split = mix_splits[0] if mix_splits else sorted(info["splits"])[0]
     names = info["splits"][split]["shards_per_epoch"]["0"]
-    samples = _first_samples(shards_dir, names, max(1, n_groups))
+    samples, skipped = _first_samples(shards_dir, names, max(1, n_groups), info, bool(mix_splits))
     if not samples:
-        raise ValueError(f"{shards_dir}: split {split!r} holds no samples to draw")
+        problems = [f"{where} ({reason})" for where, reason in {**skipped.shards, **skipped.samples}.items()]
+        raise InspectError(
+            f"{shards_dir}: split {split!r} has no sample to draw in its epoch-0 shards {_first_few(names)}"
+            + (f"; {skipped.describe()}: {_first_few(problems, '; ')}" if problems else "")
+        )
     patch = int(info["patch_size"])
     columns = max(len(sample["clips"]) for sample in samples)
     rows_per_sample = 2 if mix_splits else 1
@@ -198,7 +268,10 @@ def render_groups(shards_dir: str, out_png: str | os.PathLike, n_groups: int = 2
                 )
         for axis in axes[rows_per_sample * position : rows_per_sample * (position + 1), len(clips) :].flat:
             axis.set_visible(False)
-    figure.suptitle(f"{shards_dir}: {split}, first {len(samples)} samples (no-mix windows outlined)", fontsize=9)
+    skips = f"; {skipped.describe()}" if skipped.shards or skipped.samples else ""
+    figure.suptitle(
+        f"{shards_dir}: {split}, first {len(samples)} good samples (no-mix windows outlined){skips}", fontsize=9
+    )
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=80)

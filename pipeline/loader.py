@@ -15,7 +15,8 @@ per-shard sample counts (`index.parquet`, or a scan of the tar headers when ther
   congruent to its share index modulo the number of sharers (`assign_shares`). Every sample belongs to
   exactly one slot, and a shard is read by at most ceil(S / m) slots.
 * A slot shuffles its samples with a buffer seeded by (seed, epoch, rank, worker), before decoding,
-  then decodes them (`pipeline.shards.decode_sample`; a bad sample or shard is logged, counted in
+  then decodes them (`pipeline.shards.decode_sample`, after checking the key against `SAMPLE_KEY`, so a
+  member named with '..' or an absolute path is refused; a bad sample or shard is logged, counted in
   `skipped_samples` / `skipped_shards` and skipped) and forms batches of micro_batch_clips / G groups
   inside its worker; a worker's partial last batch is not served.
 * A rank takes its workers' batches round-robin (the torch DataLoader order). Every rank stops after the
@@ -57,7 +58,7 @@ from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expan
 from pipeline.config import DataConfig, LoaderConfig
 from pipeline.mixing import MIX_PADDINGS, logmel_max_batch
 from pipeline.plan import parse_shard_name
-from pipeline.shards import ShardFormatError, decode_sample, file_exists, locate, read_file
+from pipeline.shards import SAMPLE_KEY, ShardFormatError, decode_sample, file_exists, locate, read_file
 
 logger = logging.getLogger(__name__)
 
@@ -384,6 +385,13 @@ class _Geometry:
         return self.target_length // self.patch_size
 
 
+def _check_sample_key(key: str) -> None:
+    """Our writer names members `{key}.{member}` with a plain key; a tar member name holding a directory,
+    '..' or an absolute path was not written by it."""
+    if not SAMPLE_KEY.fullmatch(key):
+        raise ShardFormatError(f"sample key {key!r} is not a plain name (letters, digits, '_' and '-' only)")
+
+
 def _decode_group(sample: dict, geometry: _Geometry) -> dict:
     decoded = decode_sample(
         sample,
@@ -475,6 +483,7 @@ class _TrainStream(IterableDataset):
         keys: list[str] = []
         for sample in shuffled:
             try:
+                _check_sample_key(sample["__key__"])
                 decoded = _decode_group(sample, self.geometry)
             except ShardFormatError as error:
                 skips.bad_sample(sample["__key__"], sample["__url__"], error)
@@ -747,6 +756,7 @@ class _EvalStream(IterableDataset):
         for sample in _read_shares(self.urls, self.shares[worker], self.counts, skips):
             key, url = sample["__key__"], sample["__url__"]
             try:
+                _check_sample_key(key)
                 decoded = decode_sample(sample, expected_shape=(geometry.target_length, geometry.mel_bins))
                 labels = decoded["meta"]["labels"]
                 if any(label >= geometry.num_classes for clip in labels for label in clip):

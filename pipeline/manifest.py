@@ -224,11 +224,7 @@ class _AudioIndex:
         self.root = root
         self.relative: set[str] = set()
         self.by_basename: dict[str, str] = {}
-        try:
-            top = sorted(os.scandir(root), key=lambda entry: entry.name)
-        except FileNotFoundError:
-            logger.warning("audio root %s does not exist: every clip will be missing", root)
-            top = []
+        top = sorted(os.scandir(root), key=lambda entry: entry.name)
         for entry in top:
             if entry.is_file():
                 self.relative.add(entry.name)
@@ -262,6 +258,15 @@ def _audioset_clips(source: SourceConfig, splits: list[SplitConfig]) -> tuple[li
             clip.start_s, clip.end_s = segment.start_s, segment.end_s
             clips.append(clip)
     return clips, quarantine
+
+
+def _check_audioset_root(source: SourceConfig) -> None:
+    """A missing audio root would turn every clip into a `missing_file` row: refuse it as a config error."""
+    root = os.path.abspath(source.audio_root)
+    if not os.path.exists(root):
+        raise ManifestError(f"data.source.audio_root {root} does not exist")
+    if not os.path.isdir(root):
+        raise ManifestError(f"data.source.audio_root {root} is not a directory")
 
 
 def _locate_audioset_files(source: SourceConfig, clips: list[_Clip]) -> None:
@@ -464,6 +469,7 @@ def build_manifest(
     """
     splits = _resolved_splits(source)
     if source.kind == "audioset":
+        _check_audioset_root(source)
         clips, quarantine = _audioset_clips(source, splits)
     elif source.kind == "folder":
         clips, quarantine = _folder_clips(source, splits)

@@ -89,6 +89,12 @@ def test_zero_stages_train_and_their_teachers_agree(shards, tmp_path):
             assert losses[-1] < losses[0], (zero, stage, losses)
             assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, (zero, stage, losses)
             teachers[zero, stage] = load_file(str(final_tag(run_dir) / "teacher.safetensors"))
+            # The student gathered from the master copies equals DeepSpeed's own consolidation of the files.
+            student = load_file(str(final_tag(run_dir) / "student.safetensors"))
+            consolidated = checkpointing.consolidated_student(final_tag(run_dir).parent, final_tag(run_dir).name)
+            assert sorted(student) == sorted(consolidated)
+            for name, tensor in consolidated.items():
+                torch.testing.assert_close(student[name], tensor, rtol=0, atol=0, msg=name)
             if stage == 2:  # §10 resets: update count, LR warm-up from 0, EMA schedule from u = 0
                 assert metrics[0]["update"] == 1 and metrics[0]["lr"] == 0.0
                 assert metrics[0]["ema_decay"] == pytest.approx(0.99 - (0.99 - 0.9) * (1 - 1 / 100))

@@ -21,7 +21,6 @@ import yaml
 
 from jobs.cli import main as sslam
 from jobs.config import CONFIG_DIR
-from model.checkpoint import CheckpointError
 from reliability_support import (
     PRETRAIN,
     PYTHON,
@@ -97,8 +96,6 @@ def test_override_without_a_value_exits_2_naming_it(capsys):
     assert "--set expects section.key=value, got 'train.seed'" in capsys.readouterr().err
 
 
-@pytest.mark.xfail(strict=True, raises=yaml.YAMLError,
-                   reason="jobs.config._read_yaml lets yaml.YAMLError escape (traceback instead of ConfigError)")
 def test_config_file_that_is_not_yaml_exits_2_naming_it(tmp_path, capsys):
     """Tried: a config file with a YAML syntax error. Survives: exit 2 naming the file (and line)."""
     config = tmp_path / "broken.yaml"
@@ -107,8 +104,6 @@ def test_config_file_that_is_not_yaml_exits_2_naming_it(tmp_path, capsys):
     assert str(config) in capsys.readouterr().err
 
 
-@pytest.mark.xfail(strict=True, raises=FileNotFoundError,
-                   reason="jobs.config._read_yaml opens a missing `base:` file unguarded (FileNotFoundError)")
 def test_config_whose_base_is_missing_exits_2_naming_it(tmp_path, capsys):
     """Tried: a config file whose `base:` names a file that does not exist. Survives: exit 2 naming the base."""
     config = tmp_path / "child.yaml"
@@ -117,16 +112,12 @@ def test_config_whose_base_is_missing_exits_2_naming_it(tmp_path, capsys):
     assert "no_such_base" in capsys.readouterr().err
 
 
-@pytest.mark.xfail(strict=True, raises=FileNotFoundError,
-                   reason="jobs.cli._inspect does not catch pipeline.inspect.load_dataset_info's FileNotFoundError")
 def test_inspect_of_a_folder_without_dataset_json_fails_cleanly(tmp_path, capsys):
     """Tried: `sslam inspect` on a folder that is not a shard set. Survives: non-zero exit naming the folder."""
     assert sslam(["inspect", str(tmp_path)]) != 0
     assert str(tmp_path) in capsys.readouterr().err
 
 
-@pytest.mark.xfail(strict=True, raises=CheckpointError,
-                   reason="jobs.registry.main does not catch CheckpointError from import_official")
 def test_register_of_a_missing_official_file_fails_cleanly(tmp_path, capsys):
     """Tried: `sslam register --official missing.pt --name n`. Survives: non-zero exit naming the file, and
     nothing registered (the file is read before MLflow is touched)."""
@@ -168,9 +159,6 @@ def empty_tracking(tmp_path) -> dict[str, str]:
     return cpu_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="jobs.infer.main catches only AudioError: an unknown model URI prints an "
-                   "MlflowException traceback")
 def test_infer_with_an_unknown_model_fails_cleanly(tmp_path, empty_tracking):
     """Tried: `sslam infer tone.wav --model models:/absent@candidate` on an empty registry. Survives: non-zero
     exit with a line naming the model URI, no traceback."""
@@ -181,9 +169,6 @@ def test_infer_with_an_unknown_model_fails_cleanly(tmp_path, empty_tracking):
     assert_clean_failure(result, None, "models:/absent@candidate")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="jobs.evaluate.main catches only ConfigError: an unknown model URI prints "
-                   "an MlflowException traceback")
 def test_evaluate_with_an_unknown_model_fails_cleanly(tmp_path, empty_tracking):
     """Tried: `sslam evaluate --model models:/absent@candidate` on an empty registry. Survives: non-zero exit
     with a line naming the model URI, no traceback."""
@@ -193,9 +178,6 @@ def test_evaluate_with_an_unknown_model_fails_cleanly(tmp_path, empty_tracking):
     assert_clean_failure(result, None, "models:/absent@candidate")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="jobs.cli._pretrain does not check --ranks >= 1: `--ranks 0` starts the "
-                   "deepspeed launcher with --num_gpus 0")
 def test_pretrain_with_zero_ranks_exits_2(tmp_path):
     """Tried: `sslam pretrain --ranks 0`. Survives: exit 2 naming --ranks, no launcher started."""
     result = run_command([*CLI, "pretrain", "--config", "tiny_stage1", "--ranks", "0",
@@ -236,9 +218,6 @@ def test_preprocess_missing_split_csv_exits_2_naming_it(hostile_job, tmp_path):
     assert not list((tmp_path / "out").glob("*.tar"))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="pipeline.manifest only warns about a missing AudioSet audio_root; the job's "
-                   "error ('the manifest holds no clips') does not name data.source.audio_root or its path")
 def test_preprocess_missing_audio_root_exits_2_naming_it(hostile_job, tmp_path):
     """Tried: a config whose audio_root does not exist. Survives: exit 2 with the error line naming the
     audio root (not only a log warning), nothing written."""
@@ -287,9 +266,6 @@ def test_pretrain_missing_or_mistyped_config_exits_2(tmp_path, caplog):
     assert "'train.max_updates' has the wrong type str ('many')" in caplog.text
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="jobs.pretrain.Pretrainer._read_dataset_info lets FileNotFoundError escape "
-                   "(rank traceback, exit 1) instead of a ConfigError (exit 2)")
 def test_pretrain_on_a_folder_without_dataset_json_exits_2(tmp_path):
     """Tried: `python jobs/pretrain.py` with data.loader.shards pointing at a folder without dataset.json.
     Survives: exit 2 with a line naming the folder and dataset.json, no traceback, no checkpoint."""
