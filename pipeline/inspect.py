@@ -7,14 +7,13 @@ formed here exactly as the loader forms them (log-mel max). Rendering uses matpl
 without touching the global backend.
 
 A damaged or missing shard, or a sample that does not decode, is skipped with a warning (and counted in the
-preview's title), so the preview comes from the next good samples. Errors: `FileNotFoundError` when there is
-no dataset.json; `InspectError` (a ValueError) when dataset.json cannot be read or parsed, or when no sample
-of the previewed shards decodes (it names those shards).
+preview's title), so the preview comes from the next good samples. Errors: those of `pipeline.loader.read_dataset_info`
+(`FileNotFoundError` without dataset.json, `ValueError` when it cannot be parsed), and `InspectError` (a
+ValueError) when no sample of the previewed shards decodes (it names those shards).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections import Counter
@@ -23,11 +22,11 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 import torch
 
 from pipeline import mixing, shards
-from pipeline.preprocess import DATASET_INFO, INDEX_TABLE, MANIFEST_STAGE, QUARANTINE_TABLE
+from pipeline.loader import read_dataset_info
+from pipeline.preprocess import INDEX_TABLE, MANIFEST_STAGE, QUARANTINE_TABLE
 
 logger = logging.getLogger(__name__)
 
@@ -40,50 +39,13 @@ class InspectError(ValueError):
     """A shard set that cannot be described or previewed (the message names the file or shards)."""
 
 
-def _read(location: shards.Location, name: str) -> bytes | None:
-    """The file's bytes; None when it does not exist."""
-    path = location.join(name)
-    try:
-        if location.filesystem is None:
-            return Path(path).read_bytes()
-        with location.filesystem.open_input_stream(path) as stream:
-            return stream.read()
-    except FileNotFoundError:
-        return None
-    except OSError as error:
-        raise InspectError(f"cannot read {path}: {error}") from error
-
-
-def _exists(location: shards.Location, name: str) -> bool:
-    if location.filesystem is None:
-        return os.path.isfile(location.join(name))
-    return location.filesystem.get_file_info(location.join(name)).type == pafs.FileType.File
-
-
-def load_dataset_info(shards_dir: str) -> dict:
-    """The parsed dataset.json of a shard set; FileNotFoundError with the location when there is none,
-    InspectError naming the file when it is not a JSON object with a "splits" mapping."""
-    location = shards.locate(shards_dir)
-    raw = _read(location, DATASET_INFO)
-    if raw is None:
-        raise FileNotFoundError(f"{shards_dir}: no {DATASET_INFO} (not a finished shard set)")
-    path = location.join(DATASET_INFO)
-    try:
-        info = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise InspectError(f"{path} is not UTF-8 JSON: {error}") from error
-    if not isinstance(info, dict) or not isinstance(info.get("splits"), dict):
-        raise InspectError(f"{path} has no 'splits' mapping (not a dataset.json of a shard set)")
-    return info
-
-
 def listed_shards(info: dict) -> list[str]:
     """Every shard name dataset.json lists, split by split, epoch by epoch."""
     return [name for entry in info["splits"].values() for names in entry["shards_per_epoch"].values() for name in names]
 
 
 def _table(shards_dir: str, location: shards.Location, name: str) -> pa.Table | None:
-    if not _exists(location, name):
+    if not shards.file_exists(location, name):
         return None
     return shards.read_table(location.directory, name, filesystem=location.filesystem)
 
@@ -91,7 +53,7 @@ def _table(shards_dir: str, location: shards.Location, name: str) -> pa.Table | 
 def summarize(shards_dir: str) -> str:
     """A few lines describing the shard set: features, groups, splits, counts, quarantine, missing shards."""
     location = shards.locate(shards_dir)
-    info = load_dataset_info(shards_dir)
+    info = read_dataset_info(shards_dir)
     index = _table(shards_dir, location, INDEX_TABLE)
     quarantine = _table(shards_dir, location, QUARANTINE_TABLE)
     classes = {c["index"]: c["name"] for c in info.get("classes", [])}
@@ -110,7 +72,7 @@ def summarize(shards_dir: str) -> str:
     if stats and stats.get("values"):
         lines.append(f"feature stats  mean {stats['mean']:.3f}, std {stats['std']:.3f} over {stats['values']} values")
     listed = listed_shards(info)
-    missing = [name for name in listed if not _exists(location, name)]
+    missing = [name for name in listed if not shards.file_exists(location, name)]
     lines.append(f"shards         {len(listed)} listed, {info.get('bytes', 0) / 2**20:.1f} MiB, {len(missing)} missing")
     if missing:
         lines.append(f"  missing: {', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}")
@@ -223,7 +185,7 @@ def render_groups(shards_dir: str, out_png: str | os.PathLike, n_groups: int = 2
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
 
-    info = load_dataset_info(shards_dir)
+    info = read_dataset_info(shards_dir)
     mix_splits = sorted(split for split, entry in info["splits"].items() if entry["mix"])
     split = mix_splits[0] if mix_splits else sorted(info["splits"])[0]
     names = info["splits"][split]["shards_per_epoch"]["0"]
