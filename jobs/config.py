@@ -106,6 +106,11 @@ class Config:
                 f"data.audio (target_length={audio.target_length}, mel_bins={audio.mel_bins}) does not match "
                 f"model (target_length={self.model.target_length}, mel_bins={self.model.mel_bins})"
             )
+        if self.train.zero_stage == 0 and self.train.precision != "fp32":
+            # DeepSpeed's stage-0 bf16/fp16 optimizers expose no fp32 master fragments for the teacher EMA.
+            raise ConfigError("train.zero_stage=0 needs train.precision=fp32; use ZeRO 1-3 for bf16/fp16")
+        if self.train.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"train.zero_stage must be 0-3, got {self.train.zero_stage}")
         if self.data.mixing.group_size < 2:
             raise ConfigError("data.mixing.group_size must be at least 2")
         if self.data.loader.micro_batch_clips % self.data.mixing.group_size:

@@ -34,6 +34,12 @@ def _master_fragments(param: nn.Parameter, rank: int) -> list[tuple[int, torch.T
     return None
 
 
+def _no_master_copy(name: str, param: nn.Parameter) -> RuntimeError:
+    return RuntimeError(
+        f"no fp32 master copy of '{name}' ({param.dtype}): the teacher EMA would average low-precision weights"
+    )
+
+
 class MasterWeightEMA:
     """θ_T <- d·θ_T + (1 - d)·θ_S over the student encoder's trainable tensors (SSLAM_SPEC §6, §14.4)."""
 
@@ -66,9 +72,11 @@ class MasterWeightEMA:
             return
         device = self.pairs[0][2].device
         contribution = torch.zeros(self.total, dtype=torch.float32, device=device)
-        for (_, param, target), offset, owned in zip(self.pairs, self.offsets, fragments):
+        for (name, param, target), offset, owned in zip(self.pairs, self.offsets, fragments):
             if owned is None:  # a parameter DeepSpeed does not partition: rank 0 contributes it whole
-                owned = [(0, param.detach().float().flatten())] if rank == 0 else []
+                if param.dtype != torch.float32:
+                    raise _no_master_copy(name, param)
+                owned = [(0, param.detach().flatten())] if rank == 0 else []
             flat_target = target.detach().flatten()
             for start, values in owned:
                 count = values.numel()
@@ -80,12 +88,14 @@ class MasterWeightEMA:
             target.copy_(contribution[offset : offset + target.numel()].view_as(target))
 
     def _update_local(self, decay: float, fragments) -> None:
-        for (_, param, target), owned in zip(self.pairs, fragments):
+        for (name, param, target), owned in zip(self.pairs, fragments):
             if owned:  # a single rank owns the whole partitioned parameter
                 source = torch.zeros(target.numel(), dtype=torch.float32, device=target.device)
                 for start, values in owned:
                     source[start : start + values.numel()] = values.to(target.device)
                 source = source.view_as(target)
+            elif param.dtype == torch.float32:
+                source = param.detach()
             else:
-                source = param.detach().float()
+                raise _no_master_copy(name, param)
             target.mul_(decay).add_(source.to(target.device), alpha=1.0 - decay)

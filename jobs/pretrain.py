@@ -337,7 +337,9 @@ class Pretrainer:
             batches = iter(loader)
             while self.state.updates < train.max_updates:
                 (stop,) = _any_rank([float(self.stop.requested)], self.device)
-                if stop:  # before fetching, so the saved loader position has not consumed a batch
+                # Only between updates (no half-accumulated gradients to lose) and before fetching (the saved
+                # loader position has not consumed a batch), so a resume replays exactly.
+                if stop and self.state.micro_steps == 0:
                     log.warning("SIGTERM: writing a checkpoint at update %d, then exiting", self.state.updates)
                     self._save(loader)
                     self.preempted = True

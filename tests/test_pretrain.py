@@ -80,3 +80,16 @@ def test_master_weight_ema_without_partitions_equals_the_model_update():
         torch.testing.assert_close(a, b, msg=name)
     changed = [not torch.equal(a, b) for a, b in zip(first.teacher.parameters(), first.encoder.parameters())]
     assert all(changed)
+
+
+def test_stage_0_needs_fp32_because_it_has_no_master_copies():
+    with pytest.raises(ConfigError, match="zero_stage=0"):
+        load_config("tiny_stage1", ["train.zero_stage=0", "train.precision=bf16"])
+    load_config("tiny_stage1", ["train.zero_stage=0", "train.precision=fp32"])
+
+
+def test_master_weight_ema_refuses_low_precision_weights_without_master_copies():
+    model = SSLAM(load_config("tiny_stage1").model)
+    model.encoder.to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="no fp32 master copy"):
+        MasterWeightEMA(model.encoder, model.teacher).update(0.9)

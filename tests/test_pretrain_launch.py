@@ -159,7 +159,8 @@ def single_rank_env(port: int) -> dict:
 
 def test_sigterm_writes_a_checkpoint_and_exits_zero(shards, tmp_path):
     output = tmp_path / "preempted"
-    command = [sys.executable, *pretrain_args(shards, output, "train.max_updates=100000", "train.checkpoint_interval=100000")]
+    command = [sys.executable, *pretrain_args(shards, output, "train.max_updates=100000", "train.checkpoint_interval=100000",
+                                              "train.gradient_accumulation=3", "train.record_samples=true")]
     process = subprocess.Popen(command, cwd=tmp_path, env=cpu_env(**single_rank_env(free_port())),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = output / "metrics.jsonl"
@@ -173,6 +174,10 @@ def test_sigterm_writes_a_checkpoint_and_exits_zero(shards, tmp_path):
     tag = checkpointing.latest_tag(checkpointing.checkpoint_root(output))
     assert tag is not None and int(tag.split("_")[1]) >= 3
     assert "SIGTERM" in out
+    # The stop waits for the accumulation boundary: every consumed micro-batch belongs to a finished update.
+    updates = len(read_jsonl(metrics))
+    assert updates == int(tag.split("_")[1])
+    assert len(read_jsonl(output / "samples_rank0.jsonl")) == 3 * updates
 
 
 def test_two_nodes_train_together_and_write_one_checkpoint(shards, tmp_path):
