@@ -18,25 +18,14 @@ import time
 from collections.abc import Callable
 
 import torch
-from torchaudio.compliance import kaldi
 
-from pipeline.audio import fbank_batch, frame_count
+from pipeline.audio import fbank_batch, frame_count, kaldi_reference
 from pipeline.config import AudioConfig
 
 
 def kaldi_per_clip(wave: torch.Tensor, cfg: AudioConfig) -> torch.Tensor:
-    """The reference front-end for one clip: mean removal, kaldi.fbank (SSLAM_SPEC §1.7), pad / head crop."""
-    feats = kaldi.fbank(
-        (wave - wave.mean())[None],
-        htk_compat=True,
-        sample_frequency=float(cfg.sample_rate),
-        use_energy=False,
-        window_type="hanning",
-        num_mel_bins=cfg.mel_bins,
-        dither=0.0,
-        frame_shift=cfg.frame_shift_ms,
-        frame_length=cfg.frame_length_ms,
-    )[: cfg.target_length]
+    """The per-clip reference front-end, padded / head-cropped like `fbank_batch`."""
+    feats = kaldi_reference(wave, cfg)[: cfg.target_length]
     return torch.nn.functional.pad(feats, (0, 0, 0, cfg.target_length - feats.shape[0]))
 
 

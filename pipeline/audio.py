@@ -326,6 +326,22 @@ def _chunks_by_frames(counts: list[int]) -> list[list[tuple[int, int]]]:
     return chunks
 
 
+def kaldi_reference(wave: torch.Tensor, cfg: AudioConfig) -> torch.Tensor:
+    """The per-clip definition `fbank_batch` is checked and timed against (SSLAM_SPEC §1.5, §1.7): clip mean
+    removal, then `torchaudio.compliance.kaldi.fbank` with the reference's arguments; unpadded (n_frames, F)."""
+    return kaldi.fbank(
+        (wave - wave.mean())[None],
+        htk_compat=True,
+        sample_frequency=float(cfg.sample_rate),
+        use_energy=False,
+        window_type="hanning",
+        num_mel_bins=cfg.mel_bins,
+        dither=0.0,
+        frame_shift=cfg.frame_shift_ms,
+        frame_length=cfg.frame_length_ms,
+    )
+
+
 def fbank(wave: torch.Tensor, cfg: AudioConfig) -> torch.Tensor:
     """(target_length, mel_bins) raw log-mel of one clip; see fbank_batch."""
     return fbank_batch([wave], cfg)[0]

@@ -11,7 +11,6 @@ import pytest
 import soundfile
 import torch
 import torchaudio
-from torchaudio.compliance import kaldi
 
 import pipeline.audio as audio
 from pipeline.audio import (
@@ -22,6 +21,7 @@ from pipeline.audio import (
     fbank,
     fbank_batch,
     frame_count,
+    kaldi_reference,
     load_waveform,
     to_model_rate,
 )
@@ -29,21 +29,6 @@ from pipeline.config import AudioConfig
 
 CFG = AudioConfig()
 RATE = CFG.sample_rate
-
-
-def kaldi_reference(wave: torch.Tensor, cfg: AudioConfig = CFG) -> torch.Tensor:
-    """SSLAM_SPEC §1.5 + §1.7: clip mean removal, then kaldi.fbank with the reference's arguments (unpadded)."""
-    return kaldi.fbank(
-        (wave - wave.mean())[None],
-        htk_compat=True,
-        sample_frequency=float(cfg.sample_rate),
-        use_energy=False,
-        window_type="hanning",
-        num_mel_bins=cfg.mel_bins,
-        dither=0.0,
-        frame_shift=cfg.frame_shift_ms,
-        frame_length=cfg.frame_length_ms,
-    )
 
 
 def assert_matches_kaldi(features: torch.Tensor, wave: torch.Tensor, cfg: AudioConfig = CFG) -> None:
@@ -100,7 +85,7 @@ def test_ten_seconds_gives_998_frames_then_26_zero_rows() -> None:
 
 def test_crop_keeps_the_head_of_the_full_fbank() -> None:
     wave = realistic_wave(15.0, seed=5)
-    full = kaldi_reference(wave)
+    full = kaldi_reference(wave, CFG)
     assert full.shape[0] == 1498
     torch.testing.assert_close(fbank(wave, CFG), full[:1024], atol=1e-4, rtol=0)
 

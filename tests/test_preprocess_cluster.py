@@ -33,7 +33,6 @@ from types import SimpleNamespace
 import pyarrow.parquet as pq
 import pytest
 import ray
-import yaml
 from ray.cluster_utils import Cluster
 
 from jobs.config import load_config
@@ -42,6 +41,7 @@ from pipeline.config import SynthConfig
 from pipeline.inspect import listed_shards
 from pipeline.preprocess import FAULTS_ENV, PreprocessConfigError
 from pipeline.synth import make_sample_dataset
+from test_preprocess import write_config as write_job_config
 
 pytestmark = pytest.mark.slow
 
@@ -52,28 +52,8 @@ MAX_UPLOAD_MIB = 10.0
 
 
 def write_config(path: Path, sample: Path, output: str) -> Path:
-    """A tiny job YAML: 2 mixture epochs, one group per shard (many small shards)."""
-    document = {
-        "name": "preprocess-cluster-test",
-        "data": {
-            "audio": {"target_length": 128, "mel_bins": 32},
-            "source": {
-                "kind": "audioset",
-                "audio_root": str(sample / "audio"),
-                "class_labels_csv": str(sample / "class_labels_indices.csv"),
-                "splits": [
-                    {"name": "train", "csv": str(sample / "balanced_train_segments.csv"), "mix": True},
-                    {"name": "eval", "csv": str(sample / "eval_segments.csv"), "mix": False},
-                ],
-            },
-            "mixing": {"group_size": 3, "mixture_epochs": 2},
-            "shards": {"output": output, "groups_per_shard": 1, "clips_per_eval_shard": 2, "seed": 3},
-            "loader": {"micro_batch_clips": 6},
-        },
-        "model": {"target_length": 128, "mel_bins": 32, "patch_size": 16},
-    }
-    path.write_text(yaml.safe_dump(document))
-    return path
+    """The preprocessing tests' job YAML with one group per shard (many small shards)."""
+    return write_job_config(path, sample, output, shards={"groups_per_shard": 1, "clips_per_eval_shard": 2, "seed": 3})
 
 
 def _environment(**extra: str) -> dict[str, str]:
