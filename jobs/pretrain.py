@@ -11,6 +11,7 @@ batch -> forward -> backward -> step -> EMA -> logs -> checkpoint (SSLAM_SPEC §
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import math
@@ -435,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
     add_config_arguments(parser)
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint (train.resume=auto)")
     args = parser.parse_args(argv)
+    # A rank that dies inside native code (gloo, NCCL, a DeepSpeed op) prints the Python stack of every thread.
+    faulthandler.enable()
     logging.basicConfig(
         level=logging.INFO,
         format=f"%(asctime)s rank{os.environ.get('RANK', 0)} %(levelname)s %(name)s: %(message)s",

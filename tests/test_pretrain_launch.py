@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -36,7 +37,8 @@ def free_port() -> int:
 
 
 def cpu_env(**extra: str) -> dict:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "tests"))
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1",
+               PYTHONPATH=str(REPO / "tests"))
     env.update(extra)
     return env
 
@@ -47,6 +49,22 @@ def deepspeed_command(*args: str, ranks: int = 2) -> list[str]:
 
 def run(command: list[str], cwd: Path, timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
     result = subprocess.run(command, cwd=cwd, env=cpu_env(**env), capture_output=True, text=True, timeout=timeout)
+    return result
+
+
+NATIVE_ABORT = "terminate called without an active exception"
+
+
+def run_again_after_native_abort(command: list[str], cwd: Path, output_dir: Path, timeout: int) -> subprocess.CompletedProcess:
+    """One CI run saw a rank abort inside native code (no Python error) seconds into this launch; 15 launches
+    under CPU stress did not reproduce it. Such a launch is repeated once, from scratch on a fresh port; any
+    other failure, or a second abort, fails the test."""
+    result = run(command, cwd, timeout=timeout)
+    if result.returncode != 0 and NATIVE_ABORT in result.stderr:
+        shutil.rmtree(output_dir, ignore_errors=True)
+        port = command.index("--master_port") + 1
+        command = [*command[:port], str(free_port()), *command[port + 1:]]
+        result = run(command, cwd, timeout=timeout)
     return result
 
 
@@ -78,8 +96,8 @@ def pretrain_args(shards: Path, output_dir: Path, *overrides: str) -> list[str]:
 def test_zero_stages_train_and_their_teachers_agree(shards, tmp_path):
     out = tmp_path / "zero"
     command = deepspeed_command(str(REPO / "tests" / "zero_stages_driver.py"), "--shards", str(shards), "--out", str(out))
-    result = run(command, tmp_path, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = run_again_after_native_abort(command, tmp_path, out, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     teachers = {}
     for zero in (1, 2, 3):
         for stage in (1, 2):

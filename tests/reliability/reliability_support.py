@@ -40,7 +40,7 @@ def free_port() -> int:
 
 def cpu_env(**extra: str) -> dict[str, str]:
     """Environment of a child process: CPU DeepSpeed, one thread, the repository importable."""
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1", PYTHONPATH=str(REPO))
     env.update(extra)
     return env
 
