@@ -1,7 +1,8 @@
 """The pre-training job through the real `deepspeed` launcher on CPU ranks (gloo, OMP_NUM_THREADS=1).
 
 Scenarios: ZeRO 1/2/3 x stages 1 and 2 train and agree; a SIGKILLed run resumes exactly; SIGTERM
-checkpoints and exits 0; two "nodes" (`--no_ssh --node_rank`) train together; mismatched data is refused.
+checkpoints and exits 0; `sslam pretrain --ranks 2` launches and cleans /dev/shm; two "nodes" (`--no_ssh
+--node_rank`) train together; mismatched data is refused.
 """
 
 from __future__ import annotations
@@ -196,6 +197,18 @@ def test_sigterm_writes_a_checkpoint_and_exits_zero(shards, tmp_path):
     updates = len(read_jsonl(metrics))
     assert updates == int(tag.split("_")[1])
     assert len(read_jsonl(output / "samples_rank0.jsonl")) == 3 * updates
+
+
+def test_sslam_pretrain_ranks_launches_and_leaves_no_shared_memory(shards, tmp_path):
+    """`sslam pretrain --ranks 2` goes through the deepspeed launcher and removes the ranks' /dev/shm buffers."""
+    buffers = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
+    output = tmp_path / "cli"
+    command = [str(BIN / "sslam"), "pretrain", "--ranks", "2", *pretrain_args(shards, output, "train.max_updates=2")[1:]]
+    result = run(command, tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    folder = checkpointing.checkpoint_root(output) / "update_00000002"
+    assert len(list(folder.glob("zero_pp_rank_*_optim_states.pt"))) == 2  # two ranks trained
+    assert set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) == buffers
 
 
 def test_two_nodes_train_together_and_write_one_checkpoint(shards, tmp_path):
