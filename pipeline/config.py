@@ -69,6 +69,9 @@ class ShardConfig:
     groups_per_shard: int = 64
     clips_per_eval_shard: int = 256
     seed: int = 1
+    # Resume trusts a local shard whose size matches its record (publishing is an atomic rename); true re-hashes
+    # every local shard against its recorded sha256 first, i.e. reads the whole output once.
+    verify_checksums_on_resume: bool = False
 
 
 @dataclass

@@ -16,9 +16,11 @@ shard (recorded as `filler` in the sample json and the index); a group without a
 Per-clip errors never fail a task. Torch runs single-threaded inside a task, so a shard's bytes do not depend
 on the worker's thread count.
 
-Resume: after publishing a shard the task writes `_records/{shard}.json` (dataset fingerprint, sha256, index
-and quarantine rows, stats). A later run skips a shard whose record has the same fingerprint and whose
-published bytes have the recorded sha256; a finished job re-run does nothing and says so.
+Resume: after publishing a shard the task writes `_records/{shard}.json` (dataset fingerprint, size, sha256, index
+and quarantine rows, stats). A later run skips a shard whose record has the same fingerprint and which is
+published: locally with the recorded size (its bytes re-hashed against the sha256 only with
+`data.shards.verify_checksums_on_resume`, since that reads the whole output), remotely with a done-marker
+holding the sha256. A finished job re-run does nothing and says so.
 
 Output location: a local path (refused when the Ray cluster has more than one node: every node would write
 to its own disk), a `file://` URL (a POSIX mount that the operator asserts every node shares; published by
@@ -443,8 +445,9 @@ def _compact(record: dict) -> dict:
     return {**record, "index": shards.index_table(record["index"])}
 
 
-def finished_record(location: shards.Location, name: str, fingerprint: str) -> dict | None:
-    """The record of a shard a previous run finished with this fingerprint, or None."""
+def finished_record(location: shards.Location, name: str, fingerprint: str, rehash: bool = False) -> dict | None:
+    """The record of a shard a previous run finished with this fingerprint, or None. A local shard must have the
+    recorded size (and, with `rehash`, the recorded sha256); a remote one a done-marker holding the sha256."""
     raw = _read_optional(location, f"{RECORDS_DIR}/{record_name(name)}")
     if raw is None:
         return None
@@ -454,7 +457,10 @@ def finished_record(location: shards.Location, name: str, fingerprint: str) -> d
         return None
     if record.get("fingerprint") != fingerprint or record.get("shard") != name:
         return None
-    if not shards.is_published(location.directory, name, record.get("sha256"), filesystem=location.filesystem):
+    local = location.filesystem is None
+    checksum = record.get("sha256") if rehash or not local else None
+    if not shards.is_published(location.directory, name, checksum, filesystem=location.filesystem,
+                               size=record.get("bytes", -1) if local else None):
         return None
     return record
 
@@ -810,7 +816,8 @@ def run_pipeline(
         planned.manifest.num_rows, len(names), planned.fingerprint[:12], output,
     )
 
-    records = {name: finished_record(location, name, planned.fingerprint) for name in names}
+    rehash = data.shards.verify_checksums_on_resume
+    records = {name: finished_record(location, name, planned.fingerprint, rehash) for name in names}
     records = {name: _compact(record) for name, record in records.items() if record is not None}
     pending = [(name, piece) for name, piece in planned.slices if name not in records]
     up_to_date = not pending and _is_up_to_date(location, planned.fingerprint)

@@ -522,16 +522,20 @@ def is_published(
     name: str,
     sha256: str | None = None,
     filesystem: pafs.FileSystem | None = None,
+    size: int | None = None,
 ) -> bool:
-    """Whether `name` is completely published (and, when `sha256` is given, has that checksum).
+    """Whether `name` is completely published (and, when `sha256` / `size` is given, has that checksum / size).
 
-    Local: the final file exists (its bytes are hashed when `sha256` is given). Elsewhere: the final
-    object and its done-marker exist (the marker's checksum is compared when `sha256` is given).
+    Local: the final file exists (its bytes are hashed when `sha256` is given; its size is compared when `size`
+    is given). Elsewhere: the final object and its done-marker exist (the marker's checksum is compared when
+    `sha256` is given).
     """
     location = locate(directory, filesystem)
     if not file_exists(location, name):
         return False
     if location.filesystem is None:
+        if size is not None and os.path.getsize(location.join(name)) != size:
+            return False
         if sha256 is None:
             return True
         digest = hashlib.sha256()

@@ -7,6 +7,7 @@ waveform_sum and unmaterialised variants run once each. Multi-process scenarios 
 
 from __future__ import annotations
 
+import copy
 import glob
 import hashlib
 import json
@@ -273,6 +274,21 @@ def test_a_damaged_shard_is_rewritten_identically(logmel):
     victim.write_bytes(original[: len(original) // 2])
     summary = run_preprocess(logmel.config, progress=False)
     assert summary["shards"]["written"] == 1 and summary["nothing_to_do"] is False
+    assert victim.read_bytes() == original
+
+
+def test_same_size_damage_is_found_only_when_resume_rehashes(logmel):
+    victim = logmel.output / "train-e00-000001.tar"
+    original = victim.read_bytes()
+    damaged = bytearray(original)
+    damaged[len(damaged) // 2] ^= 0xFF
+    victim.write_bytes(bytes(damaged))
+    trusting = run_preprocess(logmel.config, progress=False)  # size matches the record: not read again
+    assert trusting["shards"]["written"] == 0 and victim.read_bytes() == bytes(damaged)
+    rehashing = copy.deepcopy(logmel.config)
+    rehashing.data.shards.verify_checksums_on_resume = True
+    summary = run_preprocess(rehashing, progress=False)
+    assert summary["shards"]["written"] == 1
     assert victim.read_bytes() == original
 
 
