@@ -12,6 +12,7 @@ A registration has two halves, so that a failure of MLflow never loses a checkpo
    version of the registered model with tags (run_id, update, stage, encoder, dataset_fingerprint, source), move
    alias `candidate` to it (unless a newer checkpoint of the same run holds it), then replace the pending file by
    `registration.json` and delete the uploaded copy. Progress is saved after each step, so a retry continues.
+   One process at a time completes a folder (an flock on its `.claim` file); another one skips it meanwhile.
 
 `register_pending(run_dir)` retries whatever is still pending (the tracker at every checkpoint and at the end;
 `sslam register RUN_DIR`). `register_official(path, name)` registers an official EAT / SSLAM checkpoint the same way,
@@ -22,11 +23,13 @@ means the newest version.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import logging
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +50,7 @@ CODE_PATHS = (PROJECT_ROOT / "pipeline", PROJECT_ROOT / "model")
 REGISTRATIONS_DIR = "registrations"
 PENDING_FILE = "pending_registration.json"
 DONE_FILE = "registration.json"
+CLAIM_FILE = ".claim"  # flock()ed while one process completes the registration
 MODEL_DIR = "model"
 WEIGHTS_FILE = "encoder.safetensors"
 CONFIG_FILE = "model_config.json"
@@ -390,18 +394,45 @@ def _ensure_registered_model(client, name: str) -> None:
                 raise
 
 
+class RegistrationBusy(RuntimeError):
+    """Another process (a training run's tracker, `sslam register`) is completing this registration now."""
+
+
+@contextmanager
+def _claimed(folder: Path):
+    """Hold the folder's claim for the duration: one process at a time completes a registration."""
+    with open(folder / CLAIM_FILE, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RegistrationBusy(f"{folder} is being registered by another process") from None
+        yield  # closing the file releases the lock
+
+
+def _client_for(registration: Registration, client):
+    if client is not None:
+        return client
+    return mlflow_client(os.environ.get("MLFLOW_TRACKING_URI") or registration.tracking_uri or tracking_uri())
+
+
 def complete_registration(folder: str | Path, client=None, run_id: str | None = None):
     """Upload and register a staged folder (steps already done are skipped); returns the ModelVersion.
-    Raises on failure, with the progress saved in the pending file."""
+    Raises RegistrationBusy while another process completes it, and any other failure with the progress saved
+    in the pending file. A folder another process completed meanwhile returns its version."""
+    folder = Path(folder)
+    with _claimed(folder):
+        if not (folder / PENDING_FILE).is_file():
+            done = Registration.load(folder / DONE_FILE)
+            return _client_for(done, client).get_model_version(done.model_name, done.version)
+        return _complete_claimed(folder, client, run_id)
+
+
+def _complete_claimed(folder: Path, client, run_id: str | None):
     from mlflow.entities import LoggedModelOutput
     from mlflow.models import Model
 
-    folder = Path(folder)
     registration = Registration.load(folder / PENDING_FILE)
-    if client is None:
-        client = mlflow_client(
-            os.environ.get("MLFLOW_TRACKING_URI") or registration.tracking_uri or tracking_uri()
-        )
+    client = _client_for(registration, client)
     if registration.run_id is None and run_id is not None:
         registration.run_id = run_id
         registration.tags["run_id"] = run_id
@@ -479,6 +510,8 @@ def register_pending(
     for folder in pending_folders(run_dir):
         try:
             versions.append(complete_registration(folder, client=client, run_id=run_id))
+        except RegistrationBusy as busy:
+            log.info("%s; skipped here", busy)
         except Exception as error:  # noqa: BLE001 - reported, kept on disk, retried later
             log.warning(
                 "registration of %s failed (%s: %s); it stays pending and is retried at the next checkpoint, at "

@@ -199,16 +199,22 @@ def test_sigterm_writes_a_checkpoint_and_exits_zero(shards, tmp_path):
     assert len(read_jsonl(output / "samples_rank0.jsonl")) == 3 * updates
 
 
-def test_sslam_pretrain_ranks_launches_and_leaves_no_shared_memory(shards, tmp_path):
-    """`sslam pretrain --ranks 2` goes through the deepspeed launcher and removes the ranks' /dev/shm buffers."""
+def test_sslam_pretrain_ranks_in_bf16_keeps_the_position_table_and_leaves_no_shared_memory(shards, tmp_path):
+    """`sslam pretrain --ranks 2` goes through the deepspeed launcher and removes the ranks' /dev/shm buffers.
+    Under bf16 DeepSpeed casts parameters, not buffers: the exported student's fixed sin-cos table stays fp32 and
+    equal to the fp32 teacher's."""
     buffers = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
     output = tmp_path / "cli"
-    command = [str(BIN / "sslam"), "pretrain", "--ranks", "2", *pretrain_args(shards, output, "train.max_updates=2")[1:]]
-    result = run(command, tmp_path)
+    overrides = pretrain_args(shards, output, "train.max_updates=2", "train.precision=bf16")[1:]
+    result = run([str(BIN / "sslam"), "pretrain", "--ranks", "2", *overrides], tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     folder = checkpointing.checkpoint_root(output) / "update_00000002"
-    assert len(list(folder.glob("zero_pp_rank_*_optim_states.pt"))) == 2  # two ranks trained
+    assert len(list(folder.glob("*zero_pp_rank_*_optim_states.pt"))) == 2  # two ranks trained
     assert set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) == buffers
+    student = load_file(str(folder / "student.safetensors"))
+    teacher = load_file(str(folder / "teacher.safetensors"))
+    assert student["encoder.pos_embed"].dtype == torch.float32
+    assert torch.equal(student["encoder.pos_embed"], teacher["pos_embed"])
 
 
 def test_two_nodes_train_together_and_write_one_checkpoint(shards, tmp_path):

@@ -164,6 +164,26 @@ def test_candidate_alias_rules_and_reserved_latest(trained):
         registry.export_checkpoint(tag_dir, 8, trained.root / "bad", aliases=["latest"])
 
 
+def test_one_process_at_a_time_completes_a_registration(trained):
+    """A live run's tracker and `sslam register` retrying the same pending folder must not create two versions."""
+    import fcntl
+
+    tag_dir = trained.checkpoints / "update_00000008"
+    run_dir = trained.root / "claimed"
+    folder = registry.export_checkpoint(tag_dir, 8, run_dir, model_name="sslam-claim-test", aliases=[])
+    with open(folder / registry.CLAIM_FILE, "a") as other_process:  # its own open file description: a rival lock
+        fcntl.flock(other_process, fcntl.LOCK_EX)
+        with pytest.raises(registry.RegistrationBusy):
+            registry.complete_registration(folder)
+        assert registry.register_pending(run_dir) == []
+        assert registry.pending_folders(run_dir) == [folder]
+    [version] = registry.register_pending(run_dir)
+    assert registry.pending_folders(run_dir) == []
+    # A process that was waiting for the folder finds it done and gets the same version, not a new one.
+    assert registry.complete_registration(folder).version == version.version
+    assert len(mlflow_client().search_model_versions("name = 'sslam-claim-test'")) == 1
+
+
 def finetuned_checkpoint(config, num_classes: int, seed: int = 0) -> dict:
     """An official fine-tuned EAT file's layout (fairseq keys under `model.`, fp16, a head) from a random encoder."""
     torch.manual_seed(seed)
