@@ -1,8 +1,8 @@
 """The pre-training job through the real `deepspeed` launcher on CPU ranks (gloo, OMP_NUM_THREADS=1).
 
 Scenarios: ZeRO 1/2/3 x stages 1 and 2 train and agree; a SIGKILLed run resumes exactly; SIGTERM
-checkpoints and exits 0; `sslam pretrain --ranks 2` launches and cleans /dev/shm; two "nodes" (`--no_ssh
---node_rank`) train together; mismatched data is refused.
+checkpoints and exits 0; `sslam pretrain --ranks 2` launches in bf16 (fp32 position table) and cleans
+/dev/shm; two "nodes" (`--no_ssh --node_rank`) train together; mismatched data is refused.
 """
 
 from __future__ import annotations
