@@ -39,7 +39,7 @@ def free_port() -> int:
 
 def cpu_env(**extra: str) -> dict:
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1",
-               PYTHONPATH=str(REPO / "tests"))
+               PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]))
     env.update(extra)
     return env
 
