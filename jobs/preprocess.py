@@ -4,7 +4,8 @@ On a cluster: `ray job submit --working-dir . -- python -m jobs.preprocess --con
 for the job's driver; paths in the config must then be absolute or URLs). With neither RAY_ADDRESS nor
 `--address` it starts a new local Ray (`ray.init(address="local")`; `--address auto` attaches to one that
 `ray start` runs on this machine). Exit codes: 0 done (also when there was nothing to do),
-1 shards failed or the ledger does not hold, 2 config or input error.
+1 shards failed or the ledger does not hold, 2 config or input error (also: the output holds the shard set
+of another plan and `--overwrite` was not given), 3 another run holds the output's lock.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 import ray
 
 from jobs.config import Config, ConfigError, add_config_arguments, config_from_args, to_dict
+from pipeline.locking import OutputLockedError
 from pipeline.preprocess import (
     LedgerError,
     PreprocessConfigError,
@@ -31,7 +33,12 @@ from pipeline.preprocess import (
 logger = logging.getLogger("sslam.preprocess")
 
 
-def run_preprocess(config: Config, *, progress: bool = True, max_in_flight: int | None = None) -> dict:
+LOCKED_EXIT_CODE = 3
+
+
+def run_preprocess(
+    config: Config, *, progress: bool = True, max_in_flight: int | None = None, overwrite: bool = False
+) -> dict:
     """Preprocess `config.data` into shards on the connected Ray cluster (local ray.init() when none)."""
     return run_pipeline(
         config.data,
@@ -39,6 +46,7 @@ def run_preprocess(config: Config, *, progress: bool = True, max_in_flight: int 
         to_dict(config),
         progress=progress,
         max_in_flight=max_in_flight,
+        overwrite=overwrite,
     )
 
 
@@ -51,6 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (ignored with an address)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--summary-json", default=None, metavar="PATH", help="also write the summary as JSON here")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="remove the shard set the output holds (any plan) and build this one"
+    )
 
 
 def _connect(args: argparse.Namespace) -> bool:
@@ -76,7 +87,10 @@ def run_from_args(args: argparse.Namespace) -> int:
         return 2
     started_ray = _connect(args)
     try:
-        summary = run_preprocess(config, progress=not args.no_progress)
+        summary = run_preprocess(config, progress=not args.no_progress, overwrite=args.overwrite)
+    except OutputLockedError as error:
+        print(f"preprocess: {error}", file=sys.stderr)
+        return LOCKED_EXIT_CODE
     except PreprocessConfigError as error:
         print(f"preprocess: config error: {error}", file=sys.stderr)
         return 2

@@ -72,6 +72,9 @@ class ShardConfig:
     # Resume trusts a local shard whose size matches its record (publishing is an atomic rename); true re-hashes
     # every local shard against its recorded sha256 first, i.e. reads the whole output once.
     verify_checksums_on_resume: bool = False
+    # Resume redoes a shard when a source file's size or mtime differs from its record; true also records and
+    # compares each source file's sha256, i.e. reads every audio file again on resume.
+    hash_sources_on_resume: bool = False
 
 
 @dataclass

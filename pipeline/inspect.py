@@ -1,10 +1,12 @@
 """Look at a preprocessed shard set (`sslam inspect SHARDS`): a text summary and a PNG of a few mixture groups.
 
 `summarize` reads `dataset.json`, `index.parquet` and `quarantine.parquet` (and checks that the listed shards
-exist); `render_groups` draws the clips and mixtures of the first groups of the first mix split, with each
-mixture's no-mix windows outlined (where only the primary is present). Mixtures that were not materialised are
-formed here exactly as the loader forms them (log-mel max). Rendering uses matplotlib's Agg canvas directly,
-without touching the global backend.
+exist), and flags every listed shard that another plan wrote: index rows, or a resume record (`_records/`),
+with another fingerprint than dataset.json, or a record whose sha256 is not the checksum dataset.json lists
+(the shard was rewritten after dataset.json). `render_groups` draws the clips and mixtures of the first groups
+of the first mix split, with each mixture's no-mix windows outlined (where only the primary is present).
+Mixtures that were not materialised are formed here exactly as the loader forms them (log-mel max). Rendering
+uses matplotlib's Agg canvas directly, without touching the global backend.
 
 A damaged or missing shard, or a sample that does not decode, is skipped with a warning (and counted in the
 preview's title), so the preview comes from the next good samples. Errors: those of `pipeline.loader.read_dataset_info`
@@ -14,9 +16,11 @@ ValueError) when no sample of the previewed shards decodes (it names those shard
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,13 +30,16 @@ import torch
 
 from pipeline import mixing, shards
 from pipeline.loader import read_dataset_info
-from pipeline.preprocess import INDEX_TABLE, MANIFEST_STAGE, QUARANTINE_TABLE
+from pipeline.preprocess import FINGERPRINT_RECORD, INDEX_TABLE, MANIFEST_STAGE, QUARANTINE_TABLE, RECORDS_DIR
 
 logger = logging.getLogger(__name__)
 
 WINDOW_COLOUR = "#00e5ff"
 # How many shards or skipped samples an InspectError names.
 PROBLEMS_SHOWN = 5
+# How many mismatching shards the summary lists.
+MISMATCHES_SHOWN = 10
+RECORD_READERS = 16
 
 
 class InspectError(ValueError):
@@ -76,6 +83,7 @@ def summarize(shards_dir: str) -> str:
     lines.append(f"shards         {len(listed)} listed, {info.get('bytes', 0) / 2**20:.1f} MiB, {len(missing)} missing")
     if missing:
         lines.append(f"  missing: {', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}")
+    lines += _fingerprint_lines(location, info, index, listed)
     for split, entry in info["splits"].items():
         per_epoch = entry["shards_per_epoch"]
         samples = entry.get("samples_per_epoch", {})
@@ -100,6 +108,68 @@ def summarize(shards_dir: str) -> str:
             example = group[0]
             lines.append(f"  {stage:<9} {reason:<20} {count:>5}  e.g. {example['key']}: {example['detail']}")
     return "\n".join(lines)
+
+
+def _read_json(location: shards.Location, name: str) -> dict | None:
+    try:
+        value = json.loads(shards.read_file(location, name))
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def fingerprint_mismatches(location: shards.Location, info: dict, index: pa.Table | None, listed: list[str]) -> dict:
+    """{shard: why} of every listed shard that another plan than dataset.json's wrote, as far as can be told."""
+    expected = info.get("fingerprint")
+    found: dict[str, list[str]] = {}
+    if index is not None and "fingerprint" in index.column_names:
+        per_shard: dict[str, set] = {}
+        for name, fingerprint in zip(index.column("shard").to_pylist(), index.column("fingerprint").to_pylist()):
+            per_shard.setdefault(name, set()).add(fingerprint)
+        for name in listed:
+            other = sorted(str(f)[:12] for f in per_shard.get(name, set()) - {expected})
+            if other:
+                found.setdefault(name, []).append(f"index rows of fingerprint {', '.join(other)}")
+    records = shards.Location(location.join(RECORDS_DIR), location.filesystem)
+    with ThreadPoolExecutor(max_workers=RECORD_READERS) as pool:
+        read = dict(zip(listed, pool.map(lambda name: _read_json(records, f"{name}.json"), listed)))
+    checksums = info.get("checksums", {})
+    for name, record in read.items():
+        if record is None:
+            continue
+        if record.get("fingerprint") != expected:
+            found.setdefault(name, []).append(f"record of fingerprint {str(record.get('fingerprint'))[:12]}")
+        elif name in checksums and record.get("sha256") != checksums[name]:
+            found.setdefault(name, []).append("rewritten after dataset.json (record sha256 is not its checksum)")
+    return {name: "; ".join(reasons) for name, reasons in found.items()}
+
+
+def _fingerprint_lines(location: shards.Location, info: dict, index: pa.Table | None, listed: list[str]) -> list[str]:
+    expected = str(info.get("fingerprint"))
+    lines = []
+    held = _read_json(location, FINGERPRINT_RECORD)
+    if held is not None and held.get("fingerprint") != info.get("fingerprint"):
+        lines.append(
+            f"MISMATCH       {FINGERPRINT_RECORD} holds fingerprint {str(held.get('fingerprint'))[:12]}, dataset.json "
+            f"{expected[:12]}: a run of another plan started here after this set was finished"
+        )
+    mismatched = fingerprint_mismatches(location, info, index, listed)
+    if mismatched:
+        lines.append(
+            f"MISMATCH       {len(mismatched)} of {len(listed)} shards were written by another plan than dataset.json "
+            f"({expected[:12]}); the loader refuses those with foreign index rows. Rebuild: "
+            "sslam preprocess --overwrite"
+        )
+        lines += [f"  {name}: {why}" for name, why in sorted(mismatched.items())[:MISMATCHES_SHOWN]]
+        if len(mismatched) > MISMATCHES_SHOWN:
+            lines.append(f"  ... and {len(mismatched) - MISMATCHES_SHOWN} more")
+    elif index is not None and "fingerprint" in index.column_names and index.column("fingerprint").null_count == 0:
+        lines.append(
+            f"fingerprints   index rows and records of the {len(listed)} listed shards agree with dataset.json"
+        )
+    else:
+        lines.append("fingerprints   index.parquet carries none (an older or hand-made set): shards not checked")
+    return lines
 
 
 def _by_stage_reason(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:

@@ -134,12 +134,20 @@ def count_shard_samples(url: str) -> int:
     return count
 
 
+class MixedShardSetError(ValueError):
+    """Shards of a set were written by another plan than the one its dataset.json describes."""
+
+
 class ShardSource:
     """A shard set: its `dataset.json`, the shard URLs of a split and epoch, and their sample counts.
 
     `location` is a local folder or URL prefix holding `dataset.json`, `index.parquet` and the shards, or a
     glob / brace pattern of shard names in such a folder (it restricts which shards are used), or the path
     of `dataset.json` itself.
+
+    `sample_counts` refuses (MixedShardSetError) a shard whose index rows carry another fingerprint than
+    dataset.json, and, in an index that carries fingerprints, a shard it does not list that holds samples.
+    An index without fingerprints (sets written before they existed, hand-made sets) is not checked.
     """
 
     def __init__(self, location: str):
@@ -148,6 +156,7 @@ class ShardSource:
         self._resolved = locate(self.root)
         self.info = read_dataset_info(self.location)
         self._counts: dict[str, int] | None = None
+        self._fingerprints: dict[str, set] = {}
         for key in ("target_length", "mel_bins", "patch_size"):
             if not isinstance(self.info.get(key), int) or self.info[key] < 1:
                 raise ValueError(f"{self.root}/{DATASET_INFO}: {key!r} must be a positive integer")
@@ -207,15 +216,41 @@ class ShardSource:
                 len(missing), self.root, INDEX_TABLE,
             )
             self._counts.update({name: count_shard_samples(self.url(name)) for name in missing})
+        self._check_fingerprints(names, missing)
         return [self._counts[name] for name in names]
 
     def _index_counts(self) -> dict[str, int]:
         if not file_exists(self._resolved, INDEX_TABLE):
             return {}
-        table = pq.read_table(
-            self._resolved.join(INDEX_TABLE), columns=["shard"], filesystem=self._resolved.filesystem
-        )
-        return dict(Counter(table.column("shard").to_pylist()))
+        path, filesystem = self._resolved.join(INDEX_TABLE), self._resolved.filesystem
+        fingerprinted = "fingerprint" in pq.read_schema(path, filesystem=filesystem).names
+        columns = ["shard", "fingerprint"] if fingerprinted else ["shard"]
+        table = pq.read_table(path, columns=columns, filesystem=filesystem)
+        shard_column = table.column("shard").to_pylist()
+        if fingerprinted:
+            for name, fingerprint in zip(shard_column, table.column("fingerprint").to_pylist()):
+                self._fingerprints.setdefault(name, set()).add(fingerprint)
+            if all(found == {None} for found in self._fingerprints.values()):
+                self._fingerprints = {}
+        return dict(Counter(shard_column))
+
+    def _check_fingerprints(self, names: Sequence[str], unindexed: Sequence[str]) -> None:
+        if not self._fingerprints:
+            return
+        expected = self.info.get("fingerprint")
+        foreign = {
+            name: "index rows of fingerprint " + ", ".join(sorted(str(f)[:12] for f in self._fingerprints[name]))
+            for name in names
+            if self._fingerprints.get(name, {expected}) != {expected}
+        }
+        foreign.update({name: "not in the index but holds samples" for name in unindexed if self._counts.get(name)})
+        if foreign:
+            shown = "; ".join(f"{name}: {why}" for name, why in sorted(foreign.items())[:5])
+            raise MixedShardSetError(
+                f"{self.root}: {len(foreign)} shards were not written by the plan of {DATASET_INFO} (fingerprint "
+                f"{str(expected)[:12]}): {shown}{'; ...' if len(foreign) > 5 else ''}. The set mixes runs: rebuild "
+                "it (sslam preprocess --overwrite)"
+            )
 
     def _pattern_names(self) -> set[str]:
         assert self.pattern is not None

@@ -226,6 +226,21 @@ def plan_fingerprint(plan: pa.Table) -> str:
     return digest.hexdigest()
 
 
+def manifest_digest(manifest: pa.Table) -> str:
+    """sha256 (hex) of what of a manifest enters the plan: (split, key, mix, label_indices) rows in sorted order.
+
+    Paths are left out, as in `plan_fingerprint`; so are the probed durations and sample rates.
+    """
+    _check_manifest(manifest)
+    rows = sorted(
+        zip(*(manifest.column(name).to_pylist() for name in ("split", "key", "mix", "label_indices")))
+    )
+    digest = hashlib.sha256()
+    for split, key, mix, labels in rows:
+        digest.update(json.dumps([split, key, bool(mix), [int(v) for v in labels]]).encode("utf-8") + b"\n")
+    return digest.hexdigest()
+
+
 def shard_tasks(plan: pa.Table) -> list[tuple[str, pa.Table]]:
     """One (shard name, plan rows of that shard) per output shard, in plan order (zero-copy slices)."""
     if plan.num_rows == 0:

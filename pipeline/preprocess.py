@@ -16,11 +16,24 @@ shard (recorded as `filler` in the sample json and the index); a group without a
 Per-clip errors never fail a task. Torch runs single-threaded inside a task, so a shard's bytes do not depend
 on the worker's thread count.
 
+One run per output: the driver holds `pipeline.locking.OutputLock` on the output for its whole run (flock on
+a POSIX path, a renewed lease object on object storage); a second run is refused (OutputLockedError) naming
+the holder's host, pid and start time, before it plans or writes anything.
+
+One plan per output: before the first shard the driver publishes `fingerprint.json`, the dataset fingerprint
+and its inputs (manifest digest and clip counts, seed, layout, front-end, mixing, plan digest). A run whose
+fingerprint differs from the one the output holds (fingerprint.json, else an older dataset.json) is refused
+(FingerprintMismatchError, exit 2) naming the inputs that differ, unless `overwrite` is set: then every file
+of the old set is removed first (dataset.json first, fingerprint.json last; files that are not the shard
+set's stay). Every index row carries the fingerprint of the run that wrote its shard.
+
 Resume: after publishing a shard the task writes `_records/{shard}.json` (dataset fingerprint, size, sha256, index
-and quarantine rows, stats). A later run skips a shard whose record has the same fingerprint and which is
-published: locally with the recorded size (its bytes re-hashed against the sha256 only with
-`data.shards.verify_checksums_on_resume`, since that reads the whole output), remotely with a done-marker
-holding the sha256. A finished job re-run does nothing and says so.
+and quarantine rows, stats, and [size, mtime_ns] of every source file it read, stat'ed before decoding, plus
+the file's sha256 with `data.shards.hash_sources_on_resume`). A later run skips a shard whose record has the
+same fingerprint, whose source files are unchanged and which is published: locally with the recorded size (its
+bytes re-hashed against the sha256 only with `data.shards.verify_checksums_on_resume`, since that reads the whole
+output), remotely with a done-marker holding the sha256. A shard with a changed source file is built again,
+and the index, quarantine and ledger are rebuilt from all records. A finished job re-run does nothing and says so.
 
 Output location: a local path (refused when the Ray cluster has more than one node: every node would write
 to its own disk), a `file://` URL (a POSIX mount that the operator asserts every node shares; published by
@@ -38,6 +51,7 @@ import signal
 import time
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import groupby
 from typing import Any
@@ -50,6 +64,7 @@ from tqdm import tqdm
 
 from pipeline import audio, mixing, plan, shards
 from pipeline.config import AudioConfig, DataConfig, MixingConfig
+from pipeline.locking import OutputLock
 from pipeline.manifest import QUARANTINE_SCHEMA as MANIFEST_QUARANTINE_SCHEMA
 from pipeline.manifest import ManifestError, build_manifest, manifest_classes
 
@@ -61,7 +76,11 @@ PLAN_TABLE = "plan.parquet"
 INDEX_TABLE = "index.parquet"
 QUARANTINE_TABLE = "quarantine.parquet"
 DATASET_INFO = "dataset.json"
+FINGERPRINT_RECORD = "fingerprint.json"
 RECORDS_DIR = "_records"
+# Records of format 1 lack the source files' states: their shards are built again.
+RECORD_FORMAT = 2
+SOURCE_STAT_WORKERS = 16
 MANIFEST_STAGE = "manifest"
 DECODE_STAGE = "decode"
 FEATURES_STAGE = "features"
@@ -86,6 +105,18 @@ class PreprocessConfigError(ValueError):
     """A configuration or input that the job refuses before running anything."""
 
 
+class FingerprintMismatchError(PreprocessConfigError):
+    """The output holds a shard set of another plan; `differences` names each input that differs."""
+
+    def __init__(self, output: str, held: str, planned: str, differences: list[str]):
+        self.differences = differences
+        super().__init__(
+            f"{output} holds the shard set of another plan (fingerprint {held[:12]}, this run's {planned[:12]}); "
+            f"differing: {'; '.join(differences)}. Write to another data.shards.output, or run with --overwrite "
+            "to remove the old set and build this one"
+        )
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Fingerprints and checks
 
@@ -106,6 +137,39 @@ def dataset_fingerprint(
         "mixing": dataclasses.asdict(mixing_cfg),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def _flat(prefix: str, values: dict) -> dict[str, Any]:
+    return {f"{prefix}.{name}": value for name, value in sorted(values.items())}
+
+
+def fingerprint_inputs(data: DataConfig, patch_size: int, manifest: pa.Table, plan_table: pa.Table) -> dict[str, Any]:
+    """What decides the dataset fingerprint, flat and named like the config keys (fingerprint.json, dataset.json)."""
+    clips = Counter(manifest.column("split").to_pylist())
+    return {
+        "format": FORMAT_VERSION,
+        "manifest.sha256": plan.manifest_digest(manifest),
+        **{f"manifest.clips.{split}": count for split, count in sorted(clips.items())},
+        "data.shards.seed": data.shards.seed,
+        "data.shards.groups_per_shard": data.shards.groups_per_shard,
+        "data.shards.clips_per_eval_shard": data.shards.clips_per_eval_shard,
+        "model.patch_size": patch_size,
+        **_flat("data.audio", dataclasses.asdict(data.audio)),
+        **_flat("data.mixing", dataclasses.asdict(data.mixing)),
+        "plan.sha256": plan.plan_fingerprint(plan_table),
+    }
+
+
+def fingerprint_differences(held: dict[str, Any] | None, planned: dict[str, Any]) -> list[str]:
+    """`name: value in the output != value now` for every input that differs (held None: none recorded)."""
+    if held is None:
+        return ["the output records no fingerprint inputs (written by an earlier version of the job)"]
+    differences = []
+    for name in sorted(set(held) | set(planned)):
+        if held.get(name) != planned.get(name):
+            before, now = held.get(name, "absent"), planned.get(name, "absent")
+            differences.append(f"{name}: {before!r} in the output != {now!r} now")
+    return differences or ["none of the recorded inputs (the planning code differs)"]
 
 
 def check_config(data: DataConfig, patch_size: int) -> None:
@@ -173,6 +237,7 @@ class ShardJob:
     nomix_rows: int
     seed: int
     fingerprint: str
+    hash_sources: bool = False
 
 
 @dataclass
@@ -389,10 +454,33 @@ def record_name(shard: str) -> str:
     return f"{shard}.json"
 
 
+def source_state(path: str, with_hash: bool) -> list | None:
+    """[size, mtime_ns] of a source file (+ its sha256 hex with `with_hash`); None when it cannot be read."""
+    try:
+        info = os.stat(path)
+        state: list = [info.st_size, info.st_mtime_ns]
+        if with_hash:
+            digest = hashlib.sha256()
+            with open(path, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+            state.append(digest.hexdigest())
+    except OSError:
+        return None
+    return state
+
+
+def _shard_sources(job: ShardJob) -> dict[str, list | None]:
+    """{clip key: source_state} of every clip the shard reads, taken before decoding (a later change then shows)."""
+    paths = {row["key"]: row["path"] for row in job.rows}
+    return {key: source_state(path, job.hash_sources) for key, path in sorted(paths.items())}
+
+
 def process_shard(job: ShardJob) -> dict:
     """Build, publish and record one shard; returns its record (index rows, quarantine rows, stats), no arrays."""
     started = time.perf_counter()
     _inject_test_faults(job.name)
+    sources = _shard_sources(job)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -403,15 +491,16 @@ def process_shard(job: ShardJob) -> dict:
     stats["samples"] = len(samples)
     stats["seconds"] = time.perf_counter() - started
     record = {
-        "format": FORMAT_VERSION,
+        "format": RECORD_FORMAT,
         "shard": job.name,
         "fingerprint": job.fingerprint,
         "bytes": size,
         "sha256": digest,
-        "index": shards.index_rows(job.name, samples),
+        "index": shards.index_rows(job.name, samples, job.fingerprint),
         "quarantine": quarantine,
         "feature_moments": moments,
         "stats": dict(stats),
+        "sources": sources,
     }
     payload = json.dumps(record, sort_keys=True).encode("utf-8")
     shards.publish_bytes(payload, records_directory(job.output), record_name(job.name), done_marker=False)
@@ -447,7 +536,8 @@ def _compact(record: dict) -> dict:
 
 def finished_record(location: shards.Location, name: str, fingerprint: str, rehash: bool = False) -> dict | None:
     """The record of a shard a previous run finished with this fingerprint, or None. A local shard must have the
-    recorded size (and, with `rehash`, the recorded sha256); a remote one a done-marker holding the sha256."""
+    recorded size (and, with `rehash`, the recorded sha256); a remote one a done-marker holding the sha256.
+    The source files are compared separately (`changed_sources`)."""
     raw = _read_optional(location, f"{RECORDS_DIR}/{record_name(name)}")
     if raw is None:
         return None
@@ -455,7 +545,7 @@ def finished_record(location: shards.Location, name: str, fingerprint: str, reha
         record = json.loads(raw)
     except json.JSONDecodeError:
         return None
-    if record.get("fingerprint") != fingerprint or record.get("shard") != name:
+    if record.get("format") != RECORD_FORMAT or record.get("fingerprint") != fingerprint or record.get("shard") != name:
         return None
     local = location.filesystem is None
     checksum = record.get("sha256") if rehash or not local else None
@@ -463,6 +553,18 @@ def finished_record(location: shards.Location, name: str, fingerprint: str, reha
                                size=record.get("bytes", -1) if local else None):
         return None
     return record
+
+
+def changed_sources(recorded: dict, current: dict[str, list | None], with_hash: bool) -> list[str]:
+    """Keys whose recorded source state differs from `current` (size and mtime; the sha256 too with `with_hash`,
+    when a recorded state without one counts as changed). A file that cannot be read now has changed."""
+    compared = 3 if with_hash else 2
+    changed = []
+    for key, state in current.items():
+        before = recorded.get(key)
+        if state is None or before is None or len(before) < compared or before[:compared] != state[:compared]:
+            changed.append(key)
+    return changed
 
 
 def _sub_location(output: str, location: shards.Location) -> str:
@@ -553,6 +655,7 @@ def _dataset_info(
     manifest: pa.Table,
     plan_table: pa.Table,
     fingerprint: str,
+    inputs: dict[str, Any],
     rows: int,
     names: list[str],
     records: dict[str, dict],
@@ -589,6 +692,7 @@ def _dataset_info(
         "format": FORMAT_VERSION,
         "name": resolved_config.get("name", ""),
         "fingerprint": fingerprint,
+        "fingerprint_inputs": inputs,
         "plan_fingerprint": plan.plan_fingerprint(plan_table),
         "sample_rate": data.audio.sample_rate,
         "mel_bins": data.audio.mel_bins,
@@ -717,6 +821,7 @@ class _Plan:
     manifest_quarantine: pa.Table
     table: pa.Table
     fingerprint: str  # of the dataset: plan + features + mixing
+    inputs: dict[str, Any]  # what decides the fingerprint (fingerprint_inputs)
     slices: list[tuple[str, pa.Table]]  # (shard name, its plan rows), plan order
     rows: int  # r
 
@@ -735,8 +840,93 @@ def _make_plan(data: DataConfig, patch_size: int) -> _Plan:
     if table.num_rows == 0:
         raise PreprocessConfigError("the manifest holds no clips: nothing to preprocess")
     fingerprint = dataset_fingerprint(plan.plan_fingerprint(table), data.audio, data.mixing, patch_size)
+    inputs = fingerprint_inputs(data, patch_size, manifest, table)
     rows = mixing.nomix_rows(time_patches, data.mixing.nomix_rows)
-    return _Plan(manifest, manifest_quarantine, table, fingerprint, plan.shard_tasks(table), rows)
+    return _Plan(manifest, manifest_quarantine, table, fingerprint, inputs, plan.shard_tasks(table), rows)
+
+
+def held_fingerprint(location: shards.Location) -> tuple[str, dict | None] | None:
+    """(fingerprint, its inputs or None) of the set an output holds: fingerprint.json, else an older dataset.json."""
+    for name in (FINGERPRINT_RECORD, DATASET_INFO):
+        raw = _read_optional(location, name)
+        if raw is None:
+            continue
+        try:
+            held = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise PreprocessConfigError(
+                f"{location.join(name)} is not JSON: remove it, or run with --overwrite"
+            ) from None
+        if isinstance(held, dict) and isinstance(held.get("fingerprint"), str):
+            inputs = held.get("inputs", held.get("fingerprint_inputs"))
+            return held["fingerprint"], inputs if isinstance(inputs, dict) else None
+    return None
+
+
+def _is_set_file(name: str) -> bool:
+    """A shard, its done-marker, or a temporary of an interrupted publication."""
+    shard = name[: -len(shards.DONE_SUFFIX)] if name.endswith(shards.DONE_SUFFIX) else name
+    return bool(plan.SHARD_NAME.fullmatch(shard) or shards.TEMPORARY.fullmatch(name))
+
+
+def remove_shard_set(location: shards.Location) -> int:
+    """Remove every file of the shard set in `location`; returns how many. dataset.json goes first (no reader
+    takes a half-removed set for a set), fingerprint.json last (an interrupted removal is still refused
+    without --overwrite). Other files, and the lock, stay."""
+    records = shards.Location(location.join(RECORDS_DIR), location.filesystem)
+    present = set(shards.list_files(location))
+    doomed = [name for name in (DATASET_INFO, INDEX_TABLE, QUARANTINE_TABLE) if name in present]
+    doomed += sorted(name for name in present if _is_set_file(name))
+    removed = 0
+    for name in doomed:
+        shards.remove_file(location, name)
+        removed += 1
+    for name in shards.list_files(records):
+        if name.endswith(".json") or shards.TEMPORARY.fullmatch(name):
+            shards.remove_file(records, name)
+            removed += 1
+    for name in (MANIFEST_TABLE, PLAN_TABLE, FINGERPRINT_RECORD):
+        if name in present:
+            shards.remove_file(location, name)
+            removed += 1
+    return removed
+
+
+def _claim_output(location: shards.Location, output: str, planned: _Plan, overwrite: bool) -> None:
+    """Refuse an output that holds another plan's set (or remove it, with `overwrite`); then record this plan."""
+    held = held_fingerprint(location)
+    if overwrite:
+        removed = remove_shard_set(location)
+        logger.warning("--overwrite: removed the %d files of the shard set in %s", removed, output)
+        held = None
+    elif held is not None and held[0] != planned.fingerprint:
+        differences = fingerprint_differences(held[1], planned.inputs)
+        raise FingerprintMismatchError(output, held[0], planned.fingerprint, differences)
+    if held is None or _read_optional(location, FINGERPRINT_RECORD) is None:
+        payload = json.dumps({"fingerprint": planned.fingerprint, "inputs": planned.inputs}, indent=2, sort_keys=True)
+        directory, filesystem = location.directory, location.filesystem
+        shards.publish_bytes(payload.encode("utf-8"), directory, FINGERPRINT_RECORD, False, filesystem)
+
+
+def _unchanged_records(planned: _Plan, records: dict[str, dict], with_hash: bool) -> dict[str, dict]:
+    """The records whose source files are as they recorded them (the others' shards are built again)."""
+    paths: dict[str, dict[str, str]] = {}
+    for name, piece in planned.slices:
+        if name in records:
+            paths[name] = dict(zip(piece.column("key").to_pylist(), piece.column("path").to_pylist()))
+    distinct = sorted({path for keyed in paths.values() for path in keyed.values()})
+    with ThreadPoolExecutor(max_workers=SOURCE_STAT_WORKERS) as pool:
+        states = dict(zip(distinct, pool.map(lambda path: source_state(path, with_hash), distinct)))
+    kept = {}
+    for name, record in records.items():
+        current = {key: states[path] for key, path in paths[name].items()}
+        changed = changed_sources(record.get("sources") or {}, current, with_hash)
+        if changed:
+            logger.info("%s: %d source files changed since it was written (e.g. %s): building it again",
+                        name, len(changed), changed[0])
+        else:
+            kept[name] = record
+    return kept
 
 
 def _is_up_to_date(location: shards.Location, fingerprint: str) -> bool:
@@ -767,6 +957,7 @@ def _shard_jobs(
             nomix_rows=planned.rows,
             seed=data.shards.seed,
             fingerprint=planned.fingerprint,
+            hash_sources=data.shards.hash_sources_on_resume,
         )
         for name, piece in pending
     )
@@ -794,22 +985,39 @@ def run_pipeline(
     *,
     progress: bool = True,
     max_in_flight: int | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Run the whole preprocessing job on the connected Ray cluster; returns the summary.
 
     Without a connection it connects to RAY_ADDRESS, else starts a new local Ray. Raises
-    PreprocessConfigError (bad config or input, nothing run), PreprocessError (shards failed after retries;
-    the published ones are kept for a re-run) or LedgerError (the written output does not account for every
-    clip; dataset.json is then not written).
+    OutputLockedError (another run holds the output; nothing touched), PreprocessConfigError (bad config or
+    input, nothing run; FingerprintMismatchError: the output holds another plan's set and `overwrite` is
+    false), PreprocessError (shards failed after retries; the published ones are kept for a re-run) or
+    LedgerError (the written output does not account for every clip; dataset.json is then not written).
     """
-    started = time.perf_counter()
     check_config(data, patch_size)
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local")
+    check_output_location(data.shards.output)
+    location = shards.locate(data.shards.output)
+    with OutputLock(location) as lock:
+        return _run_locked(data, patch_size, resolved_config, location, lock, progress, max_in_flight, overwrite)
+
+
+def _run_locked(
+    data: DataConfig,
+    patch_size: int,
+    resolved_config: dict | None,
+    location: shards.Location,
+    lock: OutputLock,
+    progress: bool,
+    max_in_flight: int | None,
+    overwrite: bool,
+) -> dict:
+    started = time.perf_counter()
     output = data.shards.output
-    check_output_location(output)
-    location = shards.locate(output)
     planned = _make_plan(data, patch_size)
+    _claim_output(location, output, planned, overwrite)
     names = planned.names
     logger.info(
         "plan: %d clips, %d shards, fingerprint %s, output %s",
@@ -818,7 +1026,9 @@ def run_pipeline(
 
     rehash = data.shards.verify_checksums_on_resume
     records = {name: finished_record(location, name, planned.fingerprint, rehash) for name in names}
-    records = {name: _compact(record) for name, record in records.items() if record is not None}
+    records = {name: record for name, record in records.items() if record is not None}
+    records = {name: _compact(record) for name, record in _unchanged_records(
+        planned, records, data.shards.hash_sources_on_resume).items()}
     pending = [(name, piece) for name, piece in planned.slices if name not in records]
     up_to_date = not pending and _is_up_to_date(location, planned.fingerprint)
     cpus = float(ray.cluster_resources().get("CPU", 1.0))
@@ -834,6 +1044,9 @@ def run_pipeline(
             logger.info(
                 "resuming: %d of %d shards are already published, %d to go", len(records), len(names), len(pending)
             )
+        if _read_optional(location, DATASET_INFO) is not None:
+            # A reader sees a whole set or none: never the old dataset.json over shards being rewritten.
+            shards.remove_file(location, DATASET_INFO)
         shards.write_table(planned.manifest, location.directory, MANIFEST_TABLE, location.filesystem)
         shards.write_table(planned.table, location.directory, PLAN_TABLE, location.filesystem)
         shards.remove_stale_temporaries(location.directory, location.filesystem)
@@ -858,6 +1071,7 @@ def run_pipeline(
     written_quarantine = shards.read_table(location.directory, QUARANTINE_TABLE, location.filesystem)
     ledger = check_ledger(planned.manifest, written_index, written_quarantine, data.mixing.mixture_epochs)
     if not up_to_date:
+        lock.check()
         info = _dataset_info(
             data=data,
             patch_size=patch_size,
@@ -865,6 +1079,7 @@ def run_pipeline(
             manifest=planned.manifest,
             plan_table=planned.table,
             fingerprint=planned.fingerprint,
+            inputs=planned.inputs,
             rows=planned.rows,
             names=names,
             records=records,

@@ -74,6 +74,8 @@ INDEX_SCHEMA = pa.schema(
         pa.field("labels", pa.list_(pa.list_(pa.int32())), nullable=False),
         pa.field("filler", pa.list_(pa.bool_()), nullable=False),
         pa.field("bytes", pa.int64(), nullable=False),
+        # The dataset fingerprint of the run that wrote the shard (null in sets written without one).
+        pa.field("fingerprint", pa.string()),
     ]
 )
 
@@ -551,6 +553,26 @@ def is_published(
         return stream.read().decode("ascii", errors="replace").strip() == sha256
 
 
+def list_files(location: Location) -> list[str]:
+    """Base names of the files directly in a location (none when it does not exist)."""
+    if location.filesystem is None:
+        if not os.path.isdir(location.directory):
+            return []
+        return sorted(name for name in os.listdir(location.directory) if os.path.isfile(location.join(name)))
+    selector = pafs.FileSelector(location.directory, allow_not_found=True)
+    return sorted(info.base_name for info in location.filesystem.get_file_info(selector) if info.is_file)
+
+
+def remove_file(location: Location, name: str) -> None:
+    """Delete one file of a location (a missing one is fine)."""
+    if location.filesystem is None:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(location.join(name))
+        return
+    with contextlib.suppress(FileNotFoundError):
+        location.filesystem.delete_file(location.join(name))
+
+
 def remove_stale_temporaries(
     directory: str | os.PathLike, filesystem: pafs.FileSystem | None = None
 ) -> list[str]:
@@ -580,8 +602,10 @@ def remove_stale_temporaries(
 # Index and tables
 
 
-def index_rows(shard: str, samples: Sequence[tuple[str, Mapping[str, bytes]]]) -> list[dict[str, Any]]:
-    """index.parquet rows (INDEX_SCHEMA) of one shard's encoded samples."""
+def index_rows(
+    shard: str, samples: Sequence[tuple[str, Mapping[str, bytes]]], fingerprint: str | None = None
+) -> list[dict[str, Any]]:
+    """index.parquet rows (INDEX_SCHEMA) of one shard's encoded samples, each carrying `fingerprint`."""
     split, epoch, _ = parse_shard_name(shard)
     rows = []
     for key, members in samples:
@@ -596,6 +620,7 @@ def index_rows(shard: str, samples: Sequence[tuple[str, Mapping[str, bytes]]]) -
                 "labels": meta["labels"],
                 "filler": meta.get("filler", [False] * len(meta["clips"])),
                 "bytes": sum(len(data) for data in members.values()),
+                "fingerprint": fingerprint,
             }
         )
     return rows

@@ -12,25 +12,42 @@ import glob
 import hashlib
 import json
 import os
+import shutil
+import socket
+import threading
 import uuid
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import ray
+import soundfile
 import torch
 import yaml
 
 from jobs.config import load_config
 from jobs.preprocess import main, run_preprocess
 from pipeline import audio, shards
-from pipeline.config import AudioConfig, MixingConfig, SynthConfig
+from pipeline.config import AudioConfig, LoaderConfig, MixingConfig, SynthConfig
 from pipeline.inspect import listed_shards, render_groups, summarize
+from pipeline.loader import EvalLoader, MixedShardSetError, ShardSource, TrainLoader
+from pipeline.locking import LOCK_NAME, OutputLock, OutputLockedError
 from pipeline.mixing import nomix_rows
-from pipeline.preprocess import LedgerError, ShardJob, check_ledger, finished_record, process_shard
+from pipeline.plan import shard_name
+from pipeline.preprocess import (
+    LedgerError,
+    ShardJob,
+    changed_sources,
+    check_ledger,
+    finished_record,
+    process_shard,
+    source_state,
+)
 from pipeline.synth import make_sample_dataset
 
 T, F, PATCH, G, EPOCHS = 128, 32, 16, 3, 2
@@ -260,12 +277,18 @@ def test_ledger_dataset_json_and_checksums(logmel):
         check_ledger(manifest, dropped, quarantine, EPOCHS)
 
 
+def _stamps(output: Path) -> dict[str, int]:
+    """mtime of every file of a shard set (records included), but the lock, which records each run's holder."""
+    paths = glob.glob(str(output / "*")) + glob.glob(str(output / "_records" / "*"))
+    return {p: os.stat(p).st_mtime_ns for p in paths if os.path.basename(p) != LOCK_NAME}
+
+
 def test_rerun_of_a_finished_job_does_nothing(logmel):
-    stamps = {p: os.stat(p).st_mtime_ns for p in glob.glob(str(logmel.output / "*"))}
+    stamps = _stamps(logmel.output)
     summary = run_preprocess(logmel.config, progress=False)
     assert summary["nothing_to_do"] is True
     assert summary["shards"]["written"] == 0
-    assert {p: os.stat(p).st_mtime_ns for p in glob.glob(str(logmel.output / "*"))} == stamps
+    assert _stamps(logmel.output) == stamps
 
 
 def test_a_damaged_shard_is_rewritten_identically(logmel):
@@ -400,3 +423,210 @@ def test_config_errors_exit_2_before_starting_ray(tmp_path, sample, capsys):
     assert main(["--config", str(config), "--set", "data.mixing.nomix_rows=3"]) == 2
     assert "nomix_rows" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One run per output, one plan per output, changed inputs redone
+
+
+def _tar_bytes(output: Path) -> dict[str, bytes]:
+    return {os.path.basename(p): Path(p).read_bytes() for p in sorted(glob.glob(str(output / "*.tar")))}
+
+
+def _job_yaml(logmel: SimpleNamespace) -> str:
+    return str(logmel.output.parent / "shards.yaml")  # what the logmel fixture ran
+
+
+@pytest.fixture(scope="module")
+def reseeded(tmp_path_factory, sample, local_ray) -> SimpleNamespace:
+    """One uninterrupted run of the logmel job with another seed (data.shards.seed 6 instead of 5)."""
+    return _run(tmp_path_factory.mktemp("reseeded"), sample, "shards", shards={"seed": 6})
+
+
+def test_index_rows_records_and_fingerprint_json_carry_the_fingerprint(logmel):
+    fingerprint = logmel.summary["fingerprint"]
+    assert set(pq.read_table(logmel.output / "index.parquet").column("fingerprint").to_pylist()) == {fingerprint}
+    held = json.loads((logmel.output / "fingerprint.json").read_text())
+    assert held["fingerprint"] == fingerprint
+    inputs = held["inputs"]
+    assert (inputs["data.shards.seed"], inputs["manifest.clips.train"], inputs["model.patch_size"]) == (5, 35, PATCH)
+    assert json.loads((logmel.output / "dataset.json").read_text())["fingerprint_inputs"] == inputs
+    info = json.loads((logmel.output / "dataset.json").read_text())
+    plan = pq.read_table(logmel.output / "plan.parquet").to_pylist()
+    for name in listed_shards(info):
+        record = json.loads((logmel.output / "_records" / f"{name}.json").read_text())
+        assert record["fingerprint"] == fingerprint
+        rows = [row for row in plan if shard_name(row["split"], row["epoch"], row["shard"]) == name]
+        paths = {row["key"]: row["path"] for row in rows}
+        assert record["sources"] == {key: source_state(path, False) for key, path in paths.items()}
+    assert "agree with dataset.json" in summarize(str(logmel.output))
+
+
+def test_a_run_of_another_plan_into_a_finished_output_exits_2_naming_what_differs(logmel, capsys):
+    """Tried: the logmel job again with another seed into its finished output. Survives: exit 2 before any
+    shard is written, naming the seed (and the plan digest it changes); every file is untouched."""
+    stamps = _stamps(logmel.output)
+    assert main(["--config", _job_yaml(logmel), "--set", "data.shards.seed=6", "--no-progress"]) == 2
+    error = capsys.readouterr().err
+    assert "data.shards.seed: 5 in the output != 6 now" in error and "plan.sha256" in error
+    assert "--overwrite" in error and "manifest.sha256" not in error
+    assert _stamps(logmel.output) == stamps
+
+
+def test_overwrite_replaces_another_plans_set_with_the_bytes_of_a_single_run(tmp_path, sample, logmel, reseeded):
+    output = tmp_path / "shards"
+    shutil.copytree(logmel.output, output)
+    (output / "operator-notes.txt").write_text("not part of the set")
+    stray = "train-e07-000000.tar"  # a shard of the old set that the new plan does not have
+    shutil.copy(output / "train-e00-000000.tar", output / stray)
+    shutil.copy(output / "_records" / "train-e00-000000.tar.json", output / "_records" / f"{stray}.json")
+    config = write_config(tmp_path / "job.yaml", sample.root, str(output), shards={"seed": 6})
+    assert main(["--config", str(config), "--no-progress", "--overwrite"]) == 0
+    assert _tar_bytes(output) == _tar_bytes(reseeded.output)
+    assert pq.read_table(output / "index.parquet").equals(pq.read_table(reseeded.output / "index.parquet"))
+    info = json.loads((output / "dataset.json").read_text())
+    assert info["checksums"] == json.loads((reseeded.output / "dataset.json").read_text())["checksums"]
+    assert not (output / stray).exists() and not (output / "_records" / f"{stray}.json").exists()
+    assert (output / "operator-notes.txt").read_text() == "not part of the set"
+    assert sorted(p.name for p in (output / "_records").iterdir()) == sorted(f"{n}.json" for n in listed_shards(info))
+
+
+def _mixed_copy(tmp_path: Path, logmel: SimpleNamespace, reseeded: SimpleNamespace, foreign: list[str]) -> Path:
+    """The logmel set with `foreign` shards and their records taken from the reseeded run (what the old job
+    left after a killed re-run with another seed): dataset.json and index.parquet still describe seed 5."""
+    mixed = tmp_path / "mixed"
+    shutil.copytree(logmel.output, mixed)
+    for name in foreign:
+        shutil.copy(reseeded.output / name, mixed / name)
+        shutil.copy(reseeded.output / "_records" / f"{name}.json", mixed / "_records" / f"{name}.json")
+    return mixed
+
+
+def test_a_mixed_set_is_flagged_by_inspect_and_refused_by_the_loader(tmp_path, logmel, reseeded):
+    foreign = ["train-e00-000001.tar", "train-e01-000003.tar"]
+    mixed = _mixed_copy(tmp_path, logmel, reseeded, foreign)
+    text = summarize(str(mixed))
+    assert "MISMATCH       2 of 11 shards" in text, text
+    assert all(f"  {name}: record of fingerprint {reseeded.summary['fingerprint'][:12]}" in text for name in foreign)
+
+    # The index of the other run for those shards (index.parquet and dataset.json of different runs).
+    index = pq.read_table(mixed / "index.parquet")
+    other = pq.read_table(reseeded.output / "index.parquet")
+    chosen = pa.array(foreign)
+    doctored = pa.concat_tables([
+        index.filter(pc.invert(pc.is_in(index.column("shard"), chosen))),
+        other.filter(pc.is_in(other.column("shard"), chosen)),
+    ])
+    pq.write_table(doctored, mixed / "index.parquet")
+    assert "index rows of fingerprint" in summarize(str(mixed))
+    source = ShardSource(str(mixed))
+    with pytest.raises(MixedShardSetError, match="train-e00-000001.tar"):
+        source.sample_counts(source.shard_names("train", 0))
+    loader_cfg = LoaderConfig(shards=str(mixed), micro_batch_clips=6, num_workers=0)
+    with pytest.raises(MixedShardSetError, match="train-e01-000003.tar"):
+        TrainLoader(loader_cfg, "train", rank=0, world_size=1, epoch=1)
+    assert len(EvalLoader(loader_cfg, "eval").source.shard_names("eval", 0)) == 3  # the eval shards are its own
+
+    # A shard that an index with fingerprints does not list, but that holds samples, is refused too.
+    without = doctored.filter(pc.invert(pc.equal(doctored.column("shard"), "eval-e00-000001.tar")))
+    pq.write_table(without, mixed / "index.parquet")
+    with pytest.raises(MixedShardSetError, match="eval-e00-000001.tar: not in the index"):
+        EvalLoader(loader_cfg, "eval")
+    # The untouched set passes.
+    untouched = ShardSource(str(logmel.output))
+    assert sum(untouched.sample_counts(untouched.shard_names("train", 0))) == 12
+
+
+def test_a_run_on_a_locked_output_exits_3_naming_the_holder_and_touches_nothing(logmel, capsys):
+    stamps = _stamps(logmel.output)
+    with OutputLock(shards.locate(str(logmel.output))):
+        assert main(["--config", _job_yaml(logmel), "--no-progress"]) == 3
+    error = capsys.readouterr().err
+    assert f"pid {os.getpid()}" in error and f"host {socket.gethostname()}" in error and "started 20" in error
+    assert _stamps(logmel.output) == stamps
+    assert run_preprocess(logmel.config, progress=False)["nothing_to_do"] is True  # released
+
+
+def test_two_runs_at_once_one_is_refused_and_the_set_is_a_single_runs(tmp_path, sample, logmel):
+    output = tmp_path / "shards"
+    config = load_config(str(write_config(tmp_path / "job.yaml", sample.root, str(output))))
+    start = threading.Barrier(2)
+    outcomes: list = [None, None]
+
+    def run(slot: int) -> None:
+        start.wait()
+        try:
+            outcomes[slot] = run_preprocess(config, progress=False)
+        except OutputLockedError as error:
+            outcomes[slot] = error
+
+    threads = [threading.Thread(target=run, args=(slot,)) for slot in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    refused = [outcome for outcome in outcomes if isinstance(outcome, OutputLockedError)]
+    finished = [outcome for outcome in outcomes if isinstance(outcome, dict)]
+    assert len(refused) == 1 and len(finished) == 1, outcomes
+    assert refused[0].holder["pid"] == os.getpid()
+    assert finished[0]["shards"]["written"] == len(_tar_bytes(logmel.output)) == 11
+    assert _tar_bytes(output) == _tar_bytes(logmel.output)
+    assert pq.read_table(output / "index.parquet").equals(pq.read_table(logmel.output / "index.parquet"))
+
+
+def _shards_reading(output: Path, key: str) -> set[str]:
+    plan = pq.read_table(output / "plan.parquet").to_pylist()
+    return {shard_name(row["split"], row["epoch"], row["shard"]) for row in plan if row["key"] == key}
+
+
+def test_a_repaired_or_changed_source_file_is_processed_again(tmp_path, sample, local_ray):
+    """Tried: repair a broken (empty) file after a finished run, re-run; then change a file's bytes keeping its
+    size and mtime. Survives: exactly the shards that read the file are rebuilt, the set equals a fresh run over
+    the repaired data, the ledger counts the clip as written; same-stat changes need hash_sources_on_resume."""
+    data = tmp_path / "sample"
+    shutil.copytree(sample.root, data)
+    output = tmp_path / "shards"
+    config = load_config(str(write_config(tmp_path / "job.yaml", data, str(output))))
+    first = run_preprocess(config, progress=False)
+    assert first["ledger"]["train"]["0"]["quarantined"] == 5
+    repaired = sample.broken["empty"]
+    touched = _shards_reading(output, repaired)
+    before = _tar_bytes(output)
+    noise = np.random.default_rng(3).uniform(-0.3, 0.3, 3 * 16000).astype(np.float32)
+    soundfile.write(data / "audio" / f"{repaired}.wav", noise, 16000)
+
+    second = run_preprocess(config, progress=False)
+    assert second["shards"]["written"] == len(touched) and len(touched) >= EPOCHS
+    after = _tar_bytes(output)
+    assert {name for name in after if after[name] != before[name]} == touched
+    for epoch in map(str, range(EPOCHS)):
+        counts = second["ledger"]["train"][epoch]
+        assert (counts["manifest"], counts["primaries"], counts["quarantined"]) == (35, 31, 4)
+    assert repaired not in pq.read_table(output / "quarantine.parquet").column("key").to_pylist()
+    fresh = run_preprocess(load_config(str(write_config(tmp_path / "fresh.yaml", data, str(tmp_path / "fresh")))),
+                           progress=False)
+    assert after == _tar_bytes(tmp_path / "fresh")
+    assert pq.read_table(output / "index.parquet").equals(pq.read_table(tmp_path / "fresh" / "index.parquet"))
+    assert second["ledger"] == fresh["ledger"]
+
+    hashing = copy.deepcopy(config)
+    hashing.data.shards.hash_sources_on_resume = True
+    assert run_preprocess(hashing, progress=False)["shards"]["written"] == len(after)  # records had no hashes yet
+    assert _tar_bytes(output) == after
+    broken = set(sample.broken.values())
+    victim = next(p for p in sorted((data / "audio").glob("*.wav")) if p.stem not in broken)
+    stat = victim.stat()
+    content = bytearray(victim.read_bytes())
+    content[len(content) // 2 :] = bytes(len(content) - len(content) // 2)  # silence the second half
+    victim.write_bytes(bytes(content))
+    os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert run_preprocess(config, progress=False)["shards"]["written"] == 0  # same size and mtime: not seen
+    rehashed = run_preprocess(hashing, progress=False)
+    assert rehashed["shards"]["written"] == len(_shards_reading(output, victim.stem))
+
+
+def test_changed_sources_compares_size_mtime_and_optionally_the_hash():
+    recorded = {"a": [10, 5, "h1"], "b": [10, 5], "c": [3, 1]}
+    assert changed_sources(recorded, {"a": [10, 5], "b": [10, 5], "c": [3, 2]}, False) == ["c"]
+    assert changed_sources(recorded, {"a": [10, 5, "h2"], "b": [10, 5, "h"]}, True) == ["a", "b"]
+    assert changed_sources(recorded, {"a": None, "d": [1, 1]}, False) == ["a", "d"]
