@@ -128,6 +128,21 @@ def test_fingerprint_ignores_chunking_and_paths_but_not_windows() -> None:
     assert planning.plan_fingerprint(changed) != fingerprint
 
 
+def test_manifest_digest_ignores_paths_and_row_order_but_not_labels_or_splits() -> None:
+    manifest = _manifest()
+    digest = planning.manifest_digest(manifest)
+    assert planning.manifest_digest(manifest.take(list(reversed(range(manifest.num_rows))))) == digest
+    moved = manifest.set_column(1, "path", pa.array([f"/elsewhere/{i}" for i in range(manifest.num_rows)]))
+    assert planning.manifest_digest(moved) == digest
+    labels = manifest["label_indices"].to_pylist()
+    labels[0] = [3]
+    relabelled = manifest.set_column(
+        manifest.schema.get_field_index("label_indices"), "label_indices", pa.array(labels, pa.list_(pa.int32()))
+    )
+    assert planning.manifest_digest(relabelled) != digest
+    assert planning.manifest_digest(_manifest(train=24)) != digest
+
+
 def test_shard_tasks_and_names() -> None:
     plan = _plan()
     tasks = planning.shard_tasks(plan)

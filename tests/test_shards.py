@@ -283,7 +283,7 @@ def test_writer_refuses_bad_names(tmp_path) -> None:
 
 def test_index_rows_and_tables(tmp_path) -> None:
     samples = _samples(2) + [("train-e00-000000-000009", shards.encode_eval_sample(_clips(5, 1)[0], "solo", [7]))]
-    rows = shards.index_rows("train-e00-000000.tar", samples)
+    rows = shards.index_rows("train-e00-000000.tar", samples, fingerprint="f" * 64)
     assert rows[0] == {
         "shard": "train-e00-000000.tar",
         "split": "train",
@@ -293,8 +293,10 @@ def test_index_rows_and_tables(tmp_path) -> None:
         "labels": [[1, 4], [], [2]],
         "filler": [False, False, True],
         "bytes": sum(len(data) for data in samples[0][1].values()),
+        "fingerprint": "f" * 64,
     }
     assert rows[2]["filler"] == [False]
+    assert {row["fingerprint"] for row in shards.index_rows("train-e00-000000.tar", samples)} == {None}
     table = shards.index_table(rows)
     assert table.schema.equals(shards.INDEX_SCHEMA) and table.num_rows == 3
 
@@ -306,3 +308,11 @@ def test_index_rows_and_tables(tmp_path) -> None:
     assert shards.read_table(directory, "index.parquet").equals(table)
     assert not shards.is_published(directory, "index.parquet")  # tables carry no done-marker
     assert isinstance(shards.read_table(directory, "index.parquet"), pa.Table)
+
+    # Listing and removing files, locally and on a URL.
+    for location in (shards.locate(tmp_path), shards.locate(directory)):
+        assert shards.list_files(location) == ["index.parquet"]
+        shards.remove_file(location, "index.parquet")
+        shards.remove_file(location, "index.parquet")  # already gone: fine
+        assert shards.list_files(location) == []
+    assert shards.list_files(shards.locate(tmp_path / "nowhere")) == []
