@@ -750,7 +750,8 @@ def format_summary(summary: dict) -> str:
         lines.append("nothing to do: every shard is published with this fingerprint, dataset.json is up to date")
     shards_line = summary["shards"]
     lines += [
-        f"shards        {shards_line['total']} ({shards_line['written']} written now, {shards_line['skipped']} kept)",
+        f"shards        {shards_line['total']} ({shards_line['written']} written now, {shards_line['skipped']} kept, "
+        f"{shards_line.get('changed_sources', 0)} rebuilt for changed source files)",
         f"clips         {summary['clips']} in the manifest, {summary['primaries']} primaries written "
         f"over all mixture epochs, {summary['fillers']} filler slots",
         f"samples       {summary['samples']} ({summary['bytes'] / 2**20:.1f} MiB)",
@@ -908,8 +909,10 @@ def _claim_output(location: shards.Location, output: str, planned: _Plan, overwr
         shards.publish_bytes(payload.encode("utf-8"), directory, FINGERPRINT_RECORD, False, filesystem)
 
 
-def _unchanged_records(planned: _Plan, records: dict[str, dict], with_hash: bool) -> dict[str, dict]:
-    """The records whose source files are as they recorded them (the others' shards are built again)."""
+def _unchanged_records(
+    planned: _Plan, records: dict[str, dict], with_hash: bool
+) -> tuple[dict[str, dict], list[str]]:
+    """(records whose source files are as they recorded them, names of the others: built again)."""
     paths: dict[str, dict[str, str]] = {}
     for name, piece in planned.slices:
         if name in records:
@@ -917,16 +920,17 @@ def _unchanged_records(planned: _Plan, records: dict[str, dict], with_hash: bool
     distinct = sorted({path for keyed in paths.values() for path in keyed.values()})
     with ThreadPoolExecutor(max_workers=SOURCE_STAT_WORKERS) as pool:
         states = dict(zip(distinct, pool.map(lambda path: source_state(path, with_hash), distinct)))
-    kept = {}
+    kept, changed = {}, []
     for name, record in records.items():
         current = {key: states[path] for key, path in paths[name].items()}
-        changed = changed_sources(record.get("sources") or {}, current, with_hash)
-        if changed:
+        keys = changed_sources(record.get("sources") or {}, current, with_hash)
+        if keys:
             logger.info("%s: %d source files changed since it was written (e.g. %s): building it again",
-                        name, len(changed), changed[0])
+                        name, len(keys), keys[0])
+            changed.append(name)
         else:
             kept[name] = record
-    return kept
+    return kept, changed
 
 
 def _is_up_to_date(location: shards.Location, fingerprint: str) -> bool:
@@ -1025,10 +1029,10 @@ def _run_locked(
     )
 
     rehash = data.shards.verify_checksums_on_resume
-    records = {name: finished_record(location, name, planned.fingerprint, rehash) for name in names}
-    records = {name: record for name, record in records.items() if record is not None}
-    records = {name: _compact(record) for name, record in _unchanged_records(
-        planned, records, data.shards.hash_sources_on_resume).items()}
+    found = {name: finished_record(location, name, planned.fingerprint, rehash) for name in names}
+    found = {name: record for name, record in found.items() if record is not None}
+    kept, changed = _unchanged_records(planned, found, data.shards.hash_sources_on_resume)
+    records = {name: _compact(record) for name, record in kept.items()}
     pending = [(name, piece) for name, piece in planned.slices if name not in records]
     up_to_date = not pending and _is_up_to_date(location, planned.fingerprint)
     cpus = float(ray.cluster_resources().get("CPU", 1.0))
@@ -1094,7 +1098,12 @@ def _run_locked(
         "output": output,
         "fingerprint": planned.fingerprint,
         "nothing_to_do": up_to_date,
-        "shards": {"total": len(names), "written": len(run_records), "skipped": len(names) - len(run_records)},
+        "shards": {
+            "total": len(names),
+            "written": len(run_records),
+            "skipped": len(names) - len(run_records),
+            "changed_sources": len(changed),
+        },
         "clips": planned.manifest.num_rows,
         "primaries": primaries,
         "fillers": fillers,
