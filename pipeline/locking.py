@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 LOCK_NAME = "_preprocess.lock"
 LEASE_TTL_S = 120.0
 LEASE_SETTLE_S = 2.0
+# A holder writes its info just after it takes the flock; a refused run waits this long to read it.
+HOLDER_WAIT_S = 2.0
 
 
 class OutputLockedError(RuntimeError):
@@ -97,7 +99,7 @@ class OutputLock:
             os.close(descriptor)
             if error.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                 raise
-            raise OutputLockedError(self.location.directory, _read_holder_file(self.path)) from None
+            raise OutputLockedError(self.location.directory, _wait_for_holder(self.path)) from None
         payload = json.dumps(self.holder, sort_keys=True).encode("utf-8")
         os.ftruncate(descriptor, 0)
         os.pwrite(descriptor, payload, 0)
@@ -165,6 +167,16 @@ class OutputLock:
             current = self._read_lease()
             if current and current.get("token") == self.holder["token"]:
                 self.location.filesystem.delete_file(self.path)
+
+
+def _wait_for_holder(path: str) -> dict:
+    """The holder info of a held lock file; {} when none appears within HOLDER_WAIT_S."""
+    deadline = time.monotonic() + HOLDER_WAIT_S
+    holder = _read_holder_file(path)
+    while not holder and time.monotonic() < deadline:
+        time.sleep(0.05)
+        holder = _read_holder_file(path)
+    return holder
 
 
 def _read_holder_file(path: str) -> dict:

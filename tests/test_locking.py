@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 
@@ -92,3 +94,20 @@ def test_a_lease_taken_over_is_noticed_by_its_former_holder():
     finally:
         lock.release()
     assert shards.file_exists(location, LOCK_NAME)  # the intruder's lease is not removed by the former holder
+
+
+def test_a_refused_run_waits_for_the_holder_to_record_itself(tmp_path):
+    """The holder writes its info just after taking the flock: a run refused in between still names it."""
+    path = tmp_path / LOCK_NAME
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)  # held, holder info not written yet
+        late = {"host": "h", "pid": 42, "started": "s"}
+        writer = threading.Timer(0.3, lambda: path.write_text(json.dumps(late)))
+        writer.start()
+        with pytest.raises(OutputLockedError) as refused:
+            OutputLock(shards.locate(str(tmp_path))).__enter__()
+        writer.join()
+        assert refused.value.holder == late
+    finally:
+        os.close(descriptor)
