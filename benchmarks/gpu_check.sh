@@ -13,12 +13,19 @@
 # Every step writes its JSON lines under the output folder ($OUT on the device machine). Prepare the carried
 # inputs once, on a machine with network and the project's venv (it needs Ray for the shards):
 #
-#   bash benchmarks/gpu_check.sh --prepare               # -> data/gpu-check/{wheels,shards}, size-checked
-#   (device tool) run  command="bash benchmarks/gpu_check.sh"  carry=["data/gpu-check"]  timeout_s=600
+#   bash benchmarks/gpu_check.sh --prepare               # -> data/gpu-check/{wheels,shards}, each size-checked
+#
+# The device tool carries at most 64 MiB a call and pyarrow's wheel alone is 48 MiB, so two calls on the same
+# warm machine (what a call installs and the ignored paths it carried stay there until the machine goes back):
+#
+#   run command="bash benchmarks/gpu_check.sh --install-only" carry=["data/gpu-check/wheels"] timeout_s=180
+#   run command="bash benchmarks/gpu_check.sh --no-install"   carry=["data/gpu-check/shards"] timeout_s=540
 #
 # Options:
 #   --prepare              build data/gpu-check (wheels + shards) here instead of running the check
 #   --dry-run              print the plan (every command) and exit 0; needs no GPU, wheels or shards
+#   --install-only         install from the wheels and stop (first device call)
+#   --no-install           the stack is installed already (second device call)
 #   --wheels DIR           wheels to install from (default data/gpu-check/wheels)
 #   --shards DIR           shard set for the launch (default data/gpu-check/shards)
 #   --out DIR              output folder (default $OUT, else gpu-check-out)
@@ -41,6 +48,8 @@ steps=10
 python_version=3.11
 dry_run=0
 prepare=0
+install=1
+check=1
 carry_limit_mib=60  # the device tool carries at most 64 MiB; leave room for the working tree itself
 
 # The training stack the device image lacks (pins of pyproject.toml; deepspeed's and webdataset's dependencies).
@@ -51,7 +60,7 @@ deepspeed_dependencies=(hjson ninja packaging py-cpuinfo "pydantic>=2" pydantic-
                         typing-inspection typing-extensions msgpack nvidia-ml-py einops braceexpand)
 
 usage() {
-    sed -n '2,31p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,37p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
 }
 
 fail() {  # fail CODE MESSAGE
@@ -63,6 +72,8 @@ while [[ $# -gt 0 ]]; do
     case $1 in
         --dry-run) dry_run=1 ;;
         --prepare) prepare=1 ;;
+        --install-only) check=0 ;;
+        --no-install) install=0 ;;
         --wheels | --shards | --out | --micro-batches | --updates | --steps | --python-version)
             [[ $# -ge 2 && -n $2 ]] || { usage; fail 2 "$1 needs a value"; }
             case $1 in
@@ -140,30 +151,45 @@ if (( prepare )); then
     run "$python" -m jobs.cli make-sample-data "$audio" "${sample_sets[@]}"
     run "$python" -m jobs.preprocess --config sample "${preprocess_sets[@]}"
     run rm -rf "$audio"
-    if (( dry_run )); then show du -sm data/gpu-check; exit 0; fi
-    size_mib=$(du -sm data/gpu-check | cut -f1)
-    step "prepared data/gpu-check: ${size_mib} MiB (wheels $(du -sm "$wheels" | cut -f1) MiB)"
-    (( size_mib <= carry_limit_mib )) ||
-        fail 2 "data/gpu-check is ${size_mib} MiB, more than the ${carry_limit_mib} MiB the device tool can carry"
+    if (( dry_run )); then show du -sm "$wheels" "$shards"; exit 0; fi
+    for carried in "$wheels" "$shards"; do
+        size_mib=$(du -sm "$carried" | cut -f1)
+        step "prepared $carried: ${size_mib} MiB"
+        (( size_mib <= carry_limit_mib )) ||
+            fail 2 "$carried is ${size_mib} MiB, more than the ${carry_limit_mib} MiB one device call can carry"
+    done
     exit 0
 fi
 
+(( install || check )) || fail 2 "--install-only and --no-install together leave nothing to do"
 if (( ! dry_run )); then
-    compgen -G "$wheels/deepspeed-*.whl" >/dev/null ||
-        fail 2 "no deepspeed wheel in '$wheels' (missing wheels directory?): prepare it first with
-    bash benchmarks/gpu_check.sh --prepare     and carry data/gpu-check"
-    [[ -f $shards/dataset.json ]] ||
-        fail 2 "no shard set at '$shards' (no dataset.json): prepare it first with bash benchmarks/gpu_check.sh --prepare"
+    if (( install )); then
+        compgen -G "$wheels/deepspeed-*.whl" >/dev/null ||
+            fail 2 "no deepspeed wheel in '$wheels' (missing wheels directory?): prepare it first with
+    bash benchmarks/gpu_check.sh --prepare     and carry $wheels"
+    else
+        "$python" -c 'import deepspeed, webdataset, pyarrow' 2>/dev/null ||
+            fail 2 "--no-install, but deepspeed/webdataset/pyarrow do not import: run --install-only first"
+    fi
+    if (( check )); then
+        [[ -f $shards/dataset.json ]] ||
+            fail 2 "no shard set at '$shards' (no dataset.json): prepare it first with bash benchmarks/gpu_check.sh --prepare"
+    fi
     "$python" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' ||
         fail 3 "no CUDA device visible to torch: this check runs on one GPU (use --dry-run to see the plan)"
-    mkdir -p "$out/launch"
-    : >"$out/zero_step.jsonl"
-    : >"$out/vit_reference.jsonl"
-    : >"$out/precision_check.jsonl"
+    if (( check )); then
+        mkdir -p "$out/launch"
+        : >"$out/zero_step.jsonl"
+        : >"$out/vit_reference.jsonl"
+        : >"$out/precision_check.jsonl"
+    fi
 fi
 
-step "install from $wheels"
-run "$python" -m pip install --quiet --no-index --find-links "$wheels" "${train_requirements[@]}"
+if (( install )); then
+    step "install from $wheels"
+    run "$python" -m pip install --quiet --no-index --find-links "$wheels" "${train_requirements[@]}"
+fi
+(( check )) || exit 0
 
 # A failing benchmark is reported and the check goes on; its missing lines fail the summary.
 step "ZeRO-2 step, micro-batches $micro_batches, eager and compiled"

@@ -75,6 +75,27 @@ def test_dry_run_of_the_preparation_shows_the_wheel_and_shard_commands():
     assert "data.shards.output=data/gpu-check/shards" in preprocess
 
 
+def test_the_two_device_calls_install_then_check(tmp_path):
+    """One call carries the wheels (pyarrow alone is 48 MiB of the 64 MiB a call carries), the next the shards."""
+    result = gpu_check("--dry-run", "--install-only")
+    assert result.returncode == 0, result.stderr
+    (install,) = planned_commands(result.stdout)
+    assert install[1:4] == ["-m", "pip", "install"]
+    result = gpu_check("--dry-run", "--no-install")
+    assert result.returncode == 0, result.stderr
+    commands = planned_commands(result.stdout)
+    assert not [c for c in commands if "pip" in c] and any(c[0] == "deepspeed" for c in commands)
+    assert gpu_check("--install-only", "--no-install").returncode == 2
+
+    # --no-install needs no wheels (this venv has the stack), but the shards and a GPU.
+    result = gpu_check("--no-install", "--wheels", str(tmp_path / "none"), "--shards", str(tmp_path / "none"))
+    assert result.returncode == 2 and "no shard set" in result.stderr
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "dataset.json").write_text("{}")
+    result = gpu_check("--no-install", "--shards", str(tmp_path / "shards"), "--out", str(tmp_path / "o"))
+    assert result.returncode == 3 and "no CUDA device" in result.stderr
+
+
 @pytest.mark.parametrize("args, message", [
     (["--bogus"], "unknown argument: --bogus"),
     (["--micro-batches", "12,,24"], "--micro-batches must be positive integers"),
