@@ -113,9 +113,10 @@ for override in "data.loader.shards=$shards" data.loader.split=train data.loader
     launch_sets+=(--set "$override")
 done
 # The shard set those overrides read: `sslam make-sample-data` audio, preprocessed by jobs.preprocess (Ray).
-# 240 train clips x 64 KiB of float16 fbank (512 x 64), mixtures formed by the loader: about 16 MiB.
+# 660 train clips x 64 KiB of float16 fbank (512 x 64), mixtures formed by the loader: about 45 MiB, i.e. ~55
+# micro-batches of 12 an epoch, so 100 updates restart the loader once.
 audio=data/gpu-check/audio
-sample_sets=(--set data.synth.train_clips=240 --set data.synth.eval_clips=12)
+sample_sets=(--set data.synth.train_clips=660 --set data.synth.eval_clips=12)
 preprocess_sets=(
     "${sample_sets[@]}" --set data.mixing.mixture_epochs=1 --set data.mixing.materialize_mixtures=false
     --set "data.shards.output=$shards" --set "data.source.audio_root=$audio/audio"
@@ -203,8 +204,9 @@ run_into "$out/precision_check.jsonl" "$python" -m benchmarks.precision_check --
     step "precision_check failed or exceeded its tolerance (see $out/precision_check.log)"
 
 step "launch: $updates updates through the deepspeed launcher"
-launch=(deepspeed --num_gpus 1 --master_port $((20000 + RANDOM % 10000)) jobs/pretrain.py --config base_stage2
-        "${launch_sets[@]}")
+# The `deepspeed` launcher, through the interpreter (its console script may not be on PATH in the image).
+launch=("$python" -m deepspeed.launcher.runner --num_gpus 1 --master_port $((20000 + RANDOM % 10000))
+        jobs/pretrain.py --config base_stage2 "${launch_sets[@]}")
 if (( dry_run )); then
     show "${launch[@]}"
     echo "    > $out/launch/train.log"

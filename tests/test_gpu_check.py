@@ -41,14 +41,15 @@ def test_dry_run_prints_every_step_without_a_gpu(tmp_path):
     commands = planned_commands(result.stdout)
     modules = [c[c.index("-m") + 1] for c in commands if "-m" in c]
     assert modules == ["pip", "benchmarks.zero_step", "benchmarks.vit_reference", "benchmarks.precision_check",
-                       "benchmarks.gpu_check_summary"]
+                       "deepspeed.launcher.runner", "benchmarks.gpu_check_summary"]
     install = commands[0]
     assert "--no-index" in install and "deepspeed==0.19.8" in install and "--find-links" in install
     for command in commands[1:3]:
         assert command[command.index("--micro-batches") + 1] == "12,24,48"
         assert command[command.index("--modes") + 1] == "eager,compiled"
-    (launch,) = [c for c in commands if c[0] == "deepspeed"]
-    assert launch[:3] == ["deepspeed", "--num_gpus", "1"] and "jobs/pretrain.py" in launch
+    (launch,) = [c for c in commands if "deepspeed.launcher.runner" in c]
+    assert launch[1:6] == ["-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port"]
+    assert launch[launch.index("jobs/pretrain.py") + 1:][:2] == ["--config", "base_stage2"]
     sets = [launch[i + 1] for i, arg in enumerate(launch) if arg == "--set"]
     assert "train.max_updates=100" in sets and "tracking.enabled=false" in sets and "train.init_from=" in sets
     assert f"train.output_dir={tmp_path / 'o'}/launch/run" in sets
@@ -84,7 +85,7 @@ def test_the_two_device_calls_install_then_check(tmp_path):
     result = gpu_check("--dry-run", "--no-install")
     assert result.returncode == 0, result.stderr
     commands = planned_commands(result.stdout)
-    assert not [c for c in commands if "pip" in c] and any(c[0] == "deepspeed" for c in commands)
+    assert not [c for c in commands if "pip" in c] and any("jobs/pretrain.py" in c for c in commands)
     assert gpu_check("--install-only", "--no-install").returncode == 2
 
     # --no-install needs no wheels (this venv has the stack), but the shards and a GPU.

@@ -556,7 +556,8 @@ def http_get(url: str, user: str | None = None, password: str | None = None) -> 
         token = base64.b64encode(f"{user}:{password}".encode()).decode()
         request.add_header("Authorization", f"Basic {token}")
     try:
-        with urllib.request.urlopen(request, timeout=5) as response:
+        # Generous: checking a basic-auth password hashes it (seconds on a loaded 2-core machine).
+        with urllib.request.urlopen(request, timeout=60) as response:
             return response.status, response.read()
     except urllib.error.HTTPError as error:
         return error.code, error.read()
