@@ -4,22 +4,27 @@ Ray launcher YAML against the installed Ray wheel's schema (and Ray's own config
 Ray's RuntimeEnv validation with pins equal to pyproject.toml's; the KubeRay RayJob's structure and entrypoint;
 the Slurm script with stub srun/scontrol/deepspeed (3 fake nodes x 4 GPUs, and a SIGTERM before the time limit);
 the DeepSpeed hostfile with DeepSpeed's parser; the MLflow server script serving HTTP (with and without auth);
-the Dockerfile's instructions.
+the Dockerfile's instructions. Closed by default: every Ray start demands a token and keeps the dashboard off the
+network (a real token-mode head refuses an unauthenticated job submission), and the MLflow script refuses a
+non-loopback bind without authentication.
 """
 
 from __future__ import annotations
 
 import base64
 import configparser
+import contextlib
 import copy
 import importlib.util
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import tomllib
 import urllib.error
@@ -83,7 +88,7 @@ def test_ray_cluster_config_validates_against_the_installed_ray_schema():
     ray_version = str(pyproject_requirements()["ray"].specifier).removeprefix("==")
     assert config["docker"]["image"] == f"rayproject/ray:{ray_version}-py311-cpu"  # the pinned Ray, Python 3.11
     assert {".venv", ".git", "data", "runs", "mlruns"} <= set(config["rsync_exclude"])
-    assert config["file_mounts"] == {"~/sslam": "."}
+    assert config["file_mounts"]["~/sslam"] == "."
     assert any("infra/ray/requirements.txt" in command for command in config["setup_commands"])
 
 
@@ -103,6 +108,38 @@ def test_ray_schema_rejects_broken_cluster_configs(break_config):
     break_config(config)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(config, ray_schema())
+
+
+def ray_start_commands(config: dict) -> list[str]:
+    commands = [*config["head_start_ray_commands"], *config["worker_start_ray_commands"]]
+    # A command line may hold several shell commands (`ulimit ...; ray start ...`).
+    return [part.strip() for command in commands for part in command.split(";") if "ray start" in part]
+
+
+def test_every_ray_start_demands_a_token_and_keeps_the_dashboard_on_loopback():
+    config = load_yaml(INFRA / "ray" / "cluster.yaml")
+    starts = ray_start_commands(config)
+    assert len(starts) == 2  # head and workers
+    for command in starts:
+        assert command.startswith("RAY_AUTH_MODE=token ray start "), command
+    (head,) = [command for command in starts if "--head" in command]
+    dashboard_hosts = re.findall(r"--dashboard-host[= ](\S+)", " ".join(starts))
+    assert dashboard_hosts == ["127.0.0.1"], "the dashboard is reached through `ray dashboard`'s ssh tunnel only"
+    assert "--dashboard-host=127.0.0.1" in head
+    # Every process in the container speaks token mode, and the token is where Ray looks by default.
+    assert "--env RAY_AUTH_MODE=token" in config["docker"]["run_options"]
+    assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    assert not any(key.startswith("worker_") and "docker" in key for key in config), "one container setup for all"
+    for node_type in config["available_node_types"].values():
+        assert "docker" not in node_type, "a node type with its own docker section would drop the token env"
+
+
+def test_the_token_checks_fail_on_the_old_open_config():
+    config = load_yaml(INFRA / "ray" / "cluster.yaml")
+    config["head_start_ray_commands"][-1] = config["head_start_ray_commands"][-1].replace(
+        "RAY_AUTH_MODE=token ", "").replace("--dashboard-host=127.0.0.1", "--dashboard-host=0.0.0.0")
+    head = next(command for command in ray_start_commands(config) if "--head" in command)
+    assert not head.startswith("RAY_AUTH_MODE=token") and re.findall(r"--dashboard-host=(\S+)", head) == ["0.0.0.0"]
 
 
 def test_cluster_requirements_pin_what_pyproject_pins():
@@ -132,6 +169,14 @@ def test_runtime_env_is_valid_for_ray_and_pins_match_pyproject():
     assert config["working_dir"] == "."
     assert {".venv", ".git", "data", "runs", "mlruns"} <= set(config["excludes"])
     assert config["env_vars"]["OMP_NUM_THREADS"] == "1"
+
+
+def test_runtime_env_carries_no_auth_setting():
+    """The job API returns a job's runtime env to whoever lists jobs: a token there would be published, and a mode
+    there would be a job-level override of what the cluster decides."""
+    config = load_yaml(INFRA / "ray" / "runtime_env.yaml")
+    assert not [name for name in config.get("env_vars", {}) if name.startswith("RAY_AUTH")]
+    assert "RAY_AUTH" not in json.dumps(config)
 
 
 def test_runtime_env_validation_can_fail():
@@ -179,6 +224,43 @@ def test_kuberay_rayjob_runs_the_documented_preprocessing_entrypoint():
     assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
     for group in cluster["workerGroupSpecs"]:
         assert group["minReplicas"] == group["replicas"] == group["maxReplicas"]
+
+
+POD_LABEL = {"app.kubernetes.io/name": "sslam-preprocess"}
+
+
+def test_kuberay_rayjob_demands_a_token_everywhere_and_exposes_nothing():
+    job = load_yaml(INFRA / "kuberay" / "rayjob.yaml")
+    spec = job["spec"]
+    cluster = spec["rayClusterSpec"]
+    assert cluster["authOptions"] == {"mode": "token"}  # the operator provisions the token (KubeRay >= 1.5.1)
+    templates = [cluster["headGroupSpec"]["template"], *(g["template"] for g in cluster["workerGroupSpecs"]),
+                 spec["submitterPodTemplate"]]
+    for template in templates:
+        # Without a token from the operator, token mode makes `ray start` fail instead of starting an open cluster.
+        (container,) = template["spec"]["containers"]
+        assert {"name": "RAY_AUTH_MODE", "value": "token"} in container["env"]
+        assert not [e for e in container["env"] if e["name"] == "RAY_AUTH_TOKEN"], "the token comes from a Secret"
+        assert template["metadata"]["labels"] == POD_LABEL  # the label the network policy admits
+    assert "command" not in spec["submitterPodTemplate"]["spec"]["containers"][0], "KubeRay fills in ray job submit"
+    head = cluster["headGroupSpec"]
+    # No dashboard-host override (KubeRay binds the pod network: the operator and the submitter call it there);
+    # nothing exposes the head Service beyond the cluster.
+    assert "dashboard-host" not in head["rayStartParams"]
+    assert head.get("serviceType", "ClusterIP") == "ClusterIP" and "enableIngress" not in head
+    assert "headServiceAnnotations" not in cluster
+
+
+def test_kuberay_network_policy_admits_the_jobs_own_pods_and_the_operator_only():
+    policy = load_yaml(INFRA / "kuberay" / "network-policy.yaml")
+    assert (policy["apiVersion"], policy["kind"]) == ("networking.k8s.io/v1", "NetworkPolicy")
+    assert policy["spec"]["podSelector"] == {"matchLabels": POD_LABEL}
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    own, operator = policy["spec"]["ingress"]
+    assert own == {"from": [{"podSelector": {"matchLabels": POD_LABEL}}]}
+    assert list(operator["from"][0]) == ["namespaceSelector"] and operator["ports"] == [{"protocol": "TCP",
+                                                                                          "port": 8265}]
+    assert "ipBlock" not in json.dumps(policy), "no address range outside the cluster is admitted"
 
 
 def test_audioset_config_reads_and_writes_on_the_rayjob_volume():
@@ -474,7 +556,8 @@ def http_get(url: str, user: str | None = None, password: str | None = None) -> 
         token = base64.b64encode(f"{user}:{password}".encode()).decode()
         request.add_header("Authorization", f"Basic {token}")
     try:
-        with urllib.request.urlopen(request, timeout=5) as response:
+        # Generous: checking a basic-auth password hashes it (seconds on a loaded 2-core machine).
+        with urllib.request.urlopen(request, timeout=60) as response:
             return response.status, response.read()
     except urllib.error.HTTPError as error:
         return error.code, error.read()
@@ -595,3 +678,141 @@ def test_mlflow_server_script_with_basic_auth(tmp_path):
     assert (tmp_path / "mlflow-server" / "mlflow.db").is_file()
     assert (tmp_path / "mlflow-server" / "basic_auth.db").is_file()
     assert password not in rendered.read_text() and rendered.stat().st_mode & 0o077 == 0
+
+
+def run_server_script(tmp_path: Path, **extra: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """server.sh with a stub `mlflow` that records its argv (and never serves)."""
+    stub = tmp_path / "mlflow"
+    stub.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" >"$STUB_OUT/args"\n')
+    stub.chmod(0o755)
+    env = mlflow_env(5123, MLFLOW_BIN=str(stub), STUB_OUT=str(tmp_path), MLFLOW_SERVER_DIR=str(tmp_path / "srv"),
+                     **extra)
+    if "SSLAM_ALLOW_UNAUTHENTICATED_MLFLOW" not in extra:
+        env.pop("SSLAM_ALLOW_UNAUTHENTICATED_MLFLOW", None)
+    result = subprocess.run(["bash", str(INFRA / "mlflow" / "server.sh")], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=30)
+    return result, tmp_path / "args"
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "10.1.2.3", "mlflow.example.org", "::"])
+def test_mlflow_server_script_refuses_a_network_bind_without_auth(tmp_path, host):
+    result, args = run_server_script(tmp_path, MLFLOW_HOST=host)
+    assert result.returncode == 2
+    assert f"refusing to serve MLFLOW_HOST={host} without authentication" in result.stderr
+    assert "MLFLOW_AUTH=1" in result.stderr and "SSLAM_ALLOW_UNAUTHENTICATED_MLFLOW=1" in result.stderr
+    assert not args.exists(), "mlflow was started"
+
+
+@pytest.mark.parametrize("host", [None, "127.0.0.1", "127.0.1.1", "localhost", "::1"])
+def test_mlflow_server_script_serves_loopback_without_auth_and_without_warning(tmp_path, host):
+    result, args = run_server_script(tmp_path, **({} if host is None else {"MLFLOW_HOST": host}))
+    assert result.returncode == 0, result.stderr
+    assert "WARNING" not in result.stderr
+    lines = args.read_text().splitlines()
+    assert lines[lines.index("--host") + 1] == (host or "127.0.0.1")
+
+
+def test_mlflow_server_script_network_bind_with_auth_or_the_loud_opt_out(tmp_path):
+    (tmp_path / "auth").mkdir()
+    result, args = run_server_script(tmp_path / "auth", MLFLOW_HOST="0.0.0.0", MLFLOW_AUTH="1",
+                                     MLFLOW_AUTH_ADMIN_PASSWORD="not-a-committed-secret-42",
+                                     MLFLOW_FLASK_SERVER_SECRET_KEY="k" * 32)
+    assert result.returncode == 0 and "WARNING" not in result.stderr, result.stderr
+    lines = args.read_text().splitlines()
+    assert lines[lines.index("--host") + 1] == "0.0.0.0" and lines[-2:] == ["--app-name", "basic-auth"]
+
+    (tmp_path / "open").mkdir()
+    result, args = run_server_script(tmp_path / "open", MLFLOW_HOST="0.0.0.0", SSLAM_ALLOW_UNAUTHENTICATED_MLFLOW="1")
+    assert result.returncode == 0, result.stderr
+    assert "WARNING: serving MLFLOW_HOST=0.0.0.0 WITHOUT AUTHENTICATION" in result.stderr
+    lines = args.read_text().splitlines()
+    assert lines[lines.index("--host") + 1] == "0.0.0.0" and "--app-name" not in lines
+
+    (tmp_path / "other").mkdir()  # only the exact value 1 opts out
+    result, _ = run_server_script(tmp_path / "other", MLFLOW_HOST="0.0.0.0", SSLAM_ALLOW_UNAUTHENTICATED_MLFLOW="yes")
+    assert result.returncode == 2
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Ray token authentication, for real: a head started the way cluster.yaml starts it
+
+
+def dashboard_healthy(dashboard: str) -> bool:
+    try:
+        return http_get(f"{dashboard}/api/gcs_healthz")[0] == 200  # health checks need no token
+    except OSError:
+        return False
+
+
+def ray_job_submit(dashboard: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "ray"), "job", "submit", "--address", dashboard, "--",
+                           "python", "-c", "print('token-job-ran')"],
+                          env=env, capture_output=True, text=True, timeout=180)
+
+
+@pytest.mark.slow
+def test_token_mode_head_refuses_an_unauthenticated_job_submission(tmp_path):
+    if importlib.util.find_spec("ray._private.authentication") is None:
+        pytest.skip("this Ray wheel has no token authentication (Ray >= 2.52)")
+    # Ray's session folder holds AF_UNIX sockets (<= 107 bytes a path): a short one, not pytest's tmp_path.
+    temp_dir = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+    try:
+        run_token_mode_head_scenario(tmp_path, temp_dir)
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def run_token_mode_head_scenario(tmp_path: Path, temp_dir: Path) -> None:
+    home, token_file = tmp_path / "home", tmp_path / "auth_token"
+    home.mkdir()
+    token_file.write_text("sslam-test-token-" + "0123456789abcdef" * 2)
+    base = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
+    base.update(HOME=str(home), PATH=f"{BIN}{os.pathsep}{base.get('PATH', '')}")
+    server_env = {**base, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file)}
+
+    # Token mode without any token: the head refuses to start rather than starting open.
+    refused = subprocess.run([str(BIN / "ray"), "start", "--head", "--port=0", f"--temp-dir={temp_dir / 'refused'}"],
+                             env={**base, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "no authentication token was found" in refused.stdout + refused.stderr
+
+    gcs_port, dashboard_port = free_port(), free_port()
+    dashboard = f"http://127.0.0.1:{dashboard_port}"
+    log = tmp_path / "head.log"
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", f"--port={gcs_port}", f"--dashboard-port={dashboard_port}",
+         "--dashboard-host=127.0.0.1", "--num-cpus=1", "--include-dashboard=true", "--disable-usage-stats",
+         f"--temp-dir={temp_dir / 'head'}", "--block"],
+        env=server_env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not dashboard_healthy(dashboard):
+            assert head.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, f"no dashboard in 120 s:\n{log.read_text()[-3000:]}"
+            time.sleep(0.5)
+        # The job API itself: no token -> 401, a wrong one -> 403.
+        assert http_get(f"{dashboard}/api/jobs/")[0] == 401
+        request = urllib.request.Request(f"{dashboard}/api/jobs/", headers={"Authorization": "Bearer wrong"})
+        with pytest.raises(urllib.error.HTTPError) as wrong:
+            urllib.request.urlopen(request, timeout=5)
+        assert wrong.value.code == 403
+
+        # A client with the token file but not in token mode sends nothing: refused, nothing ran.
+        unauthenticated = ray_job_submit(dashboard, {**base, "RAY_AUTH_TOKEN_PATH": str(token_file)})
+        assert unauthenticated.returncode != 0
+        assert "Missing authentication token" in unauthenticated.stderr
+        assert "token-job-ran" not in unauthenticated.stdout
+        wrong_token = ray_job_submit(dashboard, {**base, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "x" * 40})
+        assert wrong_token.returncode != 0 and "Invalid authentication token" in wrong_token.stderr
+
+        # The documented client setup: token mode plus the token (here a file; ~/.ray/auth_token by default).
+        authenticated = ray_job_submit(dashboard, server_env)
+        assert authenticated.returncode == 0, authenticated.stderr[-3000:]
+        assert "token-job-ran" in authenticated.stdout and "succeeded" in authenticated.stdout + authenticated.stderr
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops its node's processes on SIGTERM
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()

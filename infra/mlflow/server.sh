@@ -2,9 +2,15 @@
 # Start a shared MLflow tracking server (runs, registry, proxied artifacts) for the whole team or cluster.
 #
 #   infra/mlflow/server.sh                                       # sqlite + local artifacts, 127.0.0.1:5000
+#   MLFLOW_AUTH=1 MLFLOW_AUTH_ADMIN_PASSWORD=... MLFLOW_FLASK_SERVER_SECRET_KEY=... \
 #   MLFLOW_BACKEND_STORE_URI=postgresql://USER:PASSWORD@DB/mlflow \
 #   MLFLOW_ARTIFACTS_DESTINATION=s3://BUCKET/mlflow \
 #   MLFLOW_HOST=0.0.0.0 MLFLOW_SERVER_ALLOWED_HOSTS=mlflow.example.org infra/mlflow/server.sh
+#
+# Closed by default: a bind address other than loopback (127.0.0.0/8, ::1, localhost) needs MLFLOW_AUTH=1, because
+# an open tracking server lets anyone on the network read, overwrite and delete runs, models and artifacts. The
+# explicit opt-out SSLAM_ALLOW_UNAUTHENTICATED_MLFLOW=1 starts it anyway, with a warning (e.g. behind an
+# authenticating reverse proxy that is the only thing able to reach the port).
 #
 # Clients: MLFLOW_TRACKING_URI=http://HOST:PORT (with auth also MLFLOW_TRACKING_USERNAME/PASSWORD).
 #
@@ -21,9 +27,31 @@
 #     MLFLOW_AUTH_DATABASE_URI        user database (default sqlite:///mlflow-server/basic_auth.db)
 #     MLFLOW_AUTH_CONFIG_PATH         use this ini file as it is instead of infra/mlflow/basic_auth.ini
 #   MLFLOW_SERVER_DIR             where the defaults above and the rendered auth ini live (default ./mlflow-server)
+#   SSLAM_ALLOW_UNAUTHENTICATED_MLFLOW=1   serve a non-loopback address without authentication (warns)
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+host=${MLFLOW_HOST:-127.0.0.1}
+
+is_loopback() {
+    case $1 in
+        localhost | ::1 | \[::1\] | 127.*) return 0 ;;
+    esac
+    return 1
+}
+if ! is_loopback "$host" && [[ ${MLFLOW_AUTH:-0} != 1 ]]; then
+    if [[ ${SSLAM_ALLOW_UNAUTHENTICATED_MLFLOW:-0} != 1 ]]; then
+        cat >&2 <<EOF
+server.sh: refusing to serve MLFLOW_HOST=$host without authentication: anyone who reaches the port could read,
+change and delete every run, model and artifact. Set MLFLOW_AUTH=1 (with MLFLOW_AUTH_ADMIN_PASSWORD and
+MLFLOW_FLASK_SERVER_SECRET_KEY), or bind to 127.0.0.1, or, if something else authenticates every request in front
+of this port, set SSLAM_ALLOW_UNAUTHENTICATED_MLFLOW=1.
+EOF
+        exit 2
+    fi
+    echo "server.sh: WARNING: serving MLFLOW_HOST=$host WITHOUT AUTHENTICATION (SSLAM_ALLOW_UNAUTHENTICATED_MLFLOW=1):" \
+        "anyone who reaches the port can read, change and delete every run, model and artifact" >&2
+fi
 server_dir=${MLFLOW_SERVER_DIR:-./mlflow-server}
 backend=${MLFLOW_BACKEND_STORE_URI:-sqlite:///${server_dir#./}/mlflow.db}
 artifacts=${MLFLOW_ARTIFACTS_DESTINATION:-$server_dir/artifacts}
@@ -44,7 +72,7 @@ args=(
     --backend-store-uri "$backend"
     --artifacts-destination "$artifacts"
     --serve-artifacts
-    --host "${MLFLOW_HOST:-127.0.0.1}"
+    --host "$host"
     --port "${MLFLOW_PORT:-5000}"
     --workers "${MLFLOW_WORKERS:-4}"
 )
