@@ -63,7 +63,7 @@ import os
 import re
 import stat
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -318,6 +318,14 @@ def _entry_problem(entry: os.DirEntry) -> _FileProblem | None:
     return _FileProblem(NOT_REGULAR_FILE, f"{link}{what}, not a regular file")
 
 
+def _follows_to(check: Callable[[], bool]) -> bool:
+    """`entry.is_file` / `entry.is_dir` (which follow symlinks), False where following fails (a symlink loop)."""
+    try:
+        return check()
+    except OSError:
+        return False
+
+
 def _readability(path: str) -> _FileProblem | None:
     if os.access(path, os.R_OK):
         return None
@@ -339,7 +347,7 @@ class _AudioIndex:
         for entry in top:
             self._add(entry, entry.name)
         for entry in top:
-            if entry.is_dir():
+            if _follows_to(entry.is_dir):
                 try:
                     children = sorted(os.scandir(entry.path), key=lambda child: child.name)
                 except OSError as error:
@@ -350,7 +358,7 @@ class _AudioIndex:
 
     def _add(self, entry: os.DirEntry, relative: str) -> None:
         nested = "/" in relative
-        if entry.is_file():
+        if _follows_to(entry.is_file):
             self.relative.add(relative)
             if nested:
                 self.by_basename.setdefault(entry.name, relative)

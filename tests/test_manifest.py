@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
+import socket
+import stat
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -481,3 +485,150 @@ def test_hostile_class_labels_csv(tmp_path: Path, content: bytes, line: int | No
         return
     with pytest.raises(ManifestError, match=rf"^{re.escape(str(path))}:{line}: {message}"):
         read_class_labels(path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Entries named like audio that are not readable regular files: quarantined, never opened.
+
+
+def make_odd_entries(directory: Path, names: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Create entries by kind: dir, fifo, socket, broken_link, loop_link, dir_link, locked (no read permission;
+    as root, where chmod does not stop reads, os.access is made to say so)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    locked: set[str] = set()
+    for name, kind in names.items():
+        path = directory / name
+        if kind == "dir":
+            write_audio(path / "inner.wav", seconds=0.1)  # a directory named like audio, holding a real clip
+        elif kind == "fifo":
+            os.mkfifo(path)
+        elif kind == "socket":
+            monkeypatch.chdir(directory)  # AF_UNIX paths are limited to ~100 bytes: bind a relative name
+            server = socket.socket(socket.AF_UNIX)
+            server.bind(name)
+            server.close()  # the socket file stays
+        elif kind == "broken_link":
+            path.symlink_to(directory / "nowhere.wav")
+        elif kind == "loop_link":
+            path.symlink_to(path)
+        elif kind == "dir_link":
+            path.symlink_to(directory / "some_dir.wav" if (directory / "some_dir.wav").is_dir() else directory)
+        elif kind == "locked":
+            write_audio(path, seconds=0.1)
+            path.chmod(0)
+            locked.add(str(path))
+    if locked and os.access(next(iter(locked)), os.R_OK):
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, **kw: str(p) not in locked and real_access(p, mode, **kw))
+
+
+def release_fifo_readers(root: Path) -> None:
+    """Open every FIFO under root for writing once, so a reader blocked in open() gets EOF and its thread ends."""
+    for directory, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(directory, name)
+            if stat.S_ISFIFO(os.lstat(path).st_mode):
+                try:
+                    os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+                except OSError:  # no reader waiting
+                    pass
+
+
+def build_in_thread(source: SourceConfig, seconds: float = 30.0) -> tuple[pa.Table, pa.Table]:
+    """build_manifest with probing (soundfile opens files), failing instead of hanging if a FIFO is opened."""
+    outcome: list = []
+
+    def build() -> None:
+        try:
+            outcome.append(build_manifest(source, probe_audio=True))
+        except BaseException as error:  # handed to the test thread below
+            outcome.append(error)
+
+    worker = threading.Thread(target=build, daemon=True)  # a daemon: a thread stuck in open() cannot be joined
+    worker.start()
+    worker.join(seconds)
+    if not outcome:
+        for _ in range(100):  # readers may reach the next FIFO after one is released
+            release_fifo_readers(Path(source.audio_root))
+            worker.join(0.1)
+        pytest.fail(f"build_manifest did not finish in {seconds} s (an entry that blocks on open was opened?)")
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return outcome[0]
+
+
+ODD_KINDS = {
+    "x.wav": "dir", "y.flac": "fifo", "s.wav": "socket", "broken.wav": "broken_link", "loop.wav": "loop_link",
+    "dirlink.wav": "dir_link", "locked.wav": "locked",
+}
+ODD_WHAT = {
+    "dir": "a directory", "fifo": "a FIFO", "socket": "a socket", "broken_link": "a symlink whose target",
+    "loop_link": "a symlink whose target", "dir_link": "a symlink to a directory", "locked": "without read permission",
+}
+
+
+def test_folder_entries_that_are_not_regular_files_are_quarantined(tmp_path: Path, monkeypatch) -> None:
+    audio = tmp_path / "audio"
+    write_audio(audio / "good.wav", seconds=0.1)
+    make_odd_entries(audio, ODD_KINDS, monkeypatch)
+    write_audio(audio / "renamed.wav", seconds=0.1)
+    os.rename(audio / "renamed.wav", os.fsencode(audio) + b"/bad\xffname.wav")
+    os.mkfifo(audio / "listed.ogg")  # listed by the labels CSV, and a FIFO
+    (tmp_path / "labels.csv").write_text("listed.ogg,Dog\ngood.wav,Cat\n")
+    source = SourceConfig(kind="folder", audio_root=str(audio), extensions=["wav", "flac", "ogg"],
+                          splits=[SplitConfig(name="train", csv=str(tmp_path / "labels.csv"))])
+    manifest, quarantine = build_in_thread(source)
+    assert manifest.column("key").to_pylist() == ["good", "x.wav/inner"]
+    assert manifest.column("sample_rate").to_pylist() == [16000, 16000]
+    rows = {row["key"]: row for row in quarantine.to_pylist()}
+    expected = {name.rsplit(".", 1)[0]: kind for name, kind in ODD_KINDS.items()}
+    assert rows.keys() == set(expected) | {"listed", "bad\ufffdname"}
+    for key, kind in expected.items():
+        reason = "unreadable_file" if kind == "locked" else "not_regular_file"
+        assert (rows[key]["reason"], rows[key]["stage"], rows[key]["split"]) == (reason, "manifest", "train")
+        assert ODD_WHAT[kind] in rows[key]["detail"] and rows[key]["path"].startswith(str(audio)), rows[key]
+    assert rows["listed"]["reason"] == "not_regular_file" and "labels.csv:1" in rows["listed"]["detail"]
+    assert rows["bad\ufffdname"]["reason"] == "bad_file_name"
+    # Ledger: 11 audio-named entries + 2 CSV rows - 2 entries those rows took.
+    assert manifest.num_rows + quarantine.num_rows == 11
+
+
+def test_audioset_candidates_that_are_not_regular_files_are_quarantined(tmp_path: Path, monkeypatch) -> None:
+    audio = tmp_path / "audio"
+    write_audio(audio / "good.wav", seconds=0.1)
+    make_odd_entries(audio, ODD_KINDS, monkeypatch)
+    make_odd_entries(audio / "sub", {"deep.wav": "fifo"}, monkeypatch)
+    os.mkfifo(audio / "both.flac")  # flac comes first, but is a FIFO: the regular wav wins
+    write_audio(audio / "both.wav", seconds=0.1)
+    keys = ["good", *(name.rsplit(".", 1)[0] for name in ODD_KINDS), "deep", "both"]
+    (tmp_path / "train.csv").write_text("".join(f'{key}, 0, 10, "/m/a"\n' for key in keys))
+    source = SourceConfig(audio_root=str(audio), extensions=["flac", "wav"],
+                          splits=[SplitConfig(name="train", csv=str(tmp_path / "train.csv"))])
+    manifest, quarantine = build_in_thread(source)
+    assert manifest.column("path").to_pylist() == [str(audio / "both.wav"), str(audio / "good.wav")]
+    rows = {row["key"]: row for row in quarantine.to_pylist()}
+    expected = {**{name.rsplit(".", 1)[0]: kind for name, kind in ODD_KINDS.items()}, "deep": "fifo"}
+    assert rows.keys() == set(expected)
+    for key, kind in expected.items():
+        reason = "unreadable_file" if kind == "locked" else "not_regular_file"
+        assert rows[key]["reason"] == reason and ODD_WHAT[kind] in rows[key]["detail"], rows[key]
+    assert rows["deep"]["path"] == str(audio / "sub" / "deep.wav")
+    assert manifest.num_rows + quarantine.num_rows == len(keys)
+
+
+def test_folder_subdirectory_that_cannot_be_listed_is_quarantined(tmp_path: Path, monkeypatch) -> None:
+    audio = tmp_path / "audio"
+    write_audio(audio / "good.wav", seconds=0.1)
+    write_audio(audio / "closed" / "hidden.wav", seconds=0.1)
+    real_scandir = os.scandir
+
+    def scandir(path):
+        if str(path) == str(audio / "closed"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    manifest, quarantine = build_manifest(SourceConfig(kind="folder", audio_root=str(audio)))
+    assert manifest.column("key").to_pylist() == ["good"]
+    assert [(r["key"], r["reason"], r["path"]) for r in quarantine.to_pylist()] == [
+        (None, "unreadable_file", str(audio / "closed"))]
