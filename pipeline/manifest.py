@@ -174,6 +174,7 @@ class _Record(NamedTuple):
     line: int
     fields: list[str]  # stripped; a best-effort split when `error` is set
     error: str | None
+    text: str  # the line as read (without its line end; bytes that are not UTF-8 as U+FFFD)
 
 
 def _parse_line(text: str) -> tuple[list[str], str | None]:
@@ -210,7 +211,7 @@ def _csv_records(path: str | os.PathLike) -> Iterator[_Record]:
             error = error or parse_error
             if error is None and not any(fields):
                 error = "every field is empty"
-            yield _Record(line, fields, error)
+            yield _Record(line, fields, error, text)
 
 
 def _row_text(fields: list[str]) -> str:
@@ -231,12 +232,12 @@ def read_segments_csv(path: str | os.PathLike) -> tuple[list[Segment], list[BadR
     """
     segments: list[Segment] = []
     bad_rows: list[BadRow] = []
-    for line, fields, error in _csv_records(path):
+    for line, fields, error, text in _csv_records(path):
         if not segments and not bad_rows and error is None and fields[0].lower() == "ytid":
             continue
         key = fields[0] or None
         if error is not None:
-            bad_rows.append(BadRow(line, error, _row_text(fields), key))
+            bad_rows.append(BadRow(line, error, text, key))
             continue
         if len(fields) != 4:
             bad_rows.append(BadRow(line, f"expected 4 columns, got {len(fields)}", _row_text(fields), key))
@@ -263,9 +264,9 @@ def read_class_labels(path: str | os.PathLike) -> list[ClassLabel]:
         where = f"{path}:{records[0].line}" if records else str(path)
         raise ManifestError(f"{where}: expected the header 'index,mid,display_name'")
     classes: list[ClassLabel] = []
-    for line, fields, error in records[1:]:
+    for line, fields, error, text in records[1:]:
         if error is not None:
-            raise ManifestError(f"{path}:{line}: {error}: {_row_text(fields)!r}")
+            raise ManifestError(f"{path}:{line}: {error}: {text!r}")
         if len(fields) != 3 or not fields[0].isdigit() or not fields[1]:
             raise ManifestError(f"{path}:{line}: bad class row {_row_text(fields)!r}")
         if int(fields[0]) != len(classes):
@@ -512,7 +513,7 @@ def _read_folder_labels(
     rows: list[tuple[str, tuple[str, ...], int]] = []
     quarantine: list[dict] = []
     withheld: dict[str, str] = {}
-    for line, fields, error in _csv_records(split.csv):
+    for line, fields, error, text in _csv_records(split.csv):
         if not rows and not quarantine and error is None and [value.lower() for value in fields] == ["path", "labels"]:
             continue
         key, reason = _folder_key(fields[0], root, extensions)
@@ -521,7 +522,7 @@ def _read_folder_labels(
         elif len(fields) not in (1, 2):
             reason = f"expected 'path,labels', got {len(fields)} columns"
         if reason is not None:
-            detail = f"{split.csv}:{line}: {reason}: {_row_text(fields)}"
+            detail = f"{split.csv}:{line}: {reason}: {text if error else _row_text(fields)}"
             quarantine.append(_quarantine_row(key, None, split.name, BAD_CSV_ROW, detail))
             if key is not None:
                 withheld.setdefault(key, f"{split.csv}:{line}")

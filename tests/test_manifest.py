@@ -7,7 +7,9 @@ import re
 import socket
 import stat
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -534,27 +536,34 @@ def release_fifo_readers(root: Path) -> None:
                     pass
 
 
-def build_in_thread(source: SourceConfig, seconds: float = 30.0) -> tuple[pa.Table, pa.Table]:
-    """build_manifest with probing (soundfile opens files), failing instead of hanging if a FIFO is opened."""
+def run_bounded(function: Callable[[], Any], seconds: float, fifo_roots: list[Path]) -> Any:
+    """function() in a daemon thread (a thread stuck in open() cannot be joined); past `seconds`, the FIFOs
+    under fifo_roots are opened for writing so blocked readers get EOF, and the test fails."""
     outcome: list = []
 
-    def build() -> None:
+    def call() -> None:
         try:
-            outcome.append(build_manifest(source, probe_audio=True))
+            outcome.append(function())
         except BaseException as error:  # handed to the test thread below
             outcome.append(error)
 
-    worker = threading.Thread(target=build, daemon=True)  # a daemon: a thread stuck in open() cannot be joined
+    worker = threading.Thread(target=call, daemon=True)
     worker.start()
     worker.join(seconds)
     if not outcome:
         for _ in range(100):  # readers may reach the next FIFO after one is released
-            release_fifo_readers(Path(source.audio_root))
+            for root in fifo_roots:
+                release_fifo_readers(root)
             worker.join(0.1)
-        pytest.fail(f"build_manifest did not finish in {seconds} s (an entry that blocks on open was opened?)")
+        pytest.fail(f"did not finish in {seconds} s (an entry that blocks on open was opened?)")
     if isinstance(outcome[0], BaseException):
         raise outcome[0]
     return outcome[0]
+
+
+def build_in_thread(source: SourceConfig, seconds: float = 30.0) -> tuple[pa.Table, pa.Table]:
+    """build_manifest with probing (soundfile opens files), failing instead of hanging if a FIFO is opened."""
+    return run_bounded(lambda: build_manifest(source, probe_audio=True), seconds, [Path(source.audio_root)])
 
 
 ODD_KINDS = {
