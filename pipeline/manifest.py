@@ -177,18 +177,40 @@ class _Record(NamedTuple):
     text: str  # the line as read (without its line end; bytes that are not UTF-8 as U+FFFD)
 
 
-def _parse_line(text: str) -> tuple[list[str], str | None]:
-    """The fields of one line, strict about quotes (a quote must close on the line, then a comma follows)."""
-    try:
-        return [value.strip() for value in next(csv.reader([text], skipinitialspace=True, strict=True))], None
-    except csv.Error as error:
-        problem = "unterminated quote" if "unexpected end of data" in str(error) else f"malformed CSV: {error}"
-    try:
-        # Without the quotes the first field still names the row's key (so its clip can be withheld).
-        fields = next(csv.reader([text.replace('"', "")], skipinitialspace=True))
-    except csv.Error:
-        fields = [text]
-    return [value.strip() for value in fields], problem
+class _LineParser:
+    """Parses one line at a time with a csv reader that is fed that line only, so a quote left open ends at
+    the line's end instead of taking the following lines (one reader, reused: it resets after each row)."""
+
+    def __init__(self) -> None:
+        self._pending: str | None = None
+        self._strict = csv.reader(self, skipinitialspace=True, strict=True)
+        self._lenient = csv.reader(self, skipinitialspace=True)
+
+    def __iter__(self) -> _LineParser:
+        return self
+
+    def __next__(self) -> str:
+        line, self._pending = self._pending, None
+        if line is None:
+            raise StopIteration
+        return line
+
+    def _fields(self, reader: Iterator[list[str]], text: str) -> list[str]:
+        self._pending = text
+        return [value.strip() for value in next(reader)]
+
+    def parse(self, text: str) -> tuple[list[str], str | None]:
+        """The fields of `text`, strict about quotes (one must close on the line, then a comma follows), or a
+        best-effort split and what is wrong."""
+        try:
+            return self._fields(self._strict, text), None
+        except csv.Error as error:
+            problem = "unterminated quote" if "unexpected end of data" in str(error) else f"malformed CSV: {error}"
+        try:
+            # Without the quotes the first field still names the row's key (so its clip can be withheld).
+            return self._fields(self._lenient, text.replace('"', "")), problem
+        except csv.Error:  # a field over csv.field_size_limit()
+            return [text.strip()], problem
 
 
 def _csv_records(path: str | os.PathLike) -> Iterator[_Record]:
@@ -198,6 +220,7 @@ def _csv_records(path: str | os.PathLike) -> Iterator[_Record]:
     lines: a line whose quote does not close is a record with an error, and the next line is a new record,
     so a typo never swallows the rest of the file. A line that is not valid UTF-8 is a record with an error.
     """
+    parser = _LineParser()
     with open(path, encoding="utf-8-sig", errors="surrogateescape", newline=None) as handle:
         for line, text in enumerate(handle, start=1):
             text = text.rstrip()  # the line end and trailing blanks; fields are stripped anyway
@@ -207,7 +230,7 @@ def _csv_records(path: str | os.PathLike) -> Iterator[_Record]:
             if _SURROGATES.search(text):
                 text = _SURROGATES.sub("\ufffd", text)
                 error = "not valid UTF-8"
-            fields, parse_error = _parse_line(text)
+            fields, parse_error = parser.parse(text)
             error = error or parse_error
             if error is None and not any(fields):
                 error = "every field is empty"
@@ -314,7 +337,7 @@ def _entry_problem(entry: os.DirEntry) -> _FileProblem | None:
         mode = entry.stat().st_mode
     except OSError as error:
         return _FileProblem(NOT_REGULAR_FILE, f"a symlink whose target cannot be reached ({error.strerror})")
-    what = next((name for is_kind, name in _FILE_KINDS if is_kind(mode)), f"of file mode {stat.filemode(mode)}")
+    what = next((name for is_kind, name in _FILE_KINDS if is_kind(mode)), f"an entry of mode {stat.filemode(mode)}")
     link = "a symlink to " if entry.is_symlink() else ""
     return _FileProblem(NOT_REGULAR_FILE, f"{link}{what}, not a regular file")
 

@@ -425,6 +425,11 @@ def test_hostile_segments_csv_names_the_physical_line(tmp_path: Path) -> None:
     (tmp_path / "long.csv").write_text("\n".join(rows) + "\n")
     segments, bad = read_segments_csv(tmp_path / "long.csv")
     assert (len(segments), [(row.line, row.reason) for row in bad]) == (772, [(247, "unterminated quote")])
+    # A field over the csv module's size limit is a bad row too, not a crash.
+    (tmp_path / "huge.csv").write_text(f'huge, 0, 10, "{"/m/a," * 40000}"\nsmall, 0, 10, "/m/a"\n')
+    segments, bad = read_segments_csv(tmp_path / "huge.csv")
+    assert [row.ytid for row in segments] == ["small"]
+    assert [(row.line, row.key) for row in bad] == [(1, "huge")] and "field larger" in bad[0].reason
 
 
 @pytest.mark.parametrize("variant", sorted(HOSTILE_VARIANTS))
