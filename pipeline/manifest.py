@@ -35,16 +35,18 @@ which has no per-row quarantine, any bad line is a `ManifestError` naming the fi
 AudioSet file names come from `SourceConfig.filename_pattern` formatted with `{ytid}`, `{split}`, `{ext}`,
 `{start}` and `{end}`. `{start}`/`{end}` without a format spec are integer milliseconds (`30000`); with a
 spec they format as floats, so `{start:.3f}` gives `30.000`. `{ext}` is tried in `extensions` order and the
-first candidate that is a readable regular file wins. The audio root is listed once (top level and one level of subfolders); a name not
-found at the top level is looked up by base name in the subfolders (first in sorted order wins).
+first candidate that is a readable regular file wins (failing that, the first that exists as anything else
+gives the reason). The audio root is listed once (top level and one level of subfolders); a name not found
+at the top level is looked up by base name in the subfolders (first in sorted order wins).
 
 Folder sources: every entry under `audio_root` (recursive; symlinked directories are not followed) whose
 extension is in `extensions`; the key is the relative path without extension; of a key's entries, the
-regular files come first (sorted), then the rest. A split's CSV (optional) has rows `path,labels` (an optional header row
-`path,labels`, `#` comments) where `path` is relative to `audio_root` (the extension may be omitted) and
-`labels` is one field holding labels separated by `;` (or `,` inside quotes). Files listed in a split's CSV
-belong to that split; unlisted files go to the catch-all split: the one split without a CSV, or the only
-split when there is just one (no splits configured means one split "train", mix=True).
+regular files come first (sorted), then the rest. A split's CSV (optional) has rows `path,labels` (an
+optional header row `path,labels`, `#` comments) where `path` is relative to `audio_root` (the extension
+may be omitted) and `labels` is one field holding labels separated by `;` (or `,` inside quotes). Files
+listed in a split's CSV belong to that split; unlisted files go to the catch-all split: the one split
+without a CSV, or the only split when there is just one (no splits configured means one split "train",
+mix=True).
 
 Labels are MIDs of the class list (`class_labels_csv`); folder labels may also be display names. Without a
 class list, the classes are the sorted distinct labels seen in the CSVs (mid = display name = the label).
@@ -613,7 +615,8 @@ def _folder_clips(
             if first.problem is not None:
                 reason, detail = first.problem.reason, f"{first.relative}: {first.problem.what}"
             else:
-                reason, detail = UNLISTED_FILE, f"{first.relative}: listed in no split's csv and no split takes unlisted files"
+                reason = UNLISTED_FILE
+                detail = f"{first.relative}: listed in no split's csv and no split takes unlisted files"
             quarantine.append(_quarantine_row(key, path, None, reason, detail))
             continue
         clip = _Clip(key, catch_all_split, (), first.relative)
@@ -686,9 +689,22 @@ def _resolved_splits(source: SourceConfig) -> list[SplitConfig]:
         if missing_csv:
             raise ManifestError(f"audioset splits need a csv: {missing_csv}")
     for split in splits:
-        if split.csv and not os.path.isfile(split.csv):
-            raise ManifestError(f"split {split.name!r}: csv {split.csv} does not exist")
+        if split.csv:
+            _check_csv_file(split.csv, f"split {split.name!r}: csv")
+    if source.class_labels_csv:
+        _check_csv_file(source.class_labels_csv, "data.source.class_labels_csv")
     return splits
+
+
+def _check_csv_file(path: str, what: str) -> None:
+    """Refuse a CSV path that is missing or not a regular file (opening a FIFO would block the job)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as error:
+        raise ManifestError(f"{what} {path} does not exist ({error.strerror})") from error
+    if not stat.S_ISREG(mode):
+        kind = next((name for is_kind, name in _FILE_KINDS if is_kind(mode)), "not a regular file")
+        raise ManifestError(f"{what} {path} is {kind}, not a regular file")
 
 
 def build_manifest(

@@ -308,6 +308,23 @@ def test_config_errors_are_clear(tmp_path: Path) -> None:
         build_manifest(SourceConfig(kind="s3", splits=[SplitConfig(csv=str(tmp_path / "a.csv"))]))
 
 
+def test_a_csv_path_that_is_not_a_regular_file_is_a_config_error(tmp_path: Path) -> None:
+    """A FIFO as a CSV would block the job on open: refused from stat, naming the key and what the path is."""
+    os.mkfifo(tmp_path / "fifo.csv")
+    (tmp_path / "dir.csv").mkdir()
+    (tmp_path / "train.csv").write_text('a, 0, 10, "/m/a"\n')
+    for split_csv, classes_csv, message in [
+        ("fifo.csv", "", r"split 'train': csv .*fifo.csv is a FIFO"),
+        ("dir.csv", "", r"split 'train': csv .*dir.csv is a directory"),
+        ("train.csv", "fifo.csv", r"data.source.class_labels_csv .*fifo.csv is a FIFO"),
+    ]:
+        source = SourceConfig(audio_root=str(tmp_path),
+                              class_labels_csv=str(tmp_path / classes_csv) if classes_csv else "",
+                              splits=[SplitConfig(name="train", csv=str(tmp_path / split_csv))])
+        with pytest.raises(ManifestError, match=message):
+            run_bounded(lambda: build_manifest(source), 30, [tmp_path])
+
+
 def test_empty_tables_keep_their_schema(tmp_path: Path) -> None:
     (tmp_path / "train.csv").write_text("# only a header\n")
     manifest, quarantine = build_manifest(
@@ -443,7 +460,8 @@ def test_hostile_folder_labels_csv_loses_no_row(tmp_path: Path, variant: str) ->
                           splits=[SplitConfig(name="train", csv=str(tmp_path / "labels.csv"))])
     manifest, quarantine = build_manifest(source)
     withheld = {key for key in bad if key in GOOD_KEYS}
-    assert manifest.column("key").to_pylist() == sorted([key for key in GOOD_KEYS if key not in withheld] + ["unlisted"])
+    expected_keys = sorted([key for key in GOOD_KEYS if key not in withheld] + ["unlisted"])
+    assert manifest.column("key").to_pylist() == expected_keys
     # No class list: the classes are the labels seen, so a BOM'd header adds no class "labels".
     assert [c.mid for c in manifest_classes(manifest)] == ["/m/a", "/m/b"]
     rows = quarantine.to_pylist()
