@@ -1,4 +1,5 @@
-"""pipeline.manifest: CSV readers, AudioSet and folder sources, quarantine reasons, leak check, ledger counts."""
+"""pipeline.manifest: CSV readers, AudioSet and folder sources, quarantine reasons, leak check, ledger counts,
+hostile CSV encodings and quoting, entries named like audio that are not readable regular files."""
 
 from __future__ import annotations
 
