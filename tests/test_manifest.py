@@ -1,8 +1,16 @@
-"""pipeline.manifest: CSV readers, AudioSet and folder sources, quarantine reasons, leak check, ledger counts."""
+"""pipeline.manifest: CSV readers, AudioSet and folder sources, quarantine reasons, leak check, ledger counts,
+hostile CSV encodings and quoting, entries named like audio that are not readable regular files."""
 
 from __future__ import annotations
 
+import os
+import re
+import socket
+import stat
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -301,6 +309,23 @@ def test_config_errors_are_clear(tmp_path: Path) -> None:
         build_manifest(SourceConfig(kind="s3", splits=[SplitConfig(csv=str(tmp_path / "a.csv"))]))
 
 
+def test_a_csv_path_that_is_not_a_regular_file_is_a_config_error(tmp_path: Path) -> None:
+    """A FIFO as a CSV would block the job on open: refused from stat, naming the key and what the path is."""
+    os.mkfifo(tmp_path / "fifo.csv")
+    (tmp_path / "dir.csv").mkdir()
+    (tmp_path / "train.csv").write_text('a, 0, 10, "/m/a"\n')
+    for split_csv, classes_csv, message in [
+        ("fifo.csv", "", r"split 'train': csv .*fifo.csv is a FIFO"),
+        ("dir.csv", "", r"split 'train': csv .*dir.csv is a directory"),
+        ("train.csv", "fifo.csv", r"data.source.class_labels_csv .*fifo.csv is a FIFO"),
+    ]:
+        source = SourceConfig(audio_root=str(tmp_path),
+                              class_labels_csv=str(tmp_path / classes_csv) if classes_csv else "",
+                              splits=[SplitConfig(name="train", csv=str(tmp_path / split_csv))])
+        with pytest.raises(ManifestError, match=message):
+            run_bounded(lambda: build_manifest(source), 30, [tmp_path])
+
+
 def test_empty_tables_keep_their_schema(tmp_path: Path) -> None:
     (tmp_path / "train.csv").write_text("# only a header\n")
     manifest, quarantine = build_manifest(
@@ -309,3 +334,334 @@ def test_empty_tables_keep_their_schema(tmp_path: Path) -> None:
     assert manifest.num_rows == 0 and quarantine.num_rows == 0
     assert isinstance(manifest, pa.Table)
     assert manifest.schema.names == MANIFEST_SCHEMA.names
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hostile CSVs: every data line is written or quarantined, and a quarantined row's clip is never written.
+
+GOOD_KEYS = [f"clip_{index:02d}" for index in range(8)]
+BOM = b"\xef\xbb\xbf"
+
+
+def physical_data_lines(data: bytes, header: bool) -> int:
+    """Non-blank lines that are not `#` comments, the header line excepted (counted without the reader)."""
+    lines = [line for line in re.split(rb"\r\n|\r|\n", data.removeprefix(BOM)) if line.strip()]
+    lines = [line for line in lines if not line.lstrip().startswith(b"#")]
+    return len(lines) - (1 if header else 0)
+
+
+# variant -> (rows replacing clip_03's row, line ending, BOM, {key of a quarantined row: reason substring})
+HOSTILE_VARIANTS = {
+    "bom": (None, "\n", True, {}),
+    "crlf": (None, "\r\n", False, {}),
+    "cr": (None, "\r", True, {}),
+    "unterminated_quote": (['clip_03, 0, 10, "/m/a'], "\n", False, {"clip_03": "unterminated quote"}),
+    "embedded_newline": (['clip_03, 0, 10, "/m/a,', '/m/b"'], "\r\n", False,
+                         {"clip_03": "unterminated quote", '/m/b"': "expected 4 columns"}),
+    "text_after_quote": (['clip_03, 0, 10, "/m/a"x'], "\n", False, {"clip_03": "malformed CSV"}),
+    "not_utf8": (['clip_03, 0, 10, "/m/a\udcff"'], "\n", False, {"clip_03": "not valid UTF-8"}),
+    "every_field_empty": ([" , , , ", 'clip_03, 0, 10, "/m/a,/m/b"'], "\n", False, {None: "every field is empty"}),
+    "bad_row_then_good_row": (['clip_03, abc, 10, "/m/a"', 'clip_03, 0, 10, "/m/a"'], "\n", False,
+                              {"clip_03": "not numbers"}),
+    "good_row_then_bad_row": (['clip_03, 0, 10, "/m/a"', "clip_03, 0, 10"], "\n", False,
+                              {"clip_03": "expected 4 columns"}),
+}
+
+
+def hostile_segments_csv(variant: str) -> tuple[bytes, dict]:
+    replacement, newline, bom, bad = HOSTILE_VARIANTS[variant]
+    rows = [f'{key}, 0.000, 10.000, "/m/a,/m/b"' for key in GOOD_KEYS]
+    if replacement is not None:
+        rows[3:4] = replacement
+    text = newline.join(["# Segments csv", "# YTID, start_seconds, end_seconds, positive_labels", *rows]) + newline
+    return (BOM if bom else b"") + text.encode("utf-8", "surrogateescape"), bad
+
+
+# The same variants in a folder's `path,labels` CSV: variant -> (rows replacing clip_03's, {key: reason}).
+FOLDER_ROWS = {
+    "unterminated_quote": (['clip_03.wav,"/m/a'], {"clip_03": "unterminated quote"}),
+    # The second line read by itself is an absolute path outside the audio root.
+    "embedded_newline": (['clip_03.wav,"/m/a;', '/m/b"'],
+                         {"clip_03": "unterminated quote", None: "path outside audio_root"}),
+    "text_after_quote": (['clip_03.wav,"/m/a"x'], {"clip_03": "malformed CSV"}),
+    "not_utf8": (['clip_03.wav,"/m/a\udcff"'], {"clip_03": "not valid UTF-8"}),
+    "every_field_empty": ([" , ", 'clip_03.wav,"/m/a;/m/b"'], {None: "every field is empty"}),
+    "bad_row_then_good_row": (["clip_03.wav,/m/a,surplus", "clip_03.wav,/m/a"], {"clip_03": "expected 'path,labels'"}),
+    "good_row_then_bad_row": (["clip_03.wav,/m/a", "clip_03,/m/a,surplus"], {"clip_03": "expected 'path,labels'"}),
+}
+
+
+def hostile_labels_csv(variant: str) -> tuple[bytes, dict]:
+    """A folder's labels CSV (with a header row, which the BOM precedes) in the given variant."""
+    _, newline, bom, _ = HOSTILE_VARIANTS[variant]
+    replacement, bad = FOLDER_ROWS.get(variant, (None, {}))
+    rows = [f'{key}.wav,"/m/a;/m/b"' for key in GOOD_KEYS]
+    if replacement is not None:
+        rows[3:4] = replacement
+    text = newline.join(["path,labels", *rows]) + newline
+    return (BOM if bom else b"") + text.encode("utf-8", "surrogateescape"), bad
+
+
+CLASSES_AB = "index,mid,display_name\n0,/m/a,A\n1,/m/b,B\n"
+
+
+@pytest.mark.parametrize("variant", sorted(HOSTILE_VARIANTS))
+def test_hostile_segments_csv_loses_no_row(tmp_path: Path, variant: str) -> None:
+    data, bad = hostile_segments_csv(variant)
+    (tmp_path / "train.csv").write_bytes(data)
+    (tmp_path / "classes.csv").write_text(CLASSES_AB)
+    for key in GOOD_KEYS:
+        write_audio(tmp_path / "audio" / f"{key}.wav", seconds=0.1)
+    source = SourceConfig(
+        audio_root=str(tmp_path / "audio"), class_labels_csv=str(tmp_path / "classes.csv"),
+        splits=[SplitConfig(name="train", csv=str(tmp_path / "train.csv"))],
+    )
+    manifest, quarantine = build_manifest(source)
+    rows = quarantine.to_pylist()
+    withheld = {key for key in bad if key in GOOD_KEYS}
+    assert manifest.column("key").to_pylist() == [key for key in GOOD_KEYS if key not in withheld]
+    assert all(labels == [0, 1] for labels in manifest.column("label_indices").to_pylist())
+    assert manifest.num_rows + quarantine.num_rows == physical_data_lines(data, header=False)
+    bad_rows = [row for row in rows if row["reason"] == "bad_csv_row"]
+    assert {row["key"]: row["detail"] for row in bad_rows}.keys() == bad.keys()
+    for row in bad_rows:
+        assert bad[row["key"]] in row["detail"], row
+        assert re.match(rf"{re.escape(str(tmp_path / 'train.csv'))}:\d+: ", row["detail"]), row
+        assert "\udcff" not in row["detail"]
+    assert {row["reason"] for row in rows} <= {"bad_csv_row", "duplicate_key"}
+
+
+def test_hostile_segments_csv_names_the_physical_line(tmp_path: Path) -> None:
+    data, _ = hostile_segments_csv("embedded_newline")
+    (tmp_path / "train.csv").write_bytes(data)
+    segments, bad = read_segments_csv(tmp_path / "train.csv")
+    assert [(row.line, row.key) for row in bad] == [(6, "clip_03"), (7, '/m/b"')]
+    assert [row.line for row in segments] == [3, 4, 5, 8, 9, 10, 11]
+    # An unterminated quote costs its own line only, however long the file.
+    rows = [f'key_{index}, 0, 10, "/m/a"' for index in range(773)]
+    rows[246] = 'key_246, 0, 10, "/m/a'
+    (tmp_path / "long.csv").write_text("\n".join(rows) + "\n")
+    segments, bad = read_segments_csv(tmp_path / "long.csv")
+    assert (len(segments), [(row.line, row.reason) for row in bad]) == (772, [(247, "unterminated quote")])
+    # A field over the csv module's size limit is a bad row too, not a crash.
+    (tmp_path / "huge.csv").write_text(f'huge, 0, 10, "{"/m/a," * 40000}"\nsmall, 0, 10, "/m/a"\n')
+    segments, bad = read_segments_csv(tmp_path / "huge.csv")
+    assert [row.ytid for row in segments] == ["small"]
+    assert [(row.line, row.key) for row in bad] == [(1, "huge")] and "field larger" in bad[0].reason
+
+
+@pytest.mark.parametrize("variant", sorted(HOSTILE_VARIANTS))
+def test_hostile_folder_labels_csv_loses_no_row(tmp_path: Path, variant: str) -> None:
+    data, bad = hostile_labels_csv(variant)
+    (tmp_path / "labels.csv").write_bytes(data)
+    for key in GOOD_KEYS:
+        write_audio(tmp_path / "audio" / f"{key}.wav", seconds=0.1)
+    write_audio(tmp_path / "audio" / "unlisted.wav", seconds=0.1)
+    source = SourceConfig(kind="folder", audio_root=str(tmp_path / "audio"),
+                          splits=[SplitConfig(name="train", csv=str(tmp_path / "labels.csv"))])
+    manifest, quarantine = build_manifest(source)
+    withheld = {key for key in bad if key in GOOD_KEYS}
+    expected_keys = sorted([key for key in GOOD_KEYS if key not in withheld] + ["unlisted"])
+    assert manifest.column("key").to_pylist() == expected_keys
+    # No class list: the classes are the labels seen, so a BOM'd header adds no class "labels".
+    assert [c.mid for c in manifest_classes(manifest)] == ["/m/a", "/m/b"]
+    rows = quarantine.to_pylist()
+    bad_rows = {row["key"]: row["detail"] for row in rows if row["reason"] == "bad_csv_row"}
+    assert bad_rows.keys() == bad.keys()
+    for key, detail in bad_rows.items():
+        assert bad[key] in detail and detail.startswith(f"{tmp_path / 'labels.csv'}:")
+    # Ledger: CSV data lines + audio files, less the files a CSV line (good or bad) took.
+    listed_with_file = len(GOOD_KEYS)
+    expected = physical_data_lines(data, header=True) + len(GOOD_KEYS) + 1 - listed_with_file
+    assert manifest.num_rows + quarantine.num_rows == expected
+
+
+def test_folder_bad_row_withholds_its_file_in_every_split(tmp_path: Path) -> None:
+    """A key named by a bad row in the eval CSV is not written by the catch-all train split either."""
+    for key in ("a", "b", "c"):
+        write_audio(tmp_path / "audio" / f"{key}.wav", seconds=0.1)
+    (tmp_path / "eval.csv").write_text('b.wav,"/m/x\nc.wav,/m/x\n')
+    source = SourceConfig(kind="folder", audio_root=str(tmp_path / "audio"), splits=[
+        SplitConfig(name="train", csv="", mix=True),
+        SplitConfig(name="eval", csv=str(tmp_path / "eval.csv"), mix=False),
+    ])
+    manifest, quarantine = build_manifest(source)
+    assert list(zip(manifest.column("split").to_pylist(), manifest.column("key").to_pylist())) == [
+        ("train", "a"), ("eval", "c")]
+    assert [(r["key"], r["split"], r["reason"]) for r in quarantine.to_pylist()] == [("b", "eval", "bad_csv_row")]
+
+
+@pytest.mark.parametrize(
+    ("content", "line", "message"),
+    [
+        (BOM + CLASS_LABELS.encode(), None, None),
+        (CLASS_LABELS.replace("\n", "\r\n").encode(), None, None),
+        (CLASS_LABELS.replace('"Music"', '"Music').encode(), 4, "unterminated quote"),
+        (CLASS_LABELS.replace('"Music"', '"Mu\nsic"').encode(), 4, "unterminated quote"),
+        (CLASS_LABELS.encode().replace(b"Music", b"Mus\xffic"), 4, "not valid UTF-8"),
+        (CLASS_LABELS.replace('"Speech"', '"Speech"!').encode(), 2, "malformed CSV"),
+        (b"index,mid,display_name\r\n0,/m/a,A\r\n, , \r\n", 3, "every field is empty"),
+    ],
+)
+def test_hostile_class_labels_csv(tmp_path: Path, content: bytes, line: int | None, message: str | None) -> None:
+    path = tmp_path / "class_labels_indices.csv"
+    path.write_bytes(content)
+    if line is None:
+        assert [c.display_name for c in read_class_labels(path)] == ["Speech", "Male speech, man speaking", "Music"]
+        return
+    with pytest.raises(ManifestError, match=rf"^{re.escape(str(path))}:{line}: {message}"):
+        read_class_labels(path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Entries named like audio that are not readable regular files: quarantined, never opened.
+
+
+def make_odd_entries(directory: Path, names: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Create entries by kind: dir, fifo, socket, broken_link, loop_link, dir_link, locked (no read permission;
+    as root, where chmod does not stop reads, os.access is made to say so)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    locked: set[str] = set()
+    for name, kind in names.items():
+        path = directory / name
+        if kind == "dir":
+            write_audio(path / "inner.wav", seconds=0.1)  # a directory named like audio, holding a real clip
+        elif kind == "fifo":
+            os.mkfifo(path)
+        elif kind == "socket":
+            monkeypatch.chdir(directory)  # AF_UNIX paths are limited to ~100 bytes: bind a relative name
+            server = socket.socket(socket.AF_UNIX)
+            server.bind(name)
+            server.close()  # the socket file stays
+        elif kind == "broken_link":
+            path.symlink_to(directory / "nowhere.wav")
+        elif kind == "loop_link":
+            path.symlink_to(path)
+        elif kind == "dir_link":
+            path.symlink_to(directory / "some_dir.wav" if (directory / "some_dir.wav").is_dir() else directory)
+        elif kind == "locked":
+            write_audio(path, seconds=0.1)
+            path.chmod(0)
+            locked.add(str(path))
+    if locked and os.access(next(iter(locked)), os.R_OK):
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, **kw: str(p) not in locked and real_access(p, mode, **kw))
+
+
+def release_fifo_readers(root: Path) -> None:
+    """Open every FIFO under root for writing once, so a reader blocked in open() gets EOF and its thread ends."""
+    for directory, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(directory, name)
+            if stat.S_ISFIFO(os.lstat(path).st_mode):
+                try:
+                    os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+                except OSError:  # no reader waiting
+                    pass
+
+
+def run_bounded(function: Callable[[], Any], seconds: float, fifo_roots: list[Path]) -> Any:
+    """function() in a daemon thread (a thread stuck in open() cannot be joined); past `seconds`, the FIFOs
+    under fifo_roots are opened for writing so blocked readers get EOF, and the test fails."""
+    outcome: list = []
+
+    def call() -> None:
+        try:
+            outcome.append(function())
+        except BaseException as error:  # handed to the test thread below
+            outcome.append(error)
+
+    worker = threading.Thread(target=call, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if not outcome:
+        for _ in range(100):  # readers may reach the next FIFO after one is released
+            for root in fifo_roots:
+                release_fifo_readers(root)
+            worker.join(0.1)
+        pytest.fail(f"did not finish in {seconds} s (an entry that blocks on open was opened?)")
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return outcome[0]
+
+
+def build_in_thread(source: SourceConfig, seconds: float = 30.0) -> tuple[pa.Table, pa.Table]:
+    """build_manifest with probing (soundfile opens files), failing instead of hanging if a FIFO is opened."""
+    return run_bounded(lambda: build_manifest(source, probe_audio=True), seconds, [Path(source.audio_root)])
+
+
+ODD_KINDS = {
+    "x.wav": "dir", "y.flac": "fifo", "s.wav": "socket", "broken.wav": "broken_link", "loop.wav": "loop_link",
+    "dirlink.wav": "dir_link", "locked.wav": "locked",
+}
+ODD_WHAT = {
+    "dir": "a directory", "fifo": "a FIFO", "socket": "a socket", "broken_link": "a symlink whose target",
+    "loop_link": "a symlink whose target", "dir_link": "a symlink to a directory", "locked": "without read permission",
+}
+
+
+def test_folder_entries_that_are_not_regular_files_are_quarantined(tmp_path: Path, monkeypatch) -> None:
+    audio = tmp_path / "audio"
+    write_audio(audio / "good.wav", seconds=0.1)
+    make_odd_entries(audio, ODD_KINDS, monkeypatch)
+    write_audio(audio / "renamed.wav", seconds=0.1)
+    os.rename(audio / "renamed.wav", os.fsencode(audio) + b"/bad\xffname.wav")
+    os.mkfifo(audio / "listed.ogg")  # listed by the labels CSV, and a FIFO
+    (tmp_path / "labels.csv").write_text("listed.ogg,Dog\ngood.wav,Cat\n")
+    source = SourceConfig(kind="folder", audio_root=str(audio), extensions=["wav", "flac", "ogg"],
+                          splits=[SplitConfig(name="train", csv=str(tmp_path / "labels.csv"))])
+    manifest, quarantine = build_in_thread(source)
+    assert manifest.column("key").to_pylist() == ["good", "x.wav/inner"]
+    assert manifest.column("sample_rate").to_pylist() == [16000, 16000]
+    rows = {row["key"]: row for row in quarantine.to_pylist()}
+    expected = {name.rsplit(".", 1)[0]: kind for name, kind in ODD_KINDS.items()}
+    assert rows.keys() == set(expected) | {"listed", "bad\ufffdname"}
+    for key, kind in expected.items():
+        reason = "unreadable_file" if kind == "locked" else "not_regular_file"
+        assert (rows[key]["reason"], rows[key]["stage"], rows[key]["split"]) == (reason, "manifest", "train")
+        assert ODD_WHAT[kind] in rows[key]["detail"] and rows[key]["path"].startswith(str(audio)), rows[key]
+    assert rows["listed"]["reason"] == "not_regular_file" and "labels.csv:1" in rows["listed"]["detail"]
+    assert rows["bad\ufffdname"]["reason"] == "bad_file_name"
+    # Ledger: 11 audio-named entries + 2 CSV rows - 2 entries those rows took.
+    assert manifest.num_rows + quarantine.num_rows == 11
+
+
+def test_audioset_candidates_that_are_not_regular_files_are_quarantined(tmp_path: Path, monkeypatch) -> None:
+    audio = tmp_path / "audio"
+    write_audio(audio / "good.wav", seconds=0.1)
+    make_odd_entries(audio, ODD_KINDS, monkeypatch)
+    make_odd_entries(audio / "sub", {"deep.wav": "fifo"}, monkeypatch)
+    os.mkfifo(audio / "both.flac")  # flac comes first, but is a FIFO: the regular wav wins
+    write_audio(audio / "both.wav", seconds=0.1)
+    keys = ["good", *(name.rsplit(".", 1)[0] for name in ODD_KINDS), "deep", "both"]
+    (tmp_path / "train.csv").write_text("".join(f'{key}, 0, 10, "/m/a"\n' for key in keys))
+    source = SourceConfig(audio_root=str(audio), extensions=["flac", "wav"],
+                          splits=[SplitConfig(name="train", csv=str(tmp_path / "train.csv"))])
+    manifest, quarantine = build_in_thread(source)
+    assert manifest.column("path").to_pylist() == [str(audio / "both.wav"), str(audio / "good.wav")]
+    rows = {row["key"]: row for row in quarantine.to_pylist()}
+    expected = {**{name.rsplit(".", 1)[0]: kind for name, kind in ODD_KINDS.items()}, "deep": "fifo"}
+    assert rows.keys() == set(expected)
+    for key, kind in expected.items():
+        reason = "unreadable_file" if kind == "locked" else "not_regular_file"
+        assert rows[key]["reason"] == reason and ODD_WHAT[kind] in rows[key]["detail"], rows[key]
+    assert rows["deep"]["path"] == str(audio / "sub" / "deep.wav")
+    assert manifest.num_rows + quarantine.num_rows == len(keys)
+
+
+def test_folder_subdirectory_that_cannot_be_listed_is_quarantined(tmp_path: Path, monkeypatch) -> None:
+    audio = tmp_path / "audio"
+    write_audio(audio / "good.wav", seconds=0.1)
+    write_audio(audio / "closed" / "hidden.wav", seconds=0.1)
+    real_scandir = os.scandir
+
+    def scandir(path):
+        if str(path) == str(audio / "closed"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    manifest, quarantine = build_manifest(SourceConfig(kind="folder", audio_root=str(audio)))
+    assert manifest.column("key").to_pylist() == ["good"]
+    assert [(r["key"], r["reason"], r["path"]) for r in quarantine.to_pylist()] == [
+        (None, "unreadable_file", str(audio / "closed"))]
