@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import operator
 import types
 import typing
 from dataclasses import dataclass, field
@@ -128,12 +129,7 @@ class Config:
             raise ConfigError(
                 f"data.audio.min_sample_rate ({audio.min_sample_rate}) exceeds max_sample_rate ({audio.max_sample_rate})"
             )
-        refused = refused_deepspeed_keys(self.train.deepspeed)
-        if refused:
-            raise ConfigError(
-                "train.deepspeed may not set keys the project generates: "
-                + "; ".join(f"train.deepspeed.{key} (set by {DEEPSPEED_OWNED_KEYS[owner]})" for key, owner in refused)
-            )
+        check_deepspeed_passthrough(self.train.deepspeed)
         if self.data.loader.micro_batch_clips % self.data.mixing.group_size:
             raise ConfigError(
                 f"data.loader.micro_batch_clips ({self.data.loader.micro_batch_clips}) must be a multiple of "
@@ -158,6 +154,7 @@ DEEPSPEED_OWNED_KEYS = {
     "fp16.initial_scale_power": "the recipe's fp16 loss scaler",
     "fp16.loss_scale_window": "the recipe's fp16 loss scaler",
     "fp16.min_loss_scale": "the recipe's fp16 loss scaler",
+    "fp16.loss_scale": "the recipe's fp16 loss scaler (dynamic)",
     "amp": "train.precision",
     "torch_autocast": "train.precision",
     "optimizer": "the job's AdamW (train.peak_lr, train.betas, train.eps, train.weight_decay)",
@@ -174,23 +171,21 @@ def _leaf_keys(mapping: dict, prefix: str = "") -> list[str]:
     return keys
 
 
-def refused_deepspeed_keys(passthrough: dict) -> list[tuple[str, str]]:
-    """(passthrough key, owned key) for every leaf of `passthrough` that sets, replaces or reaches into an
-    owned DeepSpeed key."""
+def check_deepspeed_passthrough(passthrough: dict) -> None:
+    """Refuse, naming them all, the leaves of `train.deepspeed` that set, replace or reach into an owned key."""
     refused = []
     for key in _leaf_keys(passthrough):
-        for owned in DEEPSPEED_OWNED_KEYS:
-            if key == owned or owned.startswith(f"{key}.") or key.startswith(f"{owned}."):
-                refused.append((key, owned))
-                break
-    return refused
+        owner = next((owned for owned in DEEPSPEED_OWNED_KEYS
+                      if key == owned or owned.startswith(f"{key}.") or key.startswith(f"{owned}.")), None)
+        if owner is not None:
+            refused.append(f"train.deepspeed.{key} (set by {DEEPSPEED_OWNED_KEYS[owner]})")
+    if refused:
+        raise ConfigError(f"train.deepspeed may not set keys the project generates: {'; '.join(refused)}")
 
 
 def merge_deepspeed_passthrough(generated: dict, passthrough: dict) -> dict:
     """`generated` with `passthrough` merged in, nested mappings key by key; refuses owned keys."""
-    refused = refused_deepspeed_keys(passthrough)
-    if refused:
-        raise ConfigError(f"train.deepspeed may not set {', '.join(key for key, _ in refused)}")
+    check_deepspeed_passthrough(passthrough)
     return _merge(generated, passthrough)
 
 
@@ -260,8 +255,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     raise ConfigError(f"{source}: '{key}' has an unsupported annotation {tp}")
 
 
-RANGE_BOUNDS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b),
-                "le": ("<=", lambda v, b: v <= b), "lt": ("<", lambda v, b: v < b)}
+# Field metadata key -> (how a message writes it, the check).
+RANGE_BOUNDS = {"ge": (">=", operator.ge), "gt": (">", operator.gt), "le": ("<=", operator.le), "lt": ("<", operator.lt)}
 
 
 def _check_range(value: Any, bounds: dict, key: str, source: str) -> None:
@@ -272,7 +267,7 @@ def _check_range(value: Any, bounds: dict, key: str, source: str) -> None:
         for i, item in enumerate(value):
             _check_range(item, bounds, f"{key}[{i}]", source)
         return
-    limits = [(RANGE_BOUNDS[name], bound) for name, bound in bounds.items() if name in RANGE_BOUNDS]
+    limits = [(RANGE_BOUNDS[name], bound) for name, bound in bounds.items()]
     if not all(holds(value, bound) for (_, holds), bound in limits):
         allowed = " and ".join(f"{symbol} {bound}" for (symbol, _), bound in limits)
         raise ConfigError(f"{source}: '{key}' must be {allowed}, got {value!r}")
