@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import typing
@@ -204,7 +205,7 @@ def test_pretrain_entry_point_exits_2_naming_key_value_and_choices(tmp_path):
     exit 2 before any rank starts, one line naming the key, the value and the allowed values."""
     result = subprocess.run(
         [sys.executable, "-m", "jobs.cli", "pretrain", "--config", "tiny_stage1", "--set", "train.precision=bfloat16"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
