@@ -4,10 +4,12 @@ no DeepSpeed, so it measures the model's compute and memory, not the engine's co
 
     python -m benchmarks.train_step                  # base_stage2: ViT-B 1024 x 128, 12 clean clips, K = 8
     python -m benchmarks.train_step --tiny           # tiny_stage2 on the CPU (seconds)
-    python -m benchmarks.train_step --compile --steps 20
+    python -m benchmarks.train_step --tiny --compile # what `train.compile: true` compiles (SSLAM.compile_blocks)
 
 Prints one JSON line: clean clips/s, ms/step, peak memory, FLOPs per step and MFU with the FLOP
-convention stated in the record, device, dtype. bf16 autocast on CUDA, fp32 on the CPU.
+convention stated in the record, device, dtype, whether the step was compiled and how long the untimed
+warm-up steps took (compilation included). bf16 autocast on CUDA, fp32 on the CPU. Run it with and without
+`--compile` to compare.
 """
 
 from __future__ import annotations
@@ -107,14 +109,12 @@ def peak_flops(device: torch.device, override_tflops: float | None) -> float | N
 class TrainStep:
     """Forward, backward, clip, AdamW step, EMA update: the per-update work of jobs.pretrain."""
 
-    def __init__(self, config: Config, device: torch.device, use_autocast: bool, compile_blocks: bool) -> None:
+    def __init__(self, config: Config, device: torch.device, use_autocast: bool) -> None:
         train = config.train
         self.model = SSLAM(config.model).to(device)
         self.model.teacher_to(device)
-        if compile_blocks:
-            for block in [*self.model.encoder.blocks, *self.model.teacher.blocks]:
-                block.compile()
-            self.model.decoder.compile()
+        if train.compile:
+            self.model.compile_blocks()
         self.optimizer = torch.optim.AdamW(
             self.model.param_groups(train.weight_decay, train.weight_decay_mode),
             lr=train.peak_lr, betas=tuple(train.betas), eps=train.eps,
@@ -152,7 +152,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the blocks and the decoder")
+    parser.add_argument(
+        "--compile", action="store_true", help="compile as train.compile does (same as --set train.compile=true)"
+    )
     parser.add_argument("--peak-tflops", type=float, default=None, help="peak FLOP/s for MFU (default: by GPU name)")
     return parser.parse_args(argv)
 
@@ -162,6 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     config_name = "tiny_stage2" if args.tiny else args.config
     overrides = list(args.overrides) + ([f"model.clone_batch={args.clone}"] if args.clone else [])
+    overrides += ["train.compile=true"] if args.compile else []
     config = load_config(config_name, overrides)
     cfg = config.model
     clips = args.clips or config.data.loader.micro_batch_clips
@@ -172,12 +175,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     rows = nomix_rows(cfg.time_patches, config.data.mixing.nomix_rows)
     batch = {k: v.to(device) for k, v in synthetic_batch(cfg, clips, config.data.mixing.group_size, rows, 0).items()}
-    step = TrainStep(config, device, use_autocast, args.compile)
+    step = TrainStep(config, device, use_autocast)
     logger.info("%s: stage %d, %d clean clips, K=%d, device %s", config_name, cfg.stage, clips, cfg.clone_batch, device)
 
+    warmup_start = time.perf_counter()
     for _ in range(args.warmup):
         step(batch)
     synchronize(device)
+    warmup_seconds = time.perf_counter() - warmup_start
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
@@ -203,7 +208,9 @@ def main(argv: list[str] | None = None) -> dict:
         "stage": cfg.stage,
         "device": device_name,
         "dtype": "bf16 autocast, fp32 master weights and teacher" if use_autocast else "fp32",
-        "compile": args.compile,
+        "compile": config.train.compile,
+        "warmup_steps": args.warmup,
+        "warmup_s": round(warmup_seconds, 3),
         "clean_clips": clips,
         "clone_batch": cfg.clone_batch,
         "student_rows": clips * cfg.clone_batch * (2 if cfg.stage == 2 else 1),

@@ -3,17 +3,22 @@
 A config is a YAML file (a bare name resolves to `jobs/configs/NAME.yaml`) plus `--set a.b=value`
 overrides. Unknown keys and wrong types raise `ConfigError` naming the key and the file. The DeepSpeed
 launcher's `--local_rank` is accepted and ignored (ranks read LOCAL_RANK from the environment).
+
+Every field is checked at load, so no value is silently misread: a `Literal[...]` annotation lists the allowed
+values of an enum field, and a field's `metadata` may bound a number (`ge`, `gt`, `le`, `lt`; on a list, each
+item). `train.deepspeed` is the one free-form mapping: DeepSpeed settings the project does not generate itself.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import operator
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -28,33 +33,38 @@ class TrainConfig:
     """Optimisation and run control for the pre-training job (SSLAM_SPEC §10, §14)."""
 
     output_dir: str = "runs/pretrain"
-    seed: int = 1
-    max_updates: int = 400000
-    warmup_updates: int = 53333
-    peak_lr: float = 5e-4
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-    weight_decay: float = 0.05
-    weight_decay_mode: str = "all"  # "all" (reference) | "exclude_norm_bias"
-    gradient_clipping: float = 4.0
-    gradient_accumulation: int = 1
+    seed: int = field(default=1, metadata={"ge": 0})
+    max_updates: int = field(default=400000, metadata={"ge": 1})
+    warmup_updates: int = field(default=53333, metadata={"ge": 0})
+    peak_lr: float = field(default=5e-4, metadata={"gt": 0})
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95], metadata={"ge": 0, "lt": 1})
+    eps: float = field(default=1e-8, metadata={"gt": 0})
+    weight_decay: float = field(default=0.05, metadata={"ge": 0})
+    weight_decay_mode: Literal["all", "exclude_norm_bias"] = "all"  # "all" is the reference's
+    gradient_clipping: float = field(default=4.0, metadata={"ge": 0})  # 0: no clipping
+    gradient_accumulation: int = field(default=1, metadata={"ge": 1})
     # When set, clean clips per update for any rank count: accumulation = clips / (micro_batch_clips x ranks).
-    clips_per_update: int = 0
-    zero_stage: int = 2
-    precision: str = "bf16"  # "bf16" | "fp16" | "fp32"
-    epochs: int = 0  # 0: stop at max_updates only
-    log_interval: int = 10
-    checkpoint_interval: int = 10000
-    keep_checkpoints: int = 1
+    clips_per_update: int = field(default=0, metadata={"ge": 0})
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    epochs: int = field(default=0, metadata={"ge": 0})  # 0: stop at max_updates only
+    log_interval: int = field(default=10, metadata={"ge": 1})
+    checkpoint_interval: int = field(default=10000, metadata={"ge": 1})
+    keep_checkpoints: int = field(default=1, metadata={"ge": 0})  # 0: keep every checkpoint
     resume: str = "auto"  # "auto" | "never" | a checkpoint directory
     init_from: str = ""  # stage 2: a stage-1 checkpoint of ours or an official EAT .pt
     init_from_trusted: bool = False  # unpickle an official .pt without the safe allow-list (trusted files only)
     dataset_fingerprint: str = ""  # when set, dataset.json must carry this fingerprint
-    min_target_var: float = 0.0  # collapse guard floors; 0 disables
-    min_pred_var: float = 0.0
-    on_nonfinite_loss: str = "stop"  # "stop" | "skip"
-    collective_timeout_s: int = 300
+    min_target_var: float = field(default=0.0, metadata={"ge": 0})  # collapse guard floors; 0 disables
+    min_pred_var: float = field(default=0.0, metadata={"ge": 0})
+    on_nonfinite_loss: Literal["stop", "skip"] = "stop"
+    collective_timeout_s: int = field(default=300, metadata={"ge": 1})
     record_samples: bool = False  # write each rank's consumed sample keys (resume checks)
+    # torch.compile the student's transformer blocks and decoder and the teacher's blocks (ZeRO 0-2).
+    compile: bool = False
+    # Merged into the generated DeepSpeed config (jobs.pretrain.deepspeed_config), nested mappings key by key;
+    # keys the project sets itself (DEEPSPEED_OWNED_KEYS) are refused.
+    deepspeed: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -67,9 +77,10 @@ class TrackingConfig:
     model_name: str = "sslam-encoder"
     register_every_checkpoint: bool = False
     system_metrics: bool = True
-    queue_size: int = 10000  # metric values waiting for MLflow; the oldest are dropped (and counted) beyond
-    retry_interval_s: float = 5.0  # wait between attempts while MLflow is unreachable
-    finish_timeout_s: float = 60.0  # how long the end of a run waits for MLflow
+    # Metric values waiting for MLflow; the oldest are dropped (and counted) beyond.
+    queue_size: int = field(default=10000, metadata={"ge": 1})
+    retry_interval_s: float = field(default=5.0, metadata={"gt": 0})  # wait between attempts while MLflow is down
+    finish_timeout_s: float = field(default=60.0, metadata={"ge": 0})  # how long the end of a run waits for MLflow
 
 
 @dataclass
@@ -80,12 +91,12 @@ class EvalConfig:
     test_shards: str = ""
     train_split: str = "train"
     test_split: str = "eval"
-    pooling: str = "cls"  # "cls" | "mean"
-    epochs: int = 100
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    batch_size: int = 64
-    seed: int = 0
+    pooling: Literal["cls", "mean"] = "cls"
+    epochs: int = field(default=100, metadata={"ge": 1})
+    lr: float = field(default=1e-3, metadata={"gt": 0})
+    weight_decay: float = field(default=0.0, metadata={"ge": 0})
+    batch_size: int = field(default=64, metadata={"ge": 1})
+    seed: int = field(default=0, metadata={"ge": 0})
     use_head: bool = True  # score a model's own classifier head directly when it covers the dataset's classes
 
 
@@ -109,10 +120,16 @@ class Config:
         if self.train.zero_stage == 0 and self.train.precision != "fp32":
             # DeepSpeed's stage-0 bf16/fp16 optimizers expose no fp32 master fragments for the teacher EMA.
             raise ConfigError("train.zero_stage=0 needs train.precision=fp32; use ZeRO 1-3 for bf16/fp16")
-        if self.train.zero_stage not in (0, 1, 2, 3):
-            raise ConfigError(f"train.zero_stage must be 0-3, got {self.train.zero_stage}")
-        if self.data.mixing.group_size < 2:
-            raise ConfigError("data.mixing.group_size must be at least 2")
+        if self.train.compile and self.train.zero_stage == 3:
+            # ZeRO-3 gathers each block's parameters in module hooks, which compiled blocks would trace.
+            raise ConfigError("train.compile=true needs train.zero_stage 0-2, got 3")
+        if len(self.train.betas) != 2:
+            raise ConfigError(f"train.betas must be two values (beta1, beta2), got {self.train.betas}")
+        if audio.min_sample_rate > audio.max_sample_rate:
+            raise ConfigError(
+                f"data.audio.min_sample_rate ({audio.min_sample_rate}) exceeds max_sample_rate ({audio.max_sample_rate})"
+            )
+        check_deepspeed_passthrough(self.train.deepspeed)
         if self.data.loader.micro_batch_clips % self.data.mixing.group_size:
             raise ConfigError(
                 f"data.loader.micro_batch_clips ({self.data.loader.micro_batch_clips}) must be a multiple of "
@@ -122,6 +139,54 @@ class Config:
 
 class ConfigError(ValueError):
     """A config file or override that does not fit the dataclasses."""
+
+
+# The DeepSpeed settings jobs.pretrain.deepspeed_config generates, as dotted DeepSpeed keys, and what sets them.
+# train.deepspeed may neither set one nor replace a mapping holding one; everything else passes through.
+DEEPSPEED_OWNED_KEYS = {
+    "train_batch_size": "data.loader.micro_batch_clips x ranks x accumulation",
+    "train_micro_batch_size_per_gpu": "data.loader.micro_batch_clips",
+    "gradient_accumulation_steps": "train.gradient_accumulation / train.clips_per_update",
+    "gradient_clipping": "train.gradient_clipping",
+    "zero_optimization.stage": "train.zero_stage",
+    "bf16.enabled": "train.precision",
+    "fp16.enabled": "train.precision",
+    "fp16.initial_scale_power": "the recipe's fp16 loss scaler",
+    "fp16.loss_scale_window": "the recipe's fp16 loss scaler",
+    "fp16.min_loss_scale": "the recipe's fp16 loss scaler",
+    "fp16.loss_scale": "the recipe's fp16 loss scaler (dynamic)",
+    "amp": "train.precision",
+    "torch_autocast": "train.precision",
+    "optimizer": "the job's AdamW (train.peak_lr, train.betas, train.eps, train.weight_decay)",
+    "scheduler": "the job's schedule (train.warmup_updates, train.max_updates)",
+    "zero_allow_untested_optimizer": "the job's AdamW",
+}
+
+
+def _leaf_keys(mapping: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in mapping.items():
+        dotted = f"{prefix}{key}"
+        keys += _leaf_keys(value, f"{dotted}.") if isinstance(value, dict) and value else [dotted]
+    return keys
+
+
+def check_deepspeed_passthrough(passthrough: dict) -> None:
+    """Refuse, naming them all, the leaves of `train.deepspeed` that set, replace or reach into an owned key."""
+    refused = []
+    for key in _leaf_keys(passthrough):
+        owner = next((owned for owned in DEEPSPEED_OWNED_KEYS
+                      if key == owned or owned.startswith(f"{key}.") or key.startswith(f"{owned}.")), None)
+        if owner is not None:
+            refused.append(f"train.deepspeed.{key} (set by {DEEPSPEED_OWNED_KEYS[owner]})")
+    if refused:
+        raise ConfigError(f"train.deepspeed may not set keys the project generates: {'; '.join(refused)}")
+
+
+def merge_deepspeed_passthrough(generated: dict, passthrough: dict) -> dict:
+    """`generated` with `passthrough` merged in, nested mappings key by key; refuses owned keys."""
+    check_deepspeed_passthrough(passthrough)
+    return _merge(generated, passthrough)
 
 
 def resolve_path(name_or_path: str) -> Path:
@@ -141,6 +206,16 @@ def _type_name(tp: Any) -> str:
 def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
     origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        # Types compared too: `true` is not the literal 1.
+        if not any(type(value) is type(option) and value == option for option in allowed):
+            raise ConfigError(
+                f"{source}: '{key}' must be one of {', '.join(map(repr, allowed))}, got {value!r}"
+            )
+        return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: '{key}' must be a mapping, got {type(value).__name__}")
@@ -165,7 +240,9 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: '{key}' must be a mapping, got {type(value).__name__}")
-        _, item = typing.get_args(tp)
+        key_type, item = typing.get_args(tp)
+        for k in value:
+            _coerce(k, key_type, f"{key} key {k!r}", source)
         return {k: _coerce(v, item, f"{key}.{k}", source) for k, v in value.items()}
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -178,17 +255,36 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     raise ConfigError(f"{source}: '{key}' has an unsupported annotation {tp}")
 
 
+# Field metadata key -> (how a message writes it, the check).
+RANGE_BOUNDS = {"ge": (">=", operator.ge), "gt": (">", operator.gt), "le": ("<=", operator.le), "lt": ("<", operator.lt)}
+
+
+def _check_range(value: Any, bounds: dict, key: str, source: str) -> None:
+    """A field's `metadata` bounds (`ge`, `gt`, `le`, `lt`) hold for a number, or for each item of a list."""
+    if not bounds:
+        return
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_range(item, bounds, f"{key}[{i}]", source)
+        return
+    limits = [(RANGE_BOUNDS[name], bound) for name, bound in bounds.items()]
+    if not all(holds(value, bound) for (_, holds), bound in limits):
+        allowed = " and ".join(f"{symbol} {bound}" for (symbol, _), bound in limits)
+        raise ConfigError(f"{source}: '{key}' must be {allowed}, got {value!r}")
+
+
 def _build(cls: type, values: dict, prefix: str, source: str) -> Any:
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
     if unknown:
         where = f"{prefix}." if prefix else ""
-        raise ConfigError(f"{source}: unknown key '{where}{unknown[0]}' (known: {', '.join(sorted(names))})")
+        raise ConfigError(f"{source}: unknown key '{where}{unknown[0]}' (known: {', '.join(sorted(fields))})")
     kwargs = {}
     for name, value in values.items():
         key = f"{prefix}.{name}" if prefix else name
         kwargs[name] = _coerce(value, hints[name], key, source)
+        _check_range(kwargs[name], fields[name].metadata, key, source)
     return cls(**kwargs)
 
 

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from jobs import checkpointing
-from jobs.config import Config, ConfigError, add_config_arguments, config_from_args, dump_yaml
+from jobs.config import Config, ConfigError, add_config_arguments, config_from_args, dump_yaml, merge_deepspeed_passthrough
 from jobs.ema import MasterWeightEMA
 from jobs.tracking import NullTracker, Tracker
 from model.checkpoint import CheckpointError
@@ -66,9 +66,11 @@ def gradient_accumulation(config: Config, world_size: int) -> int:
 
 
 def deepspeed_config(config: Config, world_size: int) -> dict:
+    """The engine's config: what the job derives from its own settings (jobs.config.DEEPSPEED_OWNED_KEYS), then
+    `train.deepspeed` merged in (communication overlap, bucket sizes, offload, profilers, logging ...)."""
     train = config.train
     accumulation = gradient_accumulation(config, world_size)
-    return {
+    generated = {
         "train_batch_size": config.data.loader.micro_batch_clips * accumulation * world_size,
         "train_micro_batch_size_per_gpu": config.data.loader.micro_batch_clips,
         "gradient_accumulation_steps": accumulation,
@@ -87,6 +89,19 @@ def deepspeed_config(config: Config, world_size: int) -> dict:
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+    return merge_deepspeed_passthrough(generated, train.deepspeed)
+
+
+def check_deepspeed_accepts(ds_config: dict) -> None:
+    """DeepSpeed's own schema check of the merged config, so a misspelt `train.deepspeed` key inside a section
+    (DeepSpeed forbids unknown ones) is a ConfigError before the engine is built. Needs the real world size:
+    DeepSpeed reads it from the process group."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    try:
+        DeepSpeedConfig(ds_config)
+    except ValueError as error:  # pydantic's ValidationError included
+        raise ConfigError(f"train.deepspeed: DeepSpeed refuses the config: {' '.join(str(error).split())}") from None
 
 
 def check_dataset(info: dict, config: Config, time_patches: int) -> None:
@@ -201,10 +216,13 @@ class Pretrainer:
             )
 
         self.ds_config = deepspeed_config(config, self.world_size)
+        check_deepspeed_accepts(self.ds_config)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=self.model, optimizer=optimizer, lr_scheduler=schedule, config=self.ds_config
         )
         self.model.teacher_to(self.device)
+        if train.compile:
+            self.model.compile_blocks()
         self.ema = MasterWeightEMA(self.model.encoder, self.model.teacher)
         self.state = RunState()
         if resume_tag is not None:

@@ -5,52 +5,56 @@ Defaults are the paper's ViT-B recipe (SSLAM_SPEC §2-§9); tiny configs overrid
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 
 @dataclass
 class ModelConfig:
+    """Enum fields are `Literal`s and numeric bounds are field metadata (`ge`, `gt`, `le`, `lt`), checked by
+    `jobs.config` at load; `validate()` checks what relates several fields."""
+
     # Input: raw fbank (T, F); the encoder normalises with (x - mean) / (2 * std) (§1.9, §14.8).
-    target_length: int = 1024
-    mel_bins: int = 128
+    target_length: int = field(default=1024, metadata={"ge": 1})
+    mel_bins: int = field(default=128, metadata={"ge": 1})
     norm_mean: float = -4.268
-    norm_std: float = 4.569
+    norm_std: float = field(default=4.569, metadata={"gt": 0})
 
     # Encoder (§2, §3).
-    patch_size: int = 16
-    embed_dim: int = 768
-    depth: int = 12
-    num_heads: int = 12
-    mlp_ratio: float = 4.0
-    norm_eps: float = 1e-6
+    patch_size: int = field(default=16, metadata={"ge": 1})
+    embed_dim: int = field(default=768, metadata={"ge": 1})
+    depth: int = field(default=12, metadata={"ge": 1})
+    num_heads: int = field(default=12, metadata={"ge": 1})
+    mlp_ratio: float = field(default=4.0, metadata={"gt": 0})
+    norm_eps: float = field(default=1e-6, metadata={"gt": 0})
     # Rows of time patches in the fixed positional table (768 * 16 frames = 122.9 s).
-    max_time_patches: int = 768
+    max_time_patches: int = field(default=768, metadata={"ge": 1})
 
     # Masking (§4).
-    clone_batch: int = 16
-    mask_prob: float = 0.8
-    mask_prob_adjust: float = 0.07
-    mask_length: int = 5
+    clone_batch: int = field(default=16, metadata={"ge": 1})
+    mask_prob: float = field(default=0.8, metadata={"ge": 0, "lt": 1})
+    mask_prob_adjust: float = field(default=0.07, metadata={"ge": 0, "lt": 1})
+    mask_length: int = field(default=5, metadata={"ge": 1})
 
     # Decoder (§5).
-    decoder_dim: int = 768
-    decoder_layers: int = 6
-    decoder_groups: int = 16
-    decoder_kernel: int = 3
-    mask_noise_std: float = 0.01
+    decoder_dim: int = field(default=768, metadata={"ge": 1})
+    decoder_layers: int = field(default=6, metadata={"ge": 1})
+    decoder_groups: int = field(default=16, metadata={"ge": 1})
+    decoder_kernel: int = field(default=3, metadata={"ge": 1})  # odd (same padding)
+    mask_noise_std: float = field(default=0.01, metadata={"ge": 0})
 
     # Targets (§7); 0 means all layers.
-    average_top_k_layers: int = 0
+    average_top_k_layers: int = field(default=0, metadata={"ge": 0})
 
     # EMA teacher (§6).
-    ema_decay: float = 0.9998
-    ema_end_decay: float = 0.99999
-    ema_anneal_end_step: int = 100000
+    ema_decay: float = field(default=0.9998, metadata={"ge": 0, "le": 1})
+    ema_end_decay: float = field(default=0.99999, metadata={"ge": 0, "le": 1})
+    ema_anneal_end_step: int = field(default=100000, metadata={"ge": 0})
 
     # Losses (§8, §9.4).
-    stage: int = 1  # 1 = EAT, 2 = SSLAM
-    cls_loss_weight: float = 1.0
-    mix_loss_weight: float = 2.0
+    stage: Literal[1, 2] = 1  # 1 = EAT, 2 = SSLAM
+    cls_loss_weight: float = field(default=1.0, metadata={"ge": 0})
+    mix_loss_weight: float = field(default=2.0, metadata={"ge": 0})
 
     @property
     def time_patches(self) -> int:
@@ -78,6 +82,8 @@ class ModelConfig:
             raise ValueError(f"model.embed_dim ({self.embed_dim}) must divide by model.num_heads ({self.num_heads})")
         if self.decoder_dim % self.decoder_groups:
             raise ValueError("model.decoder_dim must divide by model.decoder_groups")
+        if self.decoder_kernel % 2 == 0:
+            raise ValueError(f"model.decoder_kernel must be odd (same padding), got {self.decoder_kernel}")
         if self.stage not in (1, 2):
             raise ValueError(f"model.stage must be 1 or 2, got {self.stage}")
         if not 1 <= self.top_k_layers <= self.depth:

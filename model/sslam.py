@@ -110,6 +110,13 @@ class SSLAM(nn.Module):
             teacher_buffers[name].copy_(buffer)
         return decay
 
+    def compile_blocks(self) -> None:
+        """torch.compile, in place, the student's transformer blocks and decoder and the teacher's blocks: the
+        dense compute of both forwards. `nn.Module.compile` keeps parameter names and state dicts, so an engine's
+        wrapping, checkpoints and the EMA see the same module. Masking, gathers and losses stay eager."""
+        for module in [*self.encoder.blocks, self.decoder, *self.teacher.blocks]:
+            module.compile()
+
     # ----------------------------------------------------------------------------------------------
     # Optimizer groups
     # ----------------------------------------------------------------------------------------------

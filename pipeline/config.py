@@ -1,28 +1,30 @@
 """Typed configuration of the data pipeline: front-end, sources, mixtures, shards, loader, sample data.
 
 Only dataclasses live here; `jobs.config` composes them with the model's and loads YAML.
-Every shape the pipeline produces (clip length, mel bins, group size) comes from these fields.
+Every shape the pipeline produces (clip length, mel bins, group size) comes from these fields. Enum fields are
+`Literal`s and numeric bounds are field metadata (`ge`, `gt`, `le`, `lt`); `jobs.config` checks both at load.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 
 @dataclass
 class AudioConfig:
     """Front-end of SSLAM_SPEC §1: 16 kHz mono, Kaldi fbank, head crop / zero pad in log-mel."""
 
-    sample_rate: int = 16000
-    mel_bins: int = 128
-    target_length: int = 1024
-    frame_length_ms: float = 25.0
-    frame_shift_ms: float = 10.0
+    sample_rate: int = field(default=16000, metadata={"ge": 1})
+    mel_bins: int = field(default=128, metadata={"ge": 1})
+    target_length: int = field(default=1024, metadata={"ge": 1})
+    frame_length_ms: float = field(default=25.0, metadata={"gt": 0})
+    frame_shift_ms: float = field(default=10.0, metadata={"gt": 0})
     # Reference: clips under 10,000 samples at 16 kHz are skipped (§1.1, §14.8).
-    min_duration_s: float = 0.625
+    min_duration_s: float = field(default=0.625, metadata={"ge": 0})
     # Sample rates outside this range are treated as corrupt headers ("absurd sample rate").
-    min_sample_rate: int = 1000
-    max_sample_rate: int = 384000
+    min_sample_rate: int = field(default=1000, metadata={"ge": 1})
+    max_sample_rate: int = field(default=384000, metadata={"ge": 1})
 
 
 @dataclass
@@ -38,7 +40,7 @@ class SplitConfig:
 class SourceConfig:
     """Where clips come from: AudioSet CSVs + an audio root, or a plain folder of audio."""
 
-    kind: str = "audioset"  # "audioset" | "folder"
+    kind: Literal["audioset", "folder"] = "audioset"
     audio_root: str = ""
     class_labels_csv: str = ""
     # File name of a segment below audio_root; {ext} is discovered among `extensions`.
@@ -51,14 +53,14 @@ class SourceConfig:
 class MixingConfig:
     """Mixture groups and no-mix windows (DESIGN.md; SSLAM_SPEC §9.1, §9.5, §14.1-14.3)."""
 
-    group_size: int = 3
-    domain: str = "logmel_max"  # "logmel_max" | "waveform_sum"
-    waveform_gain: float = 1.0
+    group_size: int = field(default=3, metadata={"ge": 2})
+    domain: Literal["logmel_max", "waveform_sum"] = "logmel_max"
+    waveform_gain: float = field(default=1.0, metadata={"gt": 0})
     materialize_mixtures: bool = True
-    mix_padding: str = "zero"  # "zero" (reference) | "silence" (log floor)
-    mixture_epochs: int = 1
+    mix_padding: Literal["zero", "silence"] = "zero"  # "zero" is the reference's; "silence" pads with the log floor
+    mixture_epochs: int = field(default=1, metadata={"ge": 1})
     # Rows per no-mix window; 0 means max(1, floor(15 * Tp / 64)).
-    nomix_rows: int = 0
+    nomix_rows: int = field(default=0, metadata={"ge": 0})
 
 
 @dataclass
@@ -66,9 +68,9 @@ class ShardConfig:
     """Output of the preprocessing job."""
 
     output: str = "data/shards"
-    groups_per_shard: int = 64
-    clips_per_eval_shard: int = 256
-    seed: int = 1
+    groups_per_shard: int = field(default=64, metadata={"ge": 1})
+    clips_per_eval_shard: int = field(default=256, metadata={"ge": 1})
+    seed: int = field(default=1, metadata={"ge": 0})
     # Resume trusts a local shard whose size matches its record (publishing is an atomic rename); true re-hashes
     # every local shard against its recorded sha256 first, i.e. reads the whole output once.
     verify_checksums_on_resume: bool = False
@@ -83,21 +85,21 @@ class LoaderConfig:
 
     shards: str = "data/shards"
     split: str = "train"
-    micro_batch_clips: int = 12
-    num_workers: int = 2
-    shuffle_buffer: int = 256
-    seed: int = 1
+    micro_batch_clips: int = field(default=12, metadata={"ge": 1})
+    num_workers: int = field(default=2, metadata={"ge": 0})
+    shuffle_buffer: int = field(default=256, metadata={"ge": 0})  # 0 and 1: no shuffling
+    seed: int = field(default=1, metadata={"ge": 0})
 
 
 @dataclass
 class SynthConfig:
     """The generated AudioSet-like sample dataset (pipeline.synth)."""
 
-    train_clips: int = 240
-    eval_clips: int = 60
-    num_classes: int = 12
+    train_clips: int = field(default=240, metadata={"ge": 1})
+    eval_clips: int = field(default=60, metadata={"ge": 1})
+    num_classes: int = field(default=12, metadata={"ge": 1})
     broken_files: bool = True
-    seed: int = 0
+    seed: int = field(default=0, metadata={"ge": 0})
 
 
 @dataclass

@@ -250,8 +250,8 @@ def test_dataset_mismatch_is_refused_before_any_step(shards, tmp_path):
 
 
 def test_non_finite_loss_stops_with_the_update_and_sample_keys(shards, tmp_path):
-    # A zero normalisation std turns every input into inf: the first loss is NaN.
-    command = [sys.executable, *pretrain_args(shards, tmp_path / "nan", "model.norm_std=0.0")]
+    # A tiny normalisation std (zero is refused at load) turns every input into inf: the first loss is NaN.
+    command = [sys.executable, *pretrain_args(shards, tmp_path / "nan", "model.norm_std=1.0e-45")]
     result = run(command, tmp_path, **single_rank_env(free_port()))
     output = result.stdout + result.stderr
     assert result.returncode == 3, output[-3000:]
