@@ -5,7 +5,8 @@
 The protocol (fixed; every knob is in `eval.*` of the config and logged as a param):
 
 1. Model: `models:/NAME@ALIAS` (or `/VERSION`, `/latest`) is resolved to its version first, then that version's
-   pyfunc is loaded (jobs/pyfunc_model.py: the student encoder weights from the version's artifacts).
+   files are checked against its sha256 tags and its pyfunc loaded (jobs.registry.load_verified; a tampered
+   model is refused).
 2. Features: the frozen encoder on every clip of `eval.train_split` of `eval.train_shards` and `eval.test_split` of
    `eval.test_shards` (pipeline.loader.EvalLoader, raw fbank from the shards): the last block's CLS token
    (`eval.pooling: cls`) or the mean of its patch tokens (`mean`). Both sets need the same class list.
@@ -42,7 +43,7 @@ from mlflow.exceptions import MlflowException
 from torch import nn
 
 from jobs.config import Config, ConfigError, EvalConfig, add_config_arguments, config_from_args
-from jobs.registry import BEST, resolve_version
+from jobs.registry import BEST, load_verified
 from jobs.tracking import ensure_experiment, mlflow_client, param_value
 
 log = logging.getLogger("sslam.evaluate")
@@ -168,12 +169,8 @@ def head_columns(model_classes: list[dict] | None, dataset_classes: list[dict]) 
 
 def _load(model_uri: str, client):
     """(ModelVersion or None, the exact URI loaded, the pyfunc's python model)."""
-    import mlflow
-
-    version = resolve_version(model_uri, client)
-    exact = f"models:/{version.name}/{version.version}" if version is not None else model_uri
-    python_model = mlflow.pyfunc.load_model(exact).unwrap_python_model()
-    return version, exact, python_model
+    version, exact, model = load_verified(model_uri, client)
+    return version, exact, model.unwrap_python_model()
 
 
 def evaluate(

@@ -600,6 +600,7 @@ class Tracker:
                 tracking_uri=self.uri,
                 dataset_fingerprint=str(self.dataset_info.get("fingerprint", "")),
                 config=self.config,
+                trusted=True,  # this run's own checkpoint (resuming unpickles it too); student.safetensors first
             )
         except Exception:
             log.exception("could not export checkpoint %s for registration; training continues", tag_dir)

@@ -11,9 +11,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from jobs import evaluate as evaluate_job
 from jobs import registry
+from jobs.checkpointing import STUDENT_FILE
 from jobs.config import dump_yaml, load_config
 from jobs.tracking import HTTP_DEFAULTS, mlflow_client
 from model.sslam import SSLAM
@@ -107,10 +109,10 @@ def pretrain(config, features: torch.Tensor, steps: int, seed: int = 0) -> SSLAM
 
 
 def register(model: SSLAM, config, run_dir: Path, updates: int):
-    """Register `model`'s student encoder through a checkpoint folder in the ZeRO-less layout."""
+    """Register `model`'s student encoder through a checkpoint folder (its student.safetensors)."""
     tag_dir = run_dir / "checkpoints" / f"update_{updates:08d}"
     tag_dir.mkdir(parents=True)
-    torch.save({"module": model.state_dict()}, tag_dir / "mp_rank_00_model_states.pt")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tag_dir / STUDENT_FILE))
     (tag_dir / "config.yaml").write_text(dump_yaml(config))
     return registry.register_checkpoint(tag_dir)
 
