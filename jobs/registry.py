@@ -833,7 +833,7 @@ def main(argv: list[str] | None = None) -> int:
             version = register_checkpoint(args.checkpoint, model_name=args.name, trusted=args.trusted)
         else:
             version = None
-    except (CheckpointError, FileNotFoundError, MlflowException, RegistrationRefused) as error:
+    except (CheckpointError, FileNotFoundError, MlflowException, ValueError) as error:  # ValueError: refused too
         print(f"sslam register: {error}", file=sys.stderr)
         return 1
     if version is not None:
