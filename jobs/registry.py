@@ -2,14 +2,20 @@
 
 A registration has two halves, so that a failure of MLflow never loses a checkpoint's model:
 
-1. `export_checkpoint` (local disk only): consolidate the ZeRO checkpoint to fp32 with DeepSpeed's own utility
-   (`jobs.checkpointing.consolidated_student`), take the student encoder, and save an MLflow pyfunc model folder
+1. `export_checkpoint` (local disk only): read the checkpoint's full fp32 student from its `student.safetensors`
+   (no pickle is opened; only `trusted=True` / `--trusted` lets a folder without it go through DeepSpeed's
+   consolidation, `jobs.checkpointing.consolidated_student`, which unpickles), take the student encoder
+   (`encoder.` keys), and save an MLflow pyfunc model folder
    (`mlflow.pyfunc.save_model` with `python_model="jobs/pyfunc_model.py"`, artifacts `encoder.safetensors` +
    `model_config.json`, `code_paths` = the `pipeline` and `model` packages, a signature and an input example; see
    jobs/pyfunc_model.py for the input and output format). The folder and a `pending_registration.json` go to
    `<output_dir>/registrations/update_XXXXXXXX/`, outside the checkpoint folders that keep-last-M pruning removes.
-2. `complete_registration` (MLflow): create a logged model in the run's experiment, upload the folder, create a
-   version of the registered model with tags (run_id, update, stage, encoder, dataset_fingerprint, source), move
+   The pending file records the sha256 of the weights and a digest of every file of the folder (code and MLmodel
+   included), signed (HMAC-SHA256) with the exporting user's key (`registration_key`: outside every run folder).
+2. `complete_registration` (MLflow): check the folder against its signed record (a planted or altered folder is
+   refused: RegistrationRefused, unless `trusted`), create a logged model in the run's experiment, upload a
+   checked copy of the folder, create a version of the registered model with tags (run_id, update, stage,
+   encoder, dataset_fingerprint, source, weights_sha256, model_sha256), move
    alias `candidate` to it (unless a newer checkpoint of the same run holds it), then replace the pending file by
    `registration.json` and delete the uploaded copy. Progress is saved after each step, so a retry continues.
    One process at a time completes a folder (an flock on its `.claim` file); another one skips it meanwhile.
@@ -17,7 +23,8 @@ A registration has two halves, so that a failure of MLflow never loses a checkpo
 `register_pending(run_dir)` retries whatever is still pending (the tracker at every checkpoint and at the end;
 `sslam register RUN_DIR`). `register_official(path, name)` registers an official EAT / SSLAM checkpoint the same way,
 with the class names of a fine-tuned one's head. MLflow reserves the alias `latest`; `models:/NAME/latest` already
-means the newest version.
+means the newest version. `load_verified(uri)` (sslam infer, sslam evaluate) checks a version's downloaded files
+against its `weights_sha256` / `model_sha256` tags before any of its code runs.
 """
 
 from __future__ import annotations
@@ -441,8 +448,14 @@ def export_checkpoint(
     tag_dir = Path(tag_dir)
     run_dir = Path(run_dir) if run_dir is not None else tag_dir.parent.parent
     folder = registrations_dir(run_dir) / tag_dir.name
-    if (folder / DONE_FILE).is_file() or (folder / PENDING_FILE).is_file():
+    if (folder / DONE_FILE).is_file():
         return folder
+    if (folder / PENDING_FILE).is_file():
+        try:
+            Registration.load(folder / PENDING_FILE).verify(folder.name)
+            return folder
+        except (RegistrationRefused, ValueError, TypeError) as error:  # a planted or broken one: exported anew
+            log.warning("%s does not hold this user's export (%s); exporting %s again", folder, error, tag_dir)
     config = _checkpoint_config(tag_dir, config)
     weights = student_encoder_weights(tag_dir, config.model, trusted=trusted)
     weights.num_updates = int(updates)
@@ -833,7 +846,7 @@ def main(argv: list[str] | None = None) -> int:
             version = register_checkpoint(args.checkpoint, model_name=args.name, trusted=args.trusted)
         else:
             version = None
-    except (CheckpointError, FileNotFoundError, MlflowException, ValueError) as error:  # ValueError: refused too
+    except (CheckpointError, FileNotFoundError, MlflowException, ValueError) as error:  # RegistrationRefused too
         print(f"sslam register: {error}", file=sys.stderr)
         return 1
     if version is not None:

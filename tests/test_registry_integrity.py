@@ -140,6 +140,13 @@ def test_planted_pending_folders_are_refused(store, capsys, monkeypatch):
     assert not code_marker.exists()
     assert str(client.get_model_version_by_alias(model_name, "candidate").version) == "1"
 
+    # A folder planted under the name of a checkpoint still to come does not block that checkpoint's export.
+    later = registry.export_checkpoint(checkpoint_folder(run_dir, store.config, 101), 101, run_dir,
+                                       model_name=model_name)
+    assert later == unsigned
+    [version] = registry.register_pending(run_dir)  # the three others stay refused
+    assert version.tags["update"] == "101" and len(registry.pending_folders(run_dir)) == 3
+
 
 def artifact_dir(version) -> Path:
     client = mlflow_client()
