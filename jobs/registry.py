@@ -311,8 +311,8 @@ class Registration:
         tags = {key: value for key, value in self.tags.items() if key != "run_id"}
         fixed = {
             "folder": folder_name, "model_name": self.model_name, "experiment": self.experiment, "tags": tags,
-            "tracking_uri": self.tracking_uri, "aliases": self.aliases, "updates": self.updates, "weights_sha256": self.weights_sha256,
-            "model_sha256": self.model_sha256,
+            "tracking_uri": self.tracking_uri, "aliases": self.aliases, "updates": self.updates,
+            "weights_sha256": self.weights_sha256, "model_sha256": self.model_sha256,
         }
         return json.dumps(fixed, sort_keys=True).encode()
 
