@@ -5,7 +5,8 @@
 The protocol (fixed; every knob is in `eval.*` of the config and logged as a param):
 
 1. Model: `models:/NAME@ALIAS` (or `/VERSION`, `/latest`) is resolved to its version first, then that version's
-   pyfunc is loaded (jobs/pyfunc_model.py: the student encoder weights from the version's artifacts).
+   files are checked against its sha256 tags and its pyfunc loaded (jobs.registry.load_verified; a tampered
+   model is refused).
 2. Features: the frozen encoder on every clip of `eval.train_split` of `eval.train_shards` and `eval.test_split` of
    `eval.test_shards` (pipeline.loader.EvalLoader, raw fbank from the shards): the last block's CLS token
    (`eval.pooling: cls`) or the mean of its patch tokens (`mean`). Both sets need the same class list.
@@ -21,8 +22,11 @@ The protocol (fixed; every knob is in `eval.*` of the config and logged as a par
    `eval.use_head: false`.
 
 Results go to a new run in `tracking.experiment` (tags link it to the version) and, as tags `eval.<metric>`,
-`eval.baseline_<metric>`, `eval.run_id`, ..., onto the version. `--promote` moves alias `best` to the version when
-its metric beats the tag of the version holding `best` (or nothing holds it).
+`eval.baseline_<metric>`, `eval.run_id`, ..., onto the version. The report names the two splits it used
+(`train`, `test`: "LOCATION:SPLIT") and how much they share (`overlap`: shard files, sample keys, clip keys of
+index.parquet). `--promote` moves alias `best` to the version when its metric beats the tag of the version
+holding `best` (or nothing holds it), and refuses (exit 1, `promotion_refused`) when the probe's train and test
+splits are the same set or share any shard, sample key or clip key: a score on training data promotes nothing.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from mlflow.exceptions import MlflowException
 from torch import nn
 
 from jobs.config import Config, ConfigError, EvalConfig, add_config_arguments, config_from_args
-from jobs.registry import BEST, resolve_version
+from jobs.registry import BEST, load_verified
 from jobs.tracking import ensure_experiment, mlflow_client, param_value
 
 log = logging.getLogger("sslam.evaluate")
@@ -56,6 +60,17 @@ class FeatureSet:
     labels: torch.Tensor  # (N, C) float32 multi-hot
     classes: list[dict]
     logits: torch.Tensor | None = None  # (N, C_head) when the model has a head
+    keys: set[str] = dataclasses.field(default_factory=set)  # sample keys of the loaded clips
+
+
+@dataclass
+class SplitSource:
+    """What identifies a split's data: its shard files, sample keys (as loaded) and clip keys (index.parquet)."""
+
+    name: str  # "LOCATION:SPLIT"
+    shards: set[str]
+    samples: set[str]
+    clips: set[str]
 
 
 # ------------------------------------------------------------------------------------------------ metrics
@@ -139,11 +154,12 @@ def extract(python_model, config: Config, location: str, split: str) -> FeatureS
 
     loader_cfg = dataclasses.replace(config.data.loader, shards=location)
     loader = EvalLoader(loader_cfg, split, batch_size=config.eval.batch_size)
-    features, labels, logits = [], [], []
+    features, labels, logits, keys = [], [], [], set()
     for batch in loader:
         outputs = python_model.embed(batch["clean"][:, 0], pooling=config.eval.pooling)
         features.append(outputs["utterance"])
         labels.append(batch["labels"])
+        keys.update(loader.last_keys)
         if "logits" in outputs:
             logits.append(outputs["logits"])
     if not features:
@@ -151,7 +167,47 @@ def extract(python_model, config: Config, location: str, split: str) -> FeatureS
     if loader.skipped_samples or loader.skipped_shards:
         log.warning("%s/%s: %d samples and %d shards skipped as broken", location, split, loader.skipped_samples,
                     loader.skipped_shards)
-    return FeatureSet(torch.cat(features), torch.cat(labels), loader.classes, torch.cat(logits) if logits else None)
+    return FeatureSet(torch.cat(features), torch.cat(labels), loader.classes, torch.cat(logits) if logits else None,
+                      keys)
+
+
+def split_source(location: str, split: str, sample_keys: set[str]) -> SplitSource:
+    """The shard files (absolute for local folders), the loaded sample keys and the index's clip keys of a split."""
+    import os
+
+    import pyarrow.parquet as pq
+
+    from pipeline.loader import INDEX_TABLE, ShardSource
+    from pipeline.shards import file_exists, locate
+
+    source = ShardSource(location)
+    names = source.shard_names(split, 0)
+    urls = {source.url(name) for name in names}
+    shards = {url if "://" in url else os.path.realpath(url) for url in urls}
+    clips: set[str] = set()
+    index = locate(source.root)
+    if file_exists(index, INDEX_TABLE):
+        table = pq.read_table(index.join(INDEX_TABLE), columns=["shard", "clips", "filler"],
+                              filesystem=index.filesystem).to_pylist()
+        wanted = set(names)
+        for row in table:
+            if row["shard"] in wanted:
+                clips.update(c for c, filler in zip(row["clips"], row["filler"] or [False] * len(row["clips"]))
+                             if not filler)
+    return SplitSource(f"{location}:{split}", shards, set(sample_keys), clips)
+
+
+def split_overlap(train: SplitSource, test: SplitSource) -> dict[str, Any]:
+    """How much two splits share; `disjoint` only when nothing is shared."""
+    shared = {
+        "same_set": train.shards == test.shards,
+        "shared_shards": len(train.shards & test.shards),
+        "shared_sample_keys": len(train.samples & test.samples),
+        "shared_clip_keys": len(train.clips & test.clips),
+    }
+    shared["disjoint"] = not shared["same_set"] and not any(
+        shared[key] for key in ("shared_shards", "shared_sample_keys", "shared_clip_keys"))
+    return shared
 
 
 def head_columns(model_classes: list[dict] | None, dataset_classes: list[dict]) -> list[int] | None:
@@ -168,12 +224,8 @@ def head_columns(model_classes: list[dict] | None, dataset_classes: list[dict]) 
 
 def _load(model_uri: str, client):
     """(ModelVersion or None, the exact URI loaded, the pyfunc's python model)."""
-    import mlflow
-
-    version = resolve_version(model_uri, client)
-    exact = f"models:/{version.name}/{version.version}" if version is not None else model_uri
-    python_model = mlflow.pyfunc.load_model(exact).unwrap_python_model()
-    return version, exact, python_model
+    version, exact, model = load_verified(model_uri, client)
+    return version, exact, model.unwrap_python_model()
 
 
 def evaluate(
@@ -189,6 +241,12 @@ def evaluate(
     train = extract(python_model, config, train_shards, cfg.train_split)
     if [c.get("mid") for c in train.classes] != [c.get("mid") for c in test.classes]:
         raise ValueError(f"{train_shards} and {test_shards} have different class lists")
+    train_source = split_source(train_shards, cfg.train_split, train.keys)
+    test_source = split_source(test_shards, cfg.test_split, test.keys)
+    overlap = split_overlap(train_source, test_source)
+    if not overlap["disjoint"]:
+        log.warning("the probe's train split %s and test split %s overlap (%s): the score is not a held-out one",
+                    train_source.name, test_source.name, overlap)
     multi_label = is_multi_label(train.labels, test.labels)
     columns = head_columns(getattr(python_model, "classes", None), test.classes) if test.logits is not None else None
     if cfg.use_head and columns is not None:
@@ -214,13 +272,23 @@ def evaluate(
     log.info("%s %s: %s %.4f, label-prior baseline %.4f (%d classes, %d train / %d test clips)",
              exact_uri, protocol, metric, value, baseline, scored, results["num_train"], results["num_test"])
     run_id = _log_run(client, config, exact_uri, version, train_shards, test_shards, protocol, results)
-    promoted = False
+    promoted, refused = False, ""
     if version is not None:
-        _tag_version(client, version, metric, results, run_id, test_shards, cfg.pooling, protocol)
-        if promote:
+        splits = {"eval.train": train_source.name, "eval.test": test_source.name,
+                  "eval.splits_disjoint": str(overlap["disjoint"]).lower()}
+        _tag_version(client, version, metric, results, run_id, test_shards, cfg.pooling, protocol, splits)
+        if promote and not overlap["disjoint"]:
+            refused = (f"the probe's train split {train_source.name} and test split {test_source.name} are not "
+                       f"disjoint ({overlap}); alias {BEST} not moved")
+            log.error("refusing to promote %s: %s", exact_uri, refused)
+        elif promote:
             promoted = _promote(client, version, metric, value)
-    return {**results, "metric": metric, "protocol": protocol, "run_id": run_id,
-            "model_version": str(version.version) if version is not None else None, "promoted": promoted}
+    report = {**results, "metric": metric, "protocol": protocol, "run_id": run_id,
+              "model_version": str(version.version) if version is not None else None, "promoted": promoted,
+              "train": train_source.name, "test": test_source.name, "overlap": overlap}
+    if refused:
+        report["promotion_refused"] = refused
+    return report
 
 
 def _log_run(client, config: Config, model_uri: str, version, train_shards: str, test_shards: str, protocol: str,
@@ -247,8 +315,9 @@ def _log_run(client, config: Config, model_uri: str, version, train_shards: str,
 
 
 def _tag_version(client, version, metric: str, results: dict[str, Any], run_id: str, test_shards: str, pooling: str,
-                 protocol: str) -> None:
+                 protocol: str, splits: dict[str, str]) -> None:
     tags = {
+        **splits,
         f"eval.{metric}": f"{results[metric]:.6f}",
         f"eval.baseline_{metric}": f"{results[f'baseline_{metric}']:.6f}",
         "eval.run_id": run_id,
@@ -304,6 +373,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sslam evaluate: {args.model}: {error}", file=sys.stderr)
         return 1
     print(json.dumps(results, indent=2, sort_keys=True))
+    if "promotion_refused" in results:
+        print(f"sslam evaluate: not promoted: {results['promotion_refused']}", file=sys.stderr)
+        return 1
     return 0
 
 

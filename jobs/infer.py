@@ -2,7 +2,8 @@
 
 The file is decoded and down-mixed here (pipeline.audio.decode); the model resamples and computes features with
 the training front-end. Prints the embedding shapes and a summary, or the top-k labels when the model carries a
-classifier head.
+classifier head. A registry URI's files are checked against the version's sha256 tags before its code runs
+(jobs.registry.load_verified); a tampered model is refused.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 from mlflow.exceptions import MlflowException
 
+from jobs.registry import RegistrationRefused, load_verified
 from jobs.tracking import mlflow_client
 from pipeline.audio import AudioError, decode
 from pipeline.config import AudioConfig
@@ -26,12 +28,11 @@ log = logging.getLogger("sslam.infer")
 
 def infer(file: str | Path, model_uri: str, top_k: int = 5) -> dict[str, Any]:
     """Embeddings summary (and top-k labels with a head) of one audio file."""
-    import mlflow
     import pandas as pd
 
     samples, sample_rate = decode(file, AudioConfig())
-    mlflow_client()  # the project store unless MLFLOW_TRACKING_URI is set
-    model = mlflow.pyfunc.load_model(model_uri)
+    client = mlflow_client()  # the project store unless MLFLOW_TRACKING_URI is set
+    _, _, model = load_verified(model_uri, client)
     signature = model.metadata.signature
     accepted = {spec.name for spec in signature.params.params} if signature and signature.params else set()
     params = {"top_k": int(top_k)} if "top_k" in accepted else None
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     except AudioError as error:
         print(f"sslam infer: cannot read {args.file}: {error}", file=sys.stderr)
         return 1
-    except MlflowException as error:
+    except (MlflowException, RegistrationRefused) as error:
         print(f"sslam infer: cannot load model {args.model}: {error}", file=sys.stderr)
         return 1
     if args.json:

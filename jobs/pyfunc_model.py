@@ -7,7 +7,13 @@ unpickled. `load_context` reads two artifacts written by `jobs.registry`:
 * `weights`: `encoder.safetensors`, this project's safetensors format (model.checkpoint): the encoder, plus the
   classifier head (fc_norm + head) for a fine-tuned import; the resolved ModelConfig is in its metadata.
 * `config`: `model_config.json`: {"format", "model" (ModelConfig, normalisation constants included), "audio"
-  (AudioConfig of the front-end), "classes" ([{index, mid, name}] of the head, or null), "pooling"}.
+  (AudioConfig of the front-end), "classes" ([{index, mid, name}] of the head, or null), "pooling",
+  "weights_sha256"}.
+
+Before the weights are read, their sha256 is compared with `weights_sha256` of model_config.json and, when the
+loader passes one (`model_config={"weights_sha256": ...}`, e.g. the version's tag), with that too: a swapped or
+corrupted weights file is refused. (This file is itself an artifact: a party able to rewrite every artifact is
+caught only by loaders that check the version's tags first, `jobs.registry.load_verified`.)
 
 Input (the signature): a pandas DataFrame, one row per clip, each row holding exactly one of
 
@@ -27,6 +33,7 @@ Output: a dict of numpy arrays, B = rows: `utterance` (B, D) float32 (CLS token 
 (class display names).
 """
 
+import hashlib
 import json
 import math
 from typing import Any
@@ -50,6 +57,14 @@ MODEL_CONFIG = {"device": "auto"}  # logged with the model; overridable at load 
 POOLINGS = ("cls", "mean")
 
 
+def weights_digest(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _is_missing(value: Any) -> bool:
     if value is None:
         return True
@@ -64,7 +79,17 @@ class SSLAMEncoderModel(mlflow.pyfunc.PythonModel):
             spec = json.load(handle)
         if spec.get("format") != CONFIG_FORMAT:
             raise ValueError(f"model_config.json has format {spec.get('format')!r}, expected {CONFIG_FORMAT!r}")
-        device = (getattr(context, "model_config", None) or {}).get("device", "auto")
+        loader_config = getattr(context, "model_config", None) or {}
+        if not spec.get("weights_sha256"):
+            raise ValueError("model_config.json records no weights_sha256: refusing weights that cannot be checked")
+        recorded = [spec["weights_sha256"], loader_config.get("weights_sha256") or spec["weights_sha256"]]
+        actual = weights_digest(context.artifacts["weights"])
+        if any(digest != actual for digest in recorded):
+            raise ValueError(
+                f"the weights' sha256 {actual} is not the recorded {' / '.join(recorded)}: the weights file was "
+                "altered or corrupted; refusing to load it"
+            )
+        device = loader_config.get("device", "auto")
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
         weights = load_weights(context.artifacts["weights"])
         if ModelConfig(**spec["model"]) != weights.config:

@@ -2,14 +2,20 @@
 
 A registration has two halves, so that a failure of MLflow never loses a checkpoint's model:
 
-1. `export_checkpoint` (local disk only): consolidate the ZeRO checkpoint to fp32 with DeepSpeed's own utility
-   (`jobs.checkpointing.consolidated_student`), take the student encoder, and save an MLflow pyfunc model folder
+1. `export_checkpoint` (local disk only): read the checkpoint's full fp32 student from its `student.safetensors`
+   (no pickle is opened; only `trusted=True` / `--trusted` lets a folder without it go through DeepSpeed's
+   consolidation, `jobs.checkpointing.consolidated_student`, which unpickles), take the student encoder
+   (`encoder.` keys), and save an MLflow pyfunc model folder
    (`mlflow.pyfunc.save_model` with `python_model="jobs/pyfunc_model.py"`, artifacts `encoder.safetensors` +
    `model_config.json`, `code_paths` = the `pipeline` and `model` packages, a signature and an input example; see
    jobs/pyfunc_model.py for the input and output format). The folder and a `pending_registration.json` go to
    `<output_dir>/registrations/update_XXXXXXXX/`, outside the checkpoint folders that keep-last-M pruning removes.
-2. `complete_registration` (MLflow): create a logged model in the run's experiment, upload the folder, create a
-   version of the registered model with tags (run_id, update, stage, encoder, dataset_fingerprint, source), move
+   The pending file records the sha256 of the weights and a digest of every file of the folder (code and MLmodel
+   included), signed (HMAC-SHA256) with the exporting user's key (`registration_key`: outside every run folder).
+2. `complete_registration` (MLflow): check the folder against its signed record (a planted or altered folder is
+   refused: RegistrationRefused, unless `trusted`), create a logged model in the run's experiment, upload a
+   checked copy of the folder, create a version of the registered model with tags (run_id, update, stage,
+   encoder, dataset_fingerprint, source, weights_sha256, model_sha256), move
    alias `candidate` to it (unless a newer checkpoint of the same run holds it), then replace the pending file by
    `registration.json` and delete the uploaded copy. Progress is saved after each step, so a retry continues.
    One process at a time completes a folder (an flock on its `.claim` file); another one skips it meanwhile.
@@ -17,13 +23,17 @@ A registration has two halves, so that a failure of MLflow never loses a checkpo
 `register_pending(run_dir)` retries whatever is still pending (the tracker at every checkpoint and at the end;
 `sslam register RUN_DIR`). `register_official(path, name)` registers an official EAT / SSLAM checkpoint the same way,
 with the class names of a fine-tuned one's head. MLflow reserves the alias `latest`; `models:/NAME/latest` already
-means the newest version.
+means the newest version. `load_verified(uri)` (sslam infer, sslam evaluate) checks a version's downloaded files
+against its `weights_sha256` / `model_sha256` tags before any of its code runs.
 """
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import fcntl
+import hashlib
+import hmac
 import json
 import logging
 import os
@@ -54,7 +64,15 @@ CLAIM_FILE = ".claim"  # flock()ed while one process completes the registration
 MODEL_DIR = "model"
 WEIGHTS_FILE = "encoder.safetensors"
 CONFIG_FILE = "model_config.json"
+WEIGHTS_ARTIFACT = f"artifacts/{WEIGHTS_FILE}"  # where save_model puts the weights inside a model folder
 CANDIDATE = "candidate"
+# Version tags: sha256 of the weights file and digest of every file of the uploaded model folder.
+WEIGHTS_SHA_TAG = "weights_sha256"
+MODEL_SHA_TAG = "model_sha256"
+# Written by MLflow into a folder downloaded from models:/ URIs; not part of what was uploaded.
+DOWNLOAD_EXTRAS = frozenset({"registered_model_meta"})
+KEY_ENV = "SSLAM_REGISTRATION_KEY_FILE"
+KEY_BYTES = 32
 BEST = "best"
 RESERVED_ALIASES = frozenset({"latest"})
 # Input example: this long a test tone at the model's sample rate.
@@ -67,6 +85,64 @@ LOGGED_MODEL_NAME = "encoder"
 def encoder_name(cfg: ModelConfig) -> str:
     """Short architecture tag, "vit-{embed_dim}-{depth}", e.g. vit-768-12 for ViT-B."""
     return f"vit-{cfg.embed_dim}-{cfg.depth}"
+
+
+# ------------------------------------------------------------------------------------------------ integrity
+
+
+class RegistrationRefused(ValueError):
+    """A pending folder whose record does not verify (planted or altered after export), or a model whose files
+    do not match the sha256 recorded on its version (tampered artifact)."""
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def folder_digest(folder: str | Path, ignore: frozenset[str] = frozenset()) -> str:
+    """sha256 over the sorted (relative path, sha256) of every file under `folder`: code, MLmodel and weights
+    alike, so an added, removed or changed file changes it. Links are refused (they could point anywhere)."""
+    folder = Path(folder)
+    lines = []
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder).as_posix()
+        if path.is_symlink():
+            raise RegistrationRefused(f"{path} is a symbolic link; a model folder holds plain files only")
+        if path.is_file() and relative not in ignore:
+            lines.append(f"{relative}\0{sha256_file(path)}\n")
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+def registration_key_path() -> Path:
+    """The exporting user's signing key: $SSLAM_REGISTRATION_KEY_FILE, else ~/.config/sslam/registration.key."""
+    configured = os.environ.get(KEY_ENV, "").strip()
+    if configured:
+        return Path(configured).expanduser()
+    config_home = os.environ.get("XDG_CONFIG_HOME", "").strip() or str(Path.home() / ".config")
+    return Path(config_home) / "sslam" / "registration.key"
+
+
+def registration_key() -> bytes:
+    """The signing key, created (random, mode 0600) on first use; outside every run folder by design."""
+    path = registration_key_path()
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process created it meanwhile
+            pass
+        else:
+            with os.fdopen(descriptor, "wb") as handle:
+                handle.write(os.urandom(KEY_BYTES))
+            log.info("created the registration signing key %s", path)
+    key = path.read_bytes()
+    if len(key) < KEY_BYTES:
+        raise RegistrationRefused(f"registration key {path} is shorter than {KEY_BYTES} bytes")
+    return key
 
 
 # --------------------------------------------------------------------------------------- the pyfunc folder
@@ -86,9 +162,13 @@ def audio_config_for(model_cfg: ModelConfig, audio: AudioConfig | None = None) -
 
 
 def model_spec(
-    model_cfg: ModelConfig, audio_cfg: AudioConfig, classes: list[dict] | None = None, pooling: str = "cls"
+    model_cfg: ModelConfig,
+    audio_cfg: AudioConfig,
+    classes: list[dict] | None = None,
+    pooling: str = "cls",
+    weights_sha256: str = "",
 ) -> dict:
-    """The content of `model_config.json` (read by jobs/pyfunc_model.py)."""
+    """The content of `model_config.json` (read by jobs/pyfunc_model.py, which checks the weights' sha256)."""
     from jobs.pyfunc_model import CONFIG_FORMAT
 
     return {
@@ -97,6 +177,7 @@ def model_spec(
         "audio": dataclasses.asdict(audio_cfg),
         "classes": classes,
         "pooling": pooling,
+        "weights_sha256": weights_sha256,
     }
 
 
@@ -182,7 +263,7 @@ def save_pyfunc(
             num_updates=weights.num_updates,
         )
         save_weights(encoder_only, staging / WEIGHTS_FILE)
-        spec = model_spec(weights.config, audio_cfg, classes, pooling)
+        spec = model_spec(weights.config, audio_cfg, classes, pooling, sha256_file(staging / WEIGHTS_FILE))
         (staging / CONFIG_FILE).write_text(json.dumps(spec, indent=2, sort_keys=True))
         mlflow.pyfunc.save_model(
             path=str(path),
@@ -220,6 +301,34 @@ class Registration:
     version: str | None = None
     attempts: int = 0
     last_error: str = ""
+    weights_sha256: str = ""
+    model_sha256: str = ""  # folder_digest of the exported model folder
+    signature: str = ""  # HMAC of `signed()` with the exporting user's key (registration_key)
+    uploaded_sha256: str = ""  # folder_digest of the folder as uploaded (MLmodel filled in): the version's tag
+
+    def signed(self, folder_name: str) -> bytes:
+        """What the signature covers: everything fixed at export (the MLflow ids and the run id fill in later)."""
+        tags = {key: value for key, value in self.tags.items() if key != "run_id"}
+        fixed = {
+            "folder": folder_name, "model_name": self.model_name, "experiment": self.experiment, "tags": tags,
+            "tracking_uri": self.tracking_uri, "aliases": self.aliases, "updates": self.updates,
+            "weights_sha256": self.weights_sha256, "model_sha256": self.model_sha256,
+        }
+        return json.dumps(fixed, sort_keys=True).encode()
+
+    def sign(self, folder_name: str) -> None:
+        self.signature = hmac.new(registration_key(), self.signed(folder_name), hashlib.sha256).hexdigest()
+
+    def verify(self, folder_name: str) -> None:
+        """Raise RegistrationRefused unless the signature is the exporting key's over this record."""
+        if not self.signature or not self.weights_sha256 or not self.model_sha256:
+            raise RegistrationRefused("the pending registration carries no signed export record")
+        expected = hmac.new(registration_key(), self.signed(folder_name), hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(expected, self.signature):
+            raise RegistrationRefused(
+                f"the export record's signature does not verify with {registration_key_path()} (planted, altered, or "
+                "exported by another user or machine)"
+            )
 
     def save(self, folder: Path, name: str = PENDING_FILE) -> None:
         partial = folder / (name + ".partial")
@@ -253,11 +362,16 @@ def _check_aliases(aliases: list[str]) -> None:
 
 
 def _stage_folder(folder: Path, weights: ImportedCheckpoint, registration: Registration, **pyfunc: Any) -> Path:
-    """Save the pyfunc folder and the pending file into `folder` (replacing an unfinished earlier attempt)."""
+    """Save the pyfunc folder and the signed pending file into `folder` (replacing an unfinished earlier
+    attempt). The record holds the sha256 of the weights and the digest of the whole folder, signed with this
+    user's key, so `complete_registration` can tell this folder from one planted or altered later."""
     _check_aliases(registration.aliases)
     folder.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(folder / MODEL_DIR, ignore_errors=True)
     save_pyfunc(weights, folder / MODEL_DIR, **pyfunc)
+    registration.weights_sha256 = sha256_file(folder / MODEL_DIR / WEIGHTS_ARTIFACT)
+    registration.model_sha256 = folder_digest(folder / MODEL_DIR)
+    registration.sign(folder.name)
     registration.save(folder)
     return folder
 
@@ -284,13 +398,26 @@ def _dataset_fingerprint(config) -> str:
         return ""
 
 
-def student_encoder_weights(tag_dir: str | Path, model_cfg: ModelConfig) -> ImportedCheckpoint:
-    """The student encoder of a DeepSpeed checkpoint folder, fp32, via DeepSpeed's consolidation utility."""
-    from jobs.checkpointing import consolidated_student
+def student_encoder_weights(tag_dir: str | Path, model_cfg: ModelConfig, trusted: bool = False) -> ImportedCheckpoint:
+    """The student encoder of a checkpoint folder, fp32: from its `student.safetensors` (the full fp32 student
+    jobs.checkpointing writes beside DeepSpeed's files; reading it runs no code). Only with `trusted` does a
+    folder without it fall back to DeepSpeed's consolidation, which unpickles the model / optimizer states."""
+    from safetensors.torch import load_file
+
+    from jobs.checkpointing import STUDENT_FILE, consolidated_student
     from model.encoder import Encoder
 
     tag_dir = Path(tag_dir)
-    student = consolidated_student(tag_dir.parent, tag_dir.name)
+    if (tag_dir / STUDENT_FILE).is_file():
+        student = load_file(str(tag_dir / STUDENT_FILE))
+    elif trusted:
+        log.warning("%s has no %s: consolidating DeepSpeed's pickled states (--trusted)", tag_dir, STUDENT_FILE)
+        student = consolidated_student(tag_dir.parent, tag_dir.name)
+    else:
+        raise CheckpointError(
+            f"{tag_dir} has no {STUDENT_FILE}; reading DeepSpeed's model states instead unpickles them, which can run "
+            "code: pass --trusted (trusted=True) only for a folder you trust"
+        )
     prefix = "encoder."
     encoder = {key[len(prefix) :]: value for key, value in student.items() if key.startswith(prefix)}
     if "pos_embed" not in encoder:  # a buffer: consolidation may leave it out; it is the fixed sin-cos table
@@ -310,19 +437,27 @@ def export_checkpoint(
     dataset_fingerprint: str | None = None,
     config=None,
     aliases: list[str] | None = None,
+    trusted: bool = False,
 ) -> Path:
-    """Consolidate checkpoint `tag_dir` and stage its student encoder as a pending registration (no MLflow call).
+    """Stage the student encoder of checkpoint `tag_dir` as a signed pending registration (no MLflow call).
 
     Returns the registration folder `<run_dir>/registrations/<tag>/` (run_dir defaults to the folder holding
     `checkpoints/`). Names default to the checkpoint's own config (`tracking.model_name`, `tracking.experiment`).
+    `trusted`: see `student_encoder_weights`.
     """
     tag_dir = Path(tag_dir)
     run_dir = Path(run_dir) if run_dir is not None else tag_dir.parent.parent
     folder = registrations_dir(run_dir) / tag_dir.name
-    if (folder / DONE_FILE).is_file() or (folder / PENDING_FILE).is_file():
+    if (folder / DONE_FILE).is_file():
         return folder
+    if (folder / PENDING_FILE).is_file():
+        try:
+            Registration.load(folder / PENDING_FILE).verify(folder.name)
+            return folder
+        except (RegistrationRefused, ValueError, TypeError) as error:  # a planted or broken one: exported anew
+            log.warning("%s does not hold this user's export (%s); exporting %s again", folder, error, tag_dir)
     config = _checkpoint_config(tag_dir, config)
-    weights = student_encoder_weights(tag_dir, config.model)
+    weights = student_encoder_weights(tag_dir, config.model, trusted=trusted)
     weights.num_updates = int(updates)
     if dataset_fingerprint is None:
         dataset_fingerprint = _dataset_fingerprint(config)
@@ -415,19 +550,39 @@ def _client_for(registration: Registration, client):
     return mlflow_client(os.environ.get("MLFLOW_TRACKING_URI") or registration.tracking_uri or tracking_uri())
 
 
-def complete_registration(folder: str | Path, client=None, run_id: str | None = None):
+def complete_registration(folder: str | Path, client=None, run_id: str | None = None, trusted: bool = False):
     """Upload and register a staged folder (steps already done are skipped); returns the ModelVersion.
-    Raises RegistrationBusy while another process completes it, and any other failure with the progress saved
-    in the pending file. A folder another process completed meanwhile returns its version."""
+
+    The folder must match its signed export record (`Registration.verify`, `folder_digest`), else
+    RegistrationRefused; `trusted` skips that check (a folder the caller vouches for). Raises RegistrationBusy
+    while another process completes it, and any other failure with the progress saved in the pending file. A
+    folder another process completed meanwhile returns its version."""
     folder = Path(folder)
     with _claimed(folder):
         if not (folder / PENDING_FILE).is_file():
             done = Registration.load(folder / DONE_FILE)
             return _client_for(done, client).get_model_version(done.model_name, done.version)
-        return _complete_claimed(folder, client, run_id)
+        return _complete_claimed(folder, client, run_id, trusted)
 
 
-def _complete_claimed(folder: Path, client, run_id: str | None):
+def _checked_copy(folder: Path, registration: Registration, destination: Path, trusted: bool) -> Path:
+    """Copy the exported model folder to `destination` and check the copy (what is uploaded) against the
+    record; a trusted folder without a record gets its weights' sha256 computed here."""
+    shutil.copytree(folder / MODEL_DIR, destination, symlinks=True)
+    weights = sha256_file(destination / WEIGHTS_ARTIFACT)
+    if trusted and not registration.weights_sha256:
+        registration.weights_sha256 = weights
+    if trusted:
+        return destination
+    if weights != registration.weights_sha256 or folder_digest(destination) != registration.model_sha256:
+        raise RegistrationRefused(
+            f"{folder / MODEL_DIR} no longer matches its export record (weights sha256 {weights}, recorded "
+            f"{registration.weights_sha256}): files were changed after export"
+        )
+    return destination
+
+
+def _complete_claimed(folder: Path, client, run_id: str | None, trusted: bool):
     from mlflow.entities import LoggedModelOutput
     from mlflow.models import Model
 
@@ -438,6 +593,8 @@ def _complete_claimed(folder: Path, client, run_id: str | None):
         registration.tags["run_id"] = run_id
     registration.attempts += 1
     try:
+        if not trusted:
+            registration.verify(folder.name)
         if registration.model_id is None:
             if registration.run_id:
                 experiment_id = client.get_run(registration.run_id).info.experiment_id
@@ -453,13 +610,15 @@ def _complete_claimed(folder: Path, client, run_id: str | None):
             registration.save(folder)
         if not registration.uploaded:
             logged = client.get_logged_model(registration.model_id)
-            model_dir = folder / MODEL_DIR
-            meta = Model.load(str(model_dir))
-            meta.model_id = logged.model_id
-            meta.artifact_path = logged.artifact_location
-            meta.run_id = registration.run_id
-            meta.save(str(model_dir / "MLmodel"))
-            client.log_model_artifacts(registration.model_id, str(model_dir))
+            with tempfile.TemporaryDirectory(prefix="sslam-upload-") as upload:
+                model_dir = _checked_copy(folder, registration, Path(upload) / MODEL_DIR, trusted)
+                meta = Model.load(str(model_dir))
+                meta.model_id = logged.model_id
+                meta.artifact_path = logged.artifact_location
+                meta.run_id = registration.run_id
+                meta.save(str(model_dir / "MLmodel"))
+                registration.uploaded_sha256 = folder_digest(model_dir)
+                client.log_model_artifacts(registration.model_id, str(model_dir))
             client.finalize_logged_model(registration.model_id, "READY")
             if registration.run_id:
                 client.log_outputs(
@@ -473,12 +632,21 @@ def _complete_claimed(folder: Path, client, run_id: str | None):
                 registration.model_name,
                 source=f"models:/{registration.model_id}",
                 run_id=registration.run_id,
-                tags=registration.tags,
+                tags={
+                    **registration.tags,
+                    WEIGHTS_SHA_TAG: registration.weights_sha256,
+                    MODEL_SHA_TAG: registration.uploaded_sha256,
+                },
                 model_id=registration.model_id,
             )
             registration.version = str(version.version)
             registration.save(folder)
         version = client.get_model_version(registration.model_name, registration.version)
+        if version.tags.get(WEIGHTS_SHA_TAG) != registration.weights_sha256:
+            raise RegistrationRefused(
+                f"version {registration.version} of {registration.model_name} holds other weights than this "
+                "registration; no alias moved"
+            )
         for alias in registration.aliases:
             if alias == CANDIDATE:
                 _move_candidate(client, registration.model_name, version, registration)
@@ -500,18 +668,27 @@ def _complete_claimed(folder: Path, client, run_id: str | None):
 
 
 def register_pending(
-    run_dir: str | Path, run_id: str | None = None, client=None, tracking_uri: str | None = None
+    run_dir: str | Path,
+    run_id: str | None = None,
+    client=None,
+    tracking_uri: str | None = None,
+    trusted: bool = False,
 ) -> list:
     """Register every pending registration of a run folder, oldest first; returns the new ModelVersions.
-    A failure is logged and leaves that registration pending (nothing is raised for MLflow errors)."""
+    A failure is logged and leaves that registration pending (nothing is raised for MLflow errors); so is a
+    folder that does not match its signed export record (unless `trusted`)."""
     if client is None and tracking_uri is not None:
         client = mlflow_client(tracking_uri)
     versions = []
     for folder in pending_folders(run_dir):
         try:
-            versions.append(complete_registration(folder, client=client, run_id=run_id))
+            versions.append(complete_registration(folder, client=client, run_id=run_id, trusted=trusted))
         except RegistrationBusy as busy:
             log.info("%s; skipped here", busy)
+        except RegistrationRefused as refused:
+            log.warning("registration of %s refused: %s; it stays pending, nothing was uploaded (register a "
+                        "checkpoint with `sslam register --checkpoint`, or pass --trusted for a folder you vouch for)",
+                        folder, refused)
         except Exception as error:  # noqa: BLE001 - reported, kept on disk, retried later
             log.warning(
                 "registration of %s failed (%s: %s); it stays pending and is retried at the next checkpoint, at "
@@ -522,7 +699,8 @@ def register_pending(
 
 
 def register_checkpoint(tag_dir: str | Path, updates: int | None = None, **export: Any):
-    """Export and register one checkpoint folder now (no tracker needed); returns the ModelVersion."""
+    """Export and register one checkpoint folder now (no tracker needed); returns the ModelVersion.
+    `trusted=True` lets a folder without student.safetensors be read through DeepSpeed's pickles."""
     tag_dir = Path(tag_dir)
     if updates is None:
         updates = int(tag_dir.name.rsplit("_", 1)[-1])
@@ -601,6 +779,41 @@ def resolve_version(model_uri: str, client=None):
     return client.get_model_version(name, version)
 
 
+def load_verified(model_uri: str, client=None, model_config: dict | None = None):
+    """(ModelVersion or None, exact URI, loaded pyfunc): a registry URI's files are downloaded and checked
+    against the version's `weights_sha256` / `model_sha256` tags BEFORE any of its code runs, then loaded from
+    that checked copy; RegistrationRefused when they differ or the version has no such tags. Other URIs (a
+    path, runs:/...) are loaded as they are: only the pyfunc's own weights check applies."""
+    import mlflow
+
+    version = resolve_version(model_uri, client)
+    if version is None:
+        log.warning("%s is not a registry URI: its files are not checked against a registered sha256", model_uri)
+        return None, model_uri, mlflow.pyfunc.load_model(model_uri, model_config=model_config)
+    exact = f"models:/{version.name}/{version.version}"
+    expected = {tag: version.tags.get(tag, "") for tag in (WEIGHTS_SHA_TAG, MODEL_SHA_TAG)}
+    if not all(expected.values()):
+        raise RegistrationRefused(
+            f"{exact} records no {WEIGHTS_SHA_TAG}/{MODEL_SHA_TAG} tag (registered before they existed): register it "
+            "again to use it"
+        )
+    local = Path(tempfile.mkdtemp(prefix="sslam-model-"))
+    atexit.register(shutil.rmtree, local, True)  # the loaded code_paths are imported from here
+    path = Path(mlflow.artifacts.download_artifacts(artifact_uri=exact, dst_path=str(local)))
+    weights = sha256_file(path / WEIGHTS_ARTIFACT) if (path / WEIGHTS_ARTIFACT).is_file() else "missing"
+    if weights != expected[WEIGHTS_SHA_TAG]:
+        raise RegistrationRefused(
+            f"{exact}: the weights' sha256 {weights} is not the registered {expected[WEIGHTS_SHA_TAG]}: the artifact "
+            "was altered; refusing to load it"
+        )
+    if folder_digest(path, ignore=DOWNLOAD_EXTRAS) != expected[MODEL_SHA_TAG]:
+        raise RegistrationRefused(
+            f"{exact}: the model's files (code, MLmodel, config) differ from those registered: the artifact was "
+            "altered; refusing to load it"
+        )
+    return version, exact, mlflow.pyfunc.load_model(str(path), model_config=model_config)
+
+
 def main(argv: list[str] | None = None) -> int:
     """`sslam register RUN_DIR` | `--checkpoint TAG_DIR` | `--official FILE --name NAME [--class-labels CSV]`."""
     import argparse
@@ -613,7 +826,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", help="registered model name (--official; default: the checkpoint's config)")
     parser.add_argument("--class-labels", help="class_labels_indices.csv naming a fine-tuned head's classes")
     parser.add_argument("--experiment", default="sslam", help="experiment of the logged model (--official)")
-    parser.add_argument("--trusted", action="store_true", help="unpickle an official file without the allow-list")
+    parser.add_argument(
+        "--trusted", action="store_true",
+        help="you vouch for the input: unpickle an official file without the allow-list; read a checkpoint without "
+        "student.safetensors through DeepSpeed's pickles; complete RUN_DIR's pending folders without their signed "
+        "export record",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if sum(x is not None for x in (args.run_dir, args.checkpoint, args.official)) != 1:
@@ -625,10 +843,10 @@ def main(argv: list[str] | None = None) -> int:
             version = register_official(args.official, args.name, class_labels_csv=args.class_labels,
                                         experiment=args.experiment, trusted=args.trusted)
         elif args.checkpoint:
-            version = register_checkpoint(args.checkpoint, model_name=args.name)
+            version = register_checkpoint(args.checkpoint, model_name=args.name, trusted=args.trusted)
         else:
             version = None
-    except (CheckpointError, FileNotFoundError, MlflowException) as error:
+    except (CheckpointError, FileNotFoundError, MlflowException, ValueError) as error:  # RegistrationRefused too
         print(f"sslam register: {error}", file=sys.stderr)
         return 1
     if version is not None:
@@ -636,7 +854,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not Path(args.run_dir).is_dir():
         parser.error(f"no run folder {args.run_dir}")
-    versions = register_pending(args.run_dir)
+    versions = register_pending(args.run_dir, trusted=args.trusted)
     for version in versions:
         print(f"registered {version.name} version {version.version} (update {version.tags.get('update')})")
     left = pending_folders(args.run_dir)

@@ -15,6 +15,13 @@ the metric `tracking/dropped_metrics`). HTTP calls use short timeouts and one re
 user set MLflow's variables). An unreachable server is reported once as a warning; the thread keeps retrying every
 `tracking.retry_interval_s` and says when the server is back.
 
+A store that refuses writes (HTTP 401 / 403, PERMISSION_DENIED, or a local artifact store failing with an OS
+error: read-only, permissions, a file where a folder should be, a full disk) ends the run's tracking: one warning
+names the refused call and the reason, everything queued or logged later is discarded (training itself goes on,
+unaffected), and `finish` marks the MLflow run FAILED with the reason in its tag `sslam.tracking_error` (when the
+server still takes that; else a warning says it could not). Retrying would not help and would leave the run
+RUNNING with a growing backlog.
+
 Registrations (`on_checkpoint`, and `finish` for the last checkpoint): the ZeRO checkpoint is consolidated and
 exported to a local MLflow model folder first (jobs.registry), persisted as a pending registration under
 `<output_dir>/registrations/`, then uploaded and registered on the background thread. A failed one stays pending
@@ -57,6 +64,11 @@ HTTP_DEFAULTS = {
 }
 # MLflow errors that retrying cannot fix (the item is dropped with a warning); anything else counts as transient.
 PERMANENT_ERRORS = {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST", "BAD_REQUEST"}
+# The store answered and refuses writes: tracking of the run ends (module docstring).
+REFUSED_ERRORS = {"PERMISSION_DENIED", "UNAUTHENTICATED"}
+REFUSED_HTTP_STATUS = {401, 403}
+FAILURE_TAG = "sslam.tracking_error"
+MAX_TAG_LENGTH = 5000
 DROPPED_METRIC = "tracking/dropped_metrics"
 MAX_PARAMS_PER_BATCH = 100  # MLflow's limit
 RETRY_REGISTRATIONS = "register pending models"
@@ -114,6 +126,19 @@ def ensure_experiment(client, name: str) -> str:
 
 def is_permanent(error: BaseException) -> bool:
     return getattr(error, "error_code", None) in PERMANENT_ERRORS
+
+
+def is_refusal(error: BaseException) -> bool:
+    """The store refuses writes (as opposed to being unreachable, which is retried): an MLflow permission
+    error, an HTTP 401 / 403 answer (artifact uploads), or an OS error of a local store."""
+    import requests
+
+    if getattr(error, "error_code", None) in REFUSED_ERRORS:
+        return True
+    if isinstance(error, requests.RequestException):  # before OSError: requests' errors are OSErrors too
+        response = getattr(error, "response", None)
+        return response is not None and response.status_code in REFUSED_HTTP_STATUS
+    return isinstance(error, OSError)
 
 
 def git_commit() -> str | None:
@@ -244,10 +269,14 @@ class _Outbox:
         self.tasks: deque[tuple[str, Callable[[], None]]] = deque()
         self.dropped = 0
         self.busy = False
+        self.closed = False  # tracking ended (a refused write): only final tasks are still taken
+        self.final: set[str] = set()  # names of the tasks that end the run
         self.condition = threading.Condition()
 
     def put_metrics(self, items: list[_Metric]) -> None:
         with self.condition:
+            if self.closed:
+                return
             for item in items:
                 if len(self.metrics) >= self.capacity:
                     self.metrics.popleft()
@@ -255,10 +284,25 @@ class _Outbox:
                 self.metrics.append(item)
             self.condition.notify()
 
-    def put_task(self, name: str, task: Callable[[], None]) -> None:
+    def put_task(self, name: str, task: Callable[[], None], final: bool = False) -> None:
         with self.condition:
+            if self.closed and not final:
+                return
+            if final:
+                self.final.add(name)
             self.tasks.append((name, task))
             self.condition.notify()
+
+    def close(self, keep_final: bool) -> tuple[int, int]:
+        """Discard what is queued (final tasks stay when `keep_final`); returns (metric values, tasks) dropped."""
+        with self.condition:
+            self.closed = True
+            kept = deque(t for t in self.tasks if keep_final and t[0] in self.final)
+            dropped = (len(self.metrics), len(self.tasks) - len(kept))
+            self.metrics.clear()
+            self.tasks = kept
+            self.condition.notify_all()
+            return dropped
 
     def return_metrics(self, items: list[_Metric]) -> None:
         """Put unsent values back at the front, keeping the newest when there is no room for all."""
@@ -317,6 +361,8 @@ class Tracker:
         self._outbox = _Outbox(config.tracking.queue_size)
         self._staging = Path(tempfile.mkdtemp(prefix="sslam-tracking-"))
         self._unreachable = False
+        self.refused: str | None = None  # why the store refused a write (tracking ended), if it did
+        self._marked_failed = False
         self._stopping = False
         self._stop = threading.Event()
         self._deadline: float | None = None
@@ -397,7 +443,7 @@ class Tracker:
         if status == "FINISHED" and self._last_checkpoint is not None:
             self._export(*self._last_checkpoint)
         self._outbox.put_task(RETRY_REGISTRATIONS, self._register_pending)
-        self._outbox.put_task(f"end the run ({status})", lambda: self._client.set_terminated(self.run_id, status))
+        self._outbox.put_task(f"end the run ({status})", functools.partial(self._end_run, status), final=True)
         self._deadline = time.monotonic() + self.config.tracking.finish_timeout_s
         sent = self.flush(self.config.tracking.finish_timeout_s)
         with self._outbox.condition:
@@ -414,7 +460,22 @@ class Tracker:
             )
         if self.dropped_metrics:
             log.warning("%d metric values were dropped because the tracking queue was full", self.dropped_metrics)
+        if self.refused is not None:
+            if self._marked_failed:
+                log.warning("MLflow run %s is marked FAILED (tag %s): %s", self.run_id, FAILURE_TAG, self.refused)
+            else:
+                log.warning("tracking ended early (%s) and the MLflow run %s could not be marked FAILED", self.refused,
+                            self.run_id or "(never created)")
         shutil.rmtree(self._staging, ignore_errors=True)
+
+    def _end_run(self, status: str) -> None:
+        """The last task: FAILED with the reason when the store refused a write, else `status`."""
+        if self.refused is None:
+            self._client.set_terminated(self.run_id, status)
+            return
+        self._client.set_tag(self.run_id, FAILURE_TAG, self.refused[:MAX_TAG_LENGTH])
+        self._client.set_terminated(self.run_id, "FAILED")
+        self._marked_failed = True
 
     # ---- the tracking thread ----------------------------------------------------------------------------
     def _work(self) -> None:
@@ -431,6 +492,10 @@ class Tracker:
                     outbox.condition.wait()
                 if self._stopping:
                     return
+                if self.run_id is None and outbox.closed:  # refused before the run existed: nothing left to end
+                    outbox.tasks.clear()
+                    outbox.condition.notify_all()
+                    continue
                 outbox.busy = True
                 if self.run_id is None:
                     task = ("create the run", self._create_run)
@@ -452,6 +517,15 @@ class Tracker:
                 if task is None or task[0] != RETRY_REGISTRATIONS:  # registrations report their own failures
                     self._reachable()
             except Exception as error:  # noqa: BLE001 - no failure of MLflow may reach training
+                if is_refusal(error):
+                    with outbox.condition:
+                        if task is not None and task[1] != self._create_run:
+                            outbox.tasks.popleft()  # the refused task itself
+                    self._end_tracking(task[0] if task is not None else f"log {len(batch)} metric values", error)
+                    with outbox.condition:
+                        outbox.busy = False
+                        outbox.condition.notify_all()
+                    continue
                 if batch:
                     outbox.return_metrics(batch)
                 self._report_unreachable(error)
@@ -461,6 +535,23 @@ class Tracker:
             with outbox.condition:
                 outbox.busy = False
                 outbox.condition.notify_all()
+
+    def _end_tracking(self, what: str, error: BaseException) -> None:
+        """A refused write: warn once, discard the backlog, keep only the task that marks the run FAILED (and
+        not even that when the refused call is that task, or when the run was never created)."""
+        reason = f"MLflow at {self.uri} refused to {what}: {type(error).__name__}: {str(error).splitlines()[0][:500]}"
+        outbox = self._outbox
+        if self.refused is not None:
+            log.warning("%s (after tracking had ended)", reason)
+            outbox.close(keep_final=False)
+            return
+        self.refused = reason
+        metrics, tasks = outbox.close(keep_final=self.run_id is not None)
+        log.warning(
+            "%s; tracking of this run ends here (%d queued metric values and %d tasks discarded, later ones are not "
+            "sent); training continues, and the run is marked FAILED when it ends. Pending registrations stay under "
+            "%s (`sslam register %s`)", reason, metrics, tasks, self.run_dir / "registrations", self.run_dir,
+        )
 
     def _wait_before_retry(self) -> bool:
         """Sleep `retry_interval_s` (new metrics do not wake it; `finish` does); False once stopping or past
@@ -600,6 +691,7 @@ class Tracker:
                 tracking_uri=self.uri,
                 dataset_fingerprint=str(self.dataset_info.get("fingerprint", "")),
                 config=self.config,
+                trusted=True,  # this run's own checkpoint (resuming unpickles it too); student.safetensors first
             )
         except Exception:
             log.exception("could not export checkpoint %s for registration; training continues", tag_dir)

@@ -5,15 +5,18 @@ the linear probe against the label-prior baseline, logging, version tags and `--
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from jobs import evaluate as evaluate_job
 from jobs import registry
+from jobs.checkpointing import STUDENT_FILE
 from jobs.config import dump_yaml, load_config
 from jobs.tracking import HTTP_DEFAULTS, mlflow_client
 from model.sslam import SSLAM
@@ -107,10 +110,10 @@ def pretrain(config, features: torch.Tensor, steps: int, seed: int = 0) -> SSLAM
 
 
 def register(model: SSLAM, config, run_dir: Path, updates: int):
-    """Register `model`'s student encoder through a checkpoint folder in the ZeRO-less layout."""
+    """Register `model`'s student encoder through a checkpoint folder (its student.safetensors)."""
     tag_dir = run_dir / "checkpoints" / f"update_{updates:08d}"
     tag_dir.mkdir(parents=True)
-    torch.save({"module": model.state_dict()}, tag_dir / "mp_rank_00_model_states.pt")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tag_dir / STUDENT_FILE))
     (tag_dir / "config.yaml").write_text(dump_yaml(config))
     return registry.register_checkpoint(tag_dir)
 
@@ -171,6 +174,8 @@ def test_promote_moves_best_only_when_better(setup, capsys):
         assert evaluate_job.main(argv) == 0
         results[name] = json.loads(capsys.readouterr().out)
     best, worse = sorted(results, key=lambda name: results[name]["mAP"], reverse=True)
+    assert all((r["train"], r["test"], r["overlap"]["disjoint"]) == ("shards:train", "shards:eval", True)
+               for r in results.values())
     assert results["random"]["promoted"]  # nothing held `best`
     assert results["trained"]["promoted"] == (best == "trained")
     holder = client.get_model_version_by_alias(MODEL, "best")
@@ -180,6 +185,33 @@ def test_promote_moves_best_only_when_better(setup, capsys):
     assert evaluate_job.main(argv) == 0
     assert not json.loads(capsys.readouterr().out)["promoted"]
     assert str(client.get_model_version_by_alias(MODEL, "best").version) == str(getattr(setup, best).version)
+
+
+def test_promotion_is_refused_when_the_probe_is_tested_on_its_training_data(setup, capsys):
+    client = mlflow_client()
+    try:
+        before = str(client.get_model_version_by_alias(MODEL, "best").version)
+    except Exception:  # noqa: BLE001 - nothing holds it yet when this test runs alone
+        before = None
+    shutil.copytree(setup.root / "shards", setup.root / "copy")  # other files, the same samples
+    for test_shards, what in (("shards", "same_set"), ("copy", "shared_clip_keys")):
+        argv = ["--model", f"models:/{MODEL}/{setup.trained.version}", "--promote", "--train-shards", "shards",
+                "--test-shards", test_shards, "--set", "data.loader.num_workers=0", "--set", "eval.test_split=train"]
+        assert evaluate_job.main(argv) == 1
+        captured = capsys.readouterr()
+        report = json.loads(captured.out)
+        assert (report["train"], report["test"]) == ("shards:train", f"{test_shards}:train")
+        assert report["overlap"][what] and not report["overlap"]["disjoint"]
+        assert not report["promoted"] and "not disjoint" in report["promotion_refused"]
+        assert "not promoted" in captured.err
+    assert report["overlap"]["shared_shards"] == 0 and report["overlap"]["shared_sample_keys"] == CLIPS["train"]
+    try:
+        after = str(client.get_model_version_by_alias(MODEL, "best").version)
+    except Exception:  # noqa: BLE001
+        after = None
+    assert after == before
+    tags = client.get_model_version(MODEL, setup.trained.version).tags
+    assert (tags["eval.test"], tags["eval.splits_disjoint"]) == ("copy:train", "false")
 
 
 def test_alias_uri_resolves_to_the_version(setup):

@@ -180,3 +180,130 @@ def test_null_tracker_accepts_every_call(tmp_path):
     tracker.on_checkpoint(tmp_path, 1)
     assert tracker.flush()
     tracker.finish("FAILED")
+
+
+def test_an_artifact_store_that_refuses_writes_ends_tracking_and_fails_the_run(store, caplog):
+    """The artifact location lies under a regular file (so the refusal also happens as root, who ignores
+    permissions): the first artifact write fails with an OS error."""
+    blocker = store / "blocker"
+    blocker.write_text("a file where the artifact folder should be")
+    client = mlflow_client()
+    client.create_experiment("sslam", artifact_location=(blocker / "artifacts").as_uri())
+    config = load_config("tiny_stage1", ["train.output_dir=runs/ro", "tracking.system_metrics=false",
+                                         "tracking.retry_interval_s=0.2", "tracking.finish_timeout_s=20"])
+    caplog.set_level(logging.WARNING, logger="sslam.tracking")
+    tracker = Tracker.start(config, ds_config={"train_batch_size": 6}, dataset_info={"fingerprint": "ro"})
+    assert tracker.flush(timeout_s=30)  # nothing is left waiting: the refusal ended tracking
+    assert tracker.refused is not None and "refused to log config.yaml" in tracker.refused
+    durations = []
+    for step in range(1, 101):  # training goes on; its metrics are no longer sent
+        started = time.perf_counter()
+        tracker.log_metrics({"loss": 1.0 / step}, step)
+        durations.append(time.perf_counter() - started)
+    assert max(durations) < 0.05
+    started = time.perf_counter()
+    tracker.finish()
+    assert time.perf_counter() - started < 10
+
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["sslam.tracking_error"] == tracker.refused
+    assert "Error" in tracker.refused  # the OS error's type, e.g. NotADirectoryError / FileExistsError
+    assert run.data.params["model.embed_dim"] == "32"  # what was taken before the refusal stays
+    ended = [r for r in caplog.records if "tracking of this run ends here" in r.getMessage()]
+    assert len(ended) == 1
+    assert any("is marked FAILED" in r.getMessage() for r in caplog.records)
+    assert not [r for r in caplog.records if "is unreachable" in r.getMessage()]  # refused, not retried
+
+
+class RefusingServer:
+    """A stand-in MLflow server that keeps one run and answers 403 to every artifact upload (and, with
+    `refuse_all`, to every call): records the run's status and tags."""
+
+    def __init__(self, refuse_all: bool = False) -> None:
+        import http.server
+        import threading
+
+        self.refuse_all = refuse_all
+        self.status = None
+        self.tags: dict[str, str] = {}
+        self.refused: list[str] = []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def answer(self, code: int, body: dict) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def handle_any(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = json.loads(self.rfile.read(length) or b"{}") if "mlflow-artifacts" not in self.path else {}
+                path = self.path.split("?")[0]
+                if server.refuse_all or "mlflow-artifacts" in path:
+                    server.refused.append(f"{self.command} {path}")
+                    return self.answer(403, {"error_code": "PERMISSION_DENIED", "message": "read-only store"})
+                info = {"run_id": "r1", "run_uuid": "r1", "experiment_id": "1", "status": server.status or "RUNNING",
+                        "artifact_uri": "mlflow-artifacts:/1/r1/artifacts", "lifecycle_stage": "active",
+                        "start_time": 1, "user_id": "u"}
+                run = {"info": info, "data": {"tags": [{"key": k, "value": v} for k, v in server.tags.items()]}}
+                if path.endswith("/experiments/get-by-name"):
+                    return self.answer(200, {"experiment": {"experiment_id": "1", "name": "sslam",
+                                                            "artifact_location": "mlflow-artifacts:/1",
+                                                            "lifecycle_stage": "active"}})
+                if path.endswith("/runs/create") or path.endswith("/runs/get"):
+                    return self.answer(200, {"run": run})
+                if path.endswith("/runs/set-tag"):
+                    server.tags[body["key"]] = body["value"]
+                    return self.answer(200, {})
+                if path.endswith("/runs/update"):
+                    server.status = body.get("status")
+                    return self.answer(200, {"run_info": info})
+                if path.endswith("/runs/log-batch"):
+                    return self.answer(200, {})
+                return self.answer(404, {"error_code": "ENDPOINT_NOT_FOUND", "message": path})
+
+            do_GET = do_POST = do_PUT = do_PATCH = handle_any
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.uri = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.mark.parametrize("refuse_all", [False, True], ids=["artifacts-refused", "everything-refused"])
+def test_a_server_that_refuses_writes_ends_tracking(store, monkeypatch, caplog, refuse_all):
+    server = RefusingServer(refuse_all=refuse_all)
+    try:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
+        config = load_config("tiny_stage1", ["train.output_dir=runs/srv", "tracking.system_metrics=false",
+                                             "tracking.retry_interval_s=0.2", "tracking.finish_timeout_s=20"])
+        caplog.set_level(logging.WARNING, logger="sslam.tracking")
+        tracker = Tracker.start(config, ds_config={"train_batch_size": 6})
+        for step in range(1, 21):
+            tracker.log_metrics({"loss": 1.0 / step}, step)
+        assert tracker.flush(timeout_s=30)
+        started = time.perf_counter()
+        tracker.finish()
+        assert time.perf_counter() - started < 10
+    finally:
+        server.stop()
+    assert server.refused and tracker.refused is not None and "PERMISSION_DENIED" in tracker.refused
+    assert len([r for r in caplog.records if "tracking of this run ends here" in r.getMessage()]) == 1
+    assert not [r for r in caplog.records if "is unreachable" in r.getMessage()]
+    if refuse_all:  # not even the run could be created: the warning says the run could not be marked
+        assert tracker.run_id is None and server.status is None
+        assert any("could not be marked FAILED" in r.getMessage() for r in caplog.records)
+    else:
+        assert "refused to log config.yaml" in tracker.refused
+        assert server.status == "FAILED" and server.tags["sslam.tracking_error"] == tracker.refused
