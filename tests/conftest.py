@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -18,3 +19,14 @@ def remove_deepspeed_shared_memory():
     yield
     for path in set(SHARED_MEMORY.glob(DEEPSPEED_BUFFERS)) - before:
         path.unlink(missing_ok=True)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def registration_key_in_the_session(tmp_path_factory):
+    """Registrations are signed with a key file (jobs.registry); the suite uses its own, never the user's."""
+    if "SSLAM_REGISTRATION_KEY_FILE" in os.environ:
+        yield
+        return
+    os.environ["SSLAM_REGISTRATION_KEY_FILE"] = str(tmp_path_factory.mktemp("registration") / "registration.key")
+    yield
+    del os.environ["SSLAM_REGISTRATION_KEY_FILE"]
