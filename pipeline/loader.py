@@ -443,11 +443,36 @@ def _collate_groups(groups: Sequence[dict], geometry: _Geometry) -> dict[str, to
 
 
 @dataclasses.dataclass
+class _SlotReplay:
+    """A slot of an earlier plan (other ranks or workers) whose rest of the epoch this worker shares: its
+    shares and shuffle are replayed, its `consumed` samples passed over, and of the rest this worker takes
+    the samples whose ordinal after them is congruent to `share.part` modulo `share.parts`."""
+
+    shares: list[Share]
+    shuffle_seed: int
+    consumed: int
+    share: Share
+
+
+@dataclasses.dataclass
 class _WorkerPlan:
     shares: list[Share]
     shuffle_seed: int
     skip: int  # decoded samples already consumed (a restart fast-forwards over them)
     finished: bool  # the worker had ended before the saved position: read nothing
+    replays: list[_SlotReplay] | None = None  # elastic resume: the rest of an earlier plan's slots, not `shares`
+
+
+def _decoded(samples: Iterator[dict], geometry: _Geometry, skips: _Skips) -> Iterator[tuple[dict, dict]]:
+    """(raw sample, decoded group) of the samples that decode; the others are logged and counted."""
+    for sample in samples:
+        try:
+            _check_sample_key(sample["__key__"])
+            decoded = _decode_group(sample, geometry)
+        except ShardFormatError as error:
+            skips.bad_sample(sample["__key__"], sample["__url__"], error)
+            continue
+        yield sample, decoded
 
 
 class _TrainStream(IterableDataset):
@@ -468,6 +493,21 @@ class _TrainStream(IterableDataset):
         self.geometry, self.groups_per_batch = geometry, groups_per_batch
         self.shuffle_buffer, self.worker_offset = shuffle_buffer, worker_offset
 
+    def _shuffled(self, shares: list[Share], seed: int, skips: _Skips) -> Iterator[dict]:
+        buffer = max(1, self.shuffle_buffer)
+        raw = _read_shares(self.urls, shares, self.counts, skips)
+        return shuffle(buffer, buffer, rng=random.Random(seed))(raw)
+
+    def _replayed(self, replay: _SlotReplay, skips: _Skips) -> Iterator[tuple[dict, dict]]:
+        """This worker's part of the rest of an earlier slot's epoch. The earlier run counted what the
+        passed-over samples met, so that part reports to a throwaway counter."""
+        passed = _Skips()
+        samples = self._shuffled(replay.shares, replay.shuffle_seed, passed)
+        for _ in zip(range(replay.consumed), _decoded(samples, self.geometry, passed)):
+            pass
+        mine = (s for i, s in enumerate(samples) if i % replay.share.parts == replay.share.part)
+        yield from _decoded(mine, self.geometry, skips)
+
     def __iter__(self) -> Iterator[tuple[dict | None, dict]]:
         info = get_worker_info()
         worker = ((info.id if info is not None else 0) + self.worker_offset) % len(self.plans)
@@ -475,25 +515,20 @@ class _TrainStream(IterableDataset):
         if plan.finished:
             return
         skips = _Skips()
-        raw = _read_shares(self.urls, plan.shares, self.counts, skips)
-        buffer = max(1, self.shuffle_buffer)
-        shuffled = shuffle(buffer, buffer, rng=random.Random(plan.shuffle_seed))(raw)
+        if plan.replays is None:
+            decoded = _decoded(self._shuffled(plan.shares, plan.shuffle_seed, skips), self.geometry, skips)
+        else:
+            decoded = (item for replay in plan.replays for item in self._replayed(replay, skips))
         consumed, to_skip = plan.skip, plan.skip
         groups: list[dict] = []
         keys: list[str] = []
-        for sample in shuffled:
-            try:
-                _check_sample_key(sample["__key__"])
-                decoded = _decode_group(sample, self.geometry)
-            except ShardFormatError as error:
-                skips.bad_sample(sample["__key__"], sample["__url__"], error)
-                continue
+        for sample, group in decoded:
             if to_skip:
                 to_skip -= 1
                 if not to_skip:
                     skips.take()  # the saved position already counted what the fast-forward met
                 continue
-            groups.append(decoded)
+            groups.append(group)
             keys.append(sample["__key__"])
             if len(groups) == self.groups_per_batch:
                 consumed += len(groups)
@@ -592,15 +627,20 @@ class TrainLoader:
         self._urls = [self.source.url(name) for name in names]
         self._counts = self.source.sample_counts(names)
         shares = assign_shares(len(names), world_size * self.workers)
-        slot_samples = [sum(s.count(self._counts[s.shard]) for s in slot) for slot in shares]
+        self._origin = start_position.get("origin") if start_position is not None else None
+        if self._origin is None:
+            replays = [None] * len(shares)
+            slot_samples = [sum(s.count(self._counts[s.shard]) for s in slot) for slot in shares]
+        else:
+            replays, slot_samples = self._elastic_plan(len(names), self._origin)
         worker_batches = [n // self.groups_per_batch for n in slot_samples]
         rank_batches = [sum(worker_batches[r * self.workers : (r + 1) * self.workers]) for r in range(world_size)]
         self.num_batches = min(rank_batches)
         own = slice(rank * self.workers, (rank + 1) * self.workers)
-        self._shares, self._worker_batches = shares[own], worker_batches[own]
+        self._shares, self._worker_batches, self._replays = shares[own], worker_batches[own], replays[own]
         self.rank_samples = sum(slot_samples[own])
         self.total_samples = sum(self._counts)
-        if self.num_batches == 0:
+        if self.num_batches == 0 and self._origin is None:
             raise ValueError(
                 f"split {split!r} epoch {epoch}: some rank gets no whole batch of {self.groups_per_batch} groups "
                 f"per worker (samples per (rank, worker) slot: {slot_samples}); use fewer ranks or workers or a "
@@ -644,11 +684,54 @@ class TrainLoader:
             "next_worker": self._next_worker,
             "skipped_samples": self.skipped_samples,
             "skipped_shards": self.skipped_shards,
+            "shuffle_buffer": self.cfg.shuffle_buffer,
+            **({"origin": self._origin} if self._origin is not None else {}),
         }
+
+    def _elastic_plan(self, num_shards: int, origin: list[dict]) -> tuple[list[list[_SlotReplay]], list[int]]:
+        """Per slot of this plan, its replays of the earlier plan's slots and how many samples they leave it.
+
+        The earlier plan's S slots (`origin`: the positions of all its ranks) are the units: `assign_shares`
+        deals them to this plan's slots like shards, whole round-robin and the last S mod S' shared by ordinal,
+        so every sample of the rest of the epoch goes to exactly one slot."""
+        for position in origin:
+            if "origin" in position:
+                raise ValueError(
+                    "the loader position was itself written in the rest of an epoch resumed on another rank or "
+                    f"worker count ({position['world_size']} ranks x {position['num_workers']} workers); resume it "
+                    "on that layout until the epoch ends"
+                )
+            own = {"split": self.split, "epoch": self.epoch, "seed": self.seed,
+                   "shuffle_buffer": position.get("shuffle_buffer", self.cfg.shuffle_buffer)}
+            wrong = {k: (position.get(k), v) for k, v in own.items() if position.get(k) != v}
+            if wrong or position.get("version") != POSITION_VERSION:
+                details = ", ".join(f"{k}: saved {got!r}, now {want!r}" for k, (got, want) in wrong.items())
+                raise ValueError(f"the saved loader positions do not belong to this epoch ({details or 'version'})")
+        ranks, workers = origin[0]["world_size"], origin[0]["num_workers"]
+        if len(origin) != ranks or sorted(p["rank"] for p in origin) != list(range(ranks)):
+            raise ValueError(f"the saved loader positions are not one per rank of {ranks}")
+        old_shares = assign_shares(num_shards, ranks * workers)
+        units = []
+        for position in sorted(origin, key=lambda p: p["rank"]):
+            for worker in range(workers):
+                slot = old_shares[position["rank"] * workers + worker]
+                consumed = int(position["worker_samples"][worker])
+                planned = sum(s.count(self._counts[s.shard]) for s in slot)
+                rest = 0 if position["worker_finished"][worker] else max(0, planned - consumed)
+                seed = _seed(self.seed, self.epoch, position["rank"], worker)
+                units.append((slot, seed, consumed, rest))
+        replays, samples = [], []
+        for unit_shares in assign_shares(len(units), self.world_size * self.workers):
+            replays.append([_SlotReplay(units[u.shard][0], units[u.shard][1], units[u.shard][2], u)
+                            for u in unit_shares if units[u.shard][3]])
+            samples.append(sum(u.count(units[u.shard][3]) for u in unit_shares))
+        return replays, samples
 
     def _restore(self, position: dict) -> None:
         expected = {"version": POSITION_VERSION, "split": self.split, "epoch": self.epoch, "seed": self.seed,
                     "rank": self.rank, "world_size": self.world_size, "num_workers": self.workers}
+        if "shuffle_buffer" in position:
+            expected["shuffle_buffer"] = self.cfg.shuffle_buffer
         wrong = {k: (position.get(k), v) for k, v in expected.items() if position.get(k) != v}
         if wrong:
             details = ", ".join(f"{k}: saved {got!r}, now {want!r}" for k, (got, want) in wrong.items())
@@ -669,6 +752,7 @@ class TrainLoader:
                 shuffle_seed=_seed(self.seed, self.epoch, self.rank, w),
                 skip=self._consumed[w],
                 finished=self._finished[w],
+                replays=self._replays[w],
             )
             for w in range(self.workers)
         ]
@@ -720,6 +804,25 @@ class TrainLoader:
             self.split, self.epoch, self.rank, served, self.batches, self.dropped_samples, self.skipped_samples,
             self.skipped_shards,
         )
+
+
+def resume_positions(positions: list, world_size: int, num_workers: int) -> list:
+    """The start position of each of `world_size` ranks from the positions saved by every rank of a run:
+    the saved ones when the layout (ranks x workers) is the same, else elastic positions that serve the rest
+    of the epoch of every saved slot exactly once across the new slots (`TrainLoader._elastic_plan`)."""
+    workers = max(1, num_workers)
+    if not positions or any(p is None for p in positions):
+        return [None] * world_size
+    first = positions[0]
+    if (first["world_size"], first["num_workers"]) == (world_size, workers) and len(positions) == world_size:
+        return list(positions)
+    fields = ("version", "split", "epoch", "seed")
+    return [
+        {**{k: first[k] for k in fields}, "rank": rank, "world_size": world_size, "num_workers": workers,
+         "batches": 0, "worker_samples": [0] * workers, "worker_finished": [False] * workers, "next_worker": 0,
+         "skipped_samples": 0, "skipped_shards": 0, "origin": list(positions)}
+        for rank in range(world_size)
+    ]
 
 
 def all_ranks_exhausted(exhausted: bool, device: torch.device | str | None = None) -> bool:
