@@ -322,19 +322,7 @@ class Pretrainer:
                     f"accumulation {accumulation} x {self.world_size} ranks); set train.clips_per_update="
                     f"{saved['clips_per_update']} with a rank count that divides it"
                 )
-        try:
-            nested = [p for p in positions if p and "origin" in p]
-            moved = bool(positions) and positions[0] is not None and (
-                positions[0]["world_size"], positions[0]["num_workers"]) != (self.world_size, max(1, loader.num_workers))
-            if nested and moved:
-                raise ValueError(
-                    f"{folder} was written in the rest of an epoch that was itself resumed on another layout; "
-                    f"resume it on {positions[0]['world_size']} ranks x {positions[0]['num_workers']} workers "
-                    "until that epoch ends"
-                )
-            saved["loader_positions"] = resume_positions(positions, self.world_size, loader.num_workers) if positions else []
-        except ValueError as error:
-            raise ConfigError(f"train.resume: {error}") from None
+        saved["loader_positions"] = resume_positions(positions, self.world_size, loader.num_workers) if positions else []
         if self.elastic:
             from model.checkpoint import load_state_strict
 

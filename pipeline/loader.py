@@ -24,16 +24,25 @@ per-shard sample counts (`index.parquet`, or a scan of the tar headers when ther
   collective; the samples left unserved are `dropped_samples` (logged). A rank that runs short anyway
   (corrupt data) ends its iterator early: `all_ranks_exhausted` lets every rank stop at the same step.
 
-Position: `state_dict()` records, per worker, how many decoded samples it has consumed and which worker
-is next. A loader built with `start_position` makes each worker read, shuffle and validate that many
-samples again without turning them into batches, then continues: the rest of the epoch is exactly that
-of an uninterrupted run. The position belongs to one rank and needs the same world size and workers.
+Position: `state_dict()` records, per worker, how many raw samples it has passed (bad ones included) and
+which worker is next. A loader built with `start_position` makes each worker read and shuffle that many
+samples again without decoding them, then continues: the rest of the epoch is exactly that of an
+uninterrupted run. A position belongs to one rank of one layout (world size x workers).
+
+Another layout mid-epoch (elastic resume): `resume_positions` turns the positions of every rank of the
+saved layout into start positions for the new one, carrying the saved ones in `history`. The saved
+layout's slots become units that `assign_shares` deals to the new slots like shards (whole, then the last
+ones shared by ordinal); a new slot replays its units' streams, passes over what they had consumed and
+takes its part of the rest, so every sample of the epoch is still served once (or dropped and counted
+where the ranks' batch counts must be equalised). Layouts can change again inside the same epoch.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import glob as globbing
+import itertools
 import io
 import json
 import logging
@@ -65,7 +74,7 @@ logger = logging.getLogger(__name__)
 DATASET_INFO = "dataset.json"
 INDEX_TABLE = "index.parquet"
 PATTERN_CHARACTERS = set("*?[{")
-POSITION_VERSION = 1
+POSITION_VERSION = 2  # 2: per-worker counts are raw samples passed (1 counted decoded ones)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -443,41 +452,36 @@ def _collate_groups(groups: Sequence[dict], geometry: _Geometry) -> dict[str, to
 
 
 @dataclasses.dataclass
-class _SlotReplay:
-    """A slot of an earlier plan (other ranks or workers) whose rest of the epoch this worker shares: its
-    shares and shuffle are replayed, its `consumed` samples passed over, and of the rest this worker takes
-    the samples whose ordinal after them is congruent to `share.part` modulo `share.parts`."""
+class _Slot:
+    """The raw samples one (rank, worker) slot reads in an epoch: its shares, shuffled with `shuffle_seed`,
+    or (after a resume on another layout) its `replays` of the slots of the layout before."""
 
     shares: list[Share]
     shuffle_seed: int
+    replays: list[_Replay] | None = None
+
+
+@dataclasses.dataclass
+class _Replay:
+    """Part of the rest of an earlier layout's slot: its stream is replayed, its `consumed` samples passed
+    over, and of the rest this slot takes those whose ordinal is congruent to `share.part` mod `share.parts`."""
+
+    source: _Slot
     consumed: int
     share: Share
 
 
 @dataclasses.dataclass
 class _WorkerPlan:
-    shares: list[Share]
-    shuffle_seed: int
-    skip: int  # decoded samples already consumed (a restart fast-forwards over them)
+    slot: _Slot
+    skip: int  # raw samples already consumed (a restart passes over them without decoding)
     finished: bool  # the worker had ended before the saved position: read nothing
-    replays: list[_SlotReplay] | None = None  # elastic resume: the rest of an earlier plan's slots, not `shares`
-
-
-def _decoded(samples: Iterator[dict], geometry: _Geometry, skips: _Skips) -> Iterator[tuple[dict, dict]]:
-    """(raw sample, decoded group) of the samples that decode; the others are logged and counted."""
-    for sample in samples:
-        try:
-            _check_sample_key(sample["__key__"])
-            decoded = _decode_group(sample, geometry)
-        except ShardFormatError as error:
-            skips.bad_sample(sample["__key__"], sample["__url__"], error)
-            continue
-        yield sample, decoded
 
 
 class _TrainStream(IterableDataset):
     """One rank's workers. Each yields (batch, meta) per batch and a final (None, meta) with trailing counts;
-    meta = {"worker", "consumed", "keys", "skipped_samples", "skipped_shards"}."""
+    meta = {"worker", "consumed", "keys", "skipped_samples", "skipped_shards"}; `consumed` counts the raw
+    samples the worker has passed, the ones that failed to decode included."""
 
     def __init__(
         self,
@@ -493,20 +497,18 @@ class _TrainStream(IterableDataset):
         self.geometry, self.groups_per_batch = geometry, groups_per_batch
         self.shuffle_buffer, self.worker_offset = shuffle_buffer, worker_offset
 
-    def _shuffled(self, shares: list[Share], seed: int, skips: _Skips) -> Iterator[dict]:
-        buffer = max(1, self.shuffle_buffer)
-        raw = _read_shares(self.urls, shares, self.counts, skips)
-        return shuffle(buffer, buffer, rng=random.Random(seed))(raw)
-
-    def _replayed(self, replay: _SlotReplay, skips: _Skips) -> Iterator[tuple[dict, dict]]:
-        """This worker's part of the rest of an earlier slot's epoch. The earlier run counted what the
-        passed-over samples met, so that part reports to a throwaway counter."""
-        passed = _Skips()
-        samples = self._shuffled(replay.shares, replay.shuffle_seed, passed)
-        for _ in zip(range(replay.consumed), _decoded(samples, self.geometry, passed)):
-            pass
-        mine = (s for i, s in enumerate(samples) if i % replay.share.parts == replay.share.part)
-        yield from _decoded(mine, self.geometry, skips)
+    def _raw(self, slot: _Slot, skips: _Skips) -> Iterator[dict]:
+        if slot.replays is None:
+            buffer = max(1, self.shuffle_buffer)
+            raw = _read_shares(self.urls, slot.shares, self.counts, skips)
+            yield from shuffle(buffer, buffer, rng=random.Random(slot.shuffle_seed))(raw)
+            return
+        for replay in slot.replays:
+            # What an earlier slot read is not this worker's to count (its share of it is counted on decode).
+            samples = self._raw(replay.source, _Skips())
+            collections.deque(itertools.islice(samples, replay.consumed), maxlen=0)
+            parts, part = replay.share.parts, replay.share.part
+            yield from (sample for i, sample in enumerate(samples) if i % parts == part)
 
     def __iter__(self) -> Iterator[tuple[dict | None, dict]]:
         info = get_worker_info()
@@ -515,28 +517,24 @@ class _TrainStream(IterableDataset):
         if plan.finished:
             return
         skips = _Skips()
-        if plan.replays is None:
-            decoded = _decoded(self._shuffled(plan.shares, plan.shuffle_seed, skips), self.geometry, skips)
-        else:
-            decoded = (item for replay in plan.replays for item in self._replayed(replay, skips))
-        consumed, to_skip = plan.skip, plan.skip
+        raw = self._raw(plan.slot, skips)
+        collections.deque(itertools.islice(raw, plan.skip), maxlen=0)
+        consumed = plan.skip
         groups: list[dict] = []
         keys: list[str] = []
-        for sample, group in decoded:
-            if to_skip:
-                to_skip -= 1
-                if not to_skip:
-                    skips.take()  # the saved position already counted what the fast-forward met
+        for sample in raw:
+            consumed += 1
+            try:
+                _check_sample_key(sample["__key__"])
+                groups.append(_decode_group(sample, self.geometry))
+            except ShardFormatError as error:
+                skips.bad_sample(sample["__key__"], sample["__url__"], error)
                 continue
-            groups.append(group)
             keys.append(sample["__key__"])
             if len(groups) == self.groups_per_batch:
-                consumed += len(groups)
                 batch = _collate_groups(groups, self.geometry)
                 yield batch, self._meta(worker, consumed, keys, skips)
                 groups, keys = [], []
-        if to_skip:
-            skips.take()
         yield None, self._meta(worker, consumed, [], skips)
 
     @staticmethod
@@ -626,21 +624,16 @@ class TrainLoader:
         names = [names[i] for i in order]
         self._urls = [self.source.url(name) for name in names]
         self._counts = self.source.sample_counts(names)
-        shares = assign_shares(len(names), world_size * self.workers)
-        self._origin = start_position.get("origin") if start_position is not None else None
-        if self._origin is None:
-            replays = [None] * len(shares)
-            slot_samples = [sum(s.count(self._counts[s.shard]) for s in slot) for slot in shares]
-        else:
-            replays, slot_samples = self._elastic_plan(len(names), self._origin)
+        self._history = start_position.get("history", []) if start_position is not None else []
+        slots, slot_samples = self._slots(len(names), self._history)
         worker_batches = [n // self.groups_per_batch for n in slot_samples]
         rank_batches = [sum(worker_batches[r * self.workers : (r + 1) * self.workers]) for r in range(world_size)]
         self.num_batches = min(rank_batches)
         own = slice(rank * self.workers, (rank + 1) * self.workers)
-        self._shares, self._worker_batches, self._replays = shares[own], worker_batches[own], replays[own]
+        self._slots_of_rank, self._worker_batches = slots[own], worker_batches[own]
         self.rank_samples = sum(slot_samples[own])
         self.total_samples = sum(self._counts)
-        if self.num_batches == 0 and self._origin is None:
+        if self.num_batches == 0 and not self._history:
             raise ValueError(
                 f"split {split!r} epoch {epoch}: some rank gets no whole batch of {self.groups_per_batch} groups "
                 f"per worker (samples per (rank, worker) slot: {slot_samples}); use fewer ranks or workers or a "
@@ -685,47 +678,49 @@ class TrainLoader:
             "skipped_samples": self.skipped_samples,
             "skipped_shards": self.skipped_shards,
             "shuffle_buffer": self.cfg.shuffle_buffer,
-            **({"origin": self._origin} if self._origin is not None else {}),
+            **({"history": self._history} if self._history else {}),
         }
 
-    def _elastic_plan(self, num_shards: int, origin: list[dict]) -> tuple[list[list[_SlotReplay]], list[int]]:
-        """Per slot of this plan, its replays of the earlier plan's slots and how many samples they leave it.
+    def _slots(self, num_shards: int, history: list[list[dict]]) -> tuple[list[_Slot], list[int]]:
+        """This layout's slots and their planned raw sample counts.
 
-        The earlier plan's S slots (`origin`: the positions of all its ranks) are the units: `assign_shares`
-        deals them to this plan's slots like shards, whole round-robin and the last S mod S' shared by ordinal,
-        so every sample of the rest of the epoch goes to exactly one slot."""
-        for position in origin:
-            if "origin" in position:
-                raise ValueError(
-                    "the loader position was itself written in the rest of an epoch resumed on another rank or "
-                    f"worker count ({position['world_size']} ranks x {position['num_workers']} workers); resume it "
-                    "on that layout until the epoch ends"
-                )
-            own = {"split": self.split, "epoch": self.epoch, "seed": self.seed,
-                   "shuffle_buffer": position.get("shuffle_buffer", self.cfg.shuffle_buffer)}
+        `history` holds, for every earlier layout this epoch was served on, the positions of all its ranks
+        when it stopped. The first layout's slots read shards; each later layout deals the slots of the one
+        before (their rests: planned minus consumed) to its own slots with `assign_shares`, as if they were
+        shards, so every sample of the epoch still goes to exactly one slot."""
+        layouts = [(layer[0]["world_size"], layer[0]["num_workers"]) for layer in history]
+        layouts.append((self.world_size, self.workers))
+        ranks, workers = layouts[0]
+        shares = assign_shares(num_shards, ranks * workers)
+        slots = [_Slot(shares[j], _seed(self.seed, self.epoch, j // workers, j % workers)) for j in range(len(shares))]
+        planned = [sum(s.count(self._counts[s.shard]) for s in slot.shares) for slot in slots]
+        for layer, (ranks, workers) in zip(history, layouts[1:]):
+            consumed, rest = self._rests(layer, planned)
+            units = assign_shares(len(slots), ranks * workers)
+            slots = [_Slot([], 0, [_Replay(slots[u.shard], consumed[u.shard], u) for u in unit if rest[u.shard]])
+                     for unit in units]
+            planned = [sum(u.count(rest[u.shard]) for u in unit) for unit in units]
+        return slots, planned
+
+    def _rests(self, layer: list[dict], planned: list[int]) -> tuple[list[int], list[int]]:
+        """(consumed, left) raw samples per slot of an earlier layout, from the positions of its ranks."""
+        ranks, workers = layer[0]["world_size"], layer[0]["num_workers"]
+        if sorted(p["rank"] for p in layer) != list(range(ranks)) or len(planned) != ranks * workers:
+            raise ValueError(f"the saved loader positions are not one per rank of {ranks} x {workers} workers")
+        for position in layer:
+            own = {"version": POSITION_VERSION, "split": self.split, "epoch": self.epoch, "seed": self.seed,
+                   "shuffle_buffer": self.cfg.shuffle_buffer}
             wrong = {k: (position.get(k), v) for k, v in own.items() if position.get(k) != v}
-            if wrong or position.get("version") != POSITION_VERSION:
+            if wrong:
                 details = ", ".join(f"{k}: saved {got!r}, now {want!r}" for k, (got, want) in wrong.items())
-                raise ValueError(f"the saved loader positions do not belong to this epoch ({details or 'version'})")
-        ranks, workers = origin[0]["world_size"], origin[0]["num_workers"]
-        if len(origin) != ranks or sorted(p["rank"] for p in origin) != list(range(ranks)):
-            raise ValueError(f"the saved loader positions are not one per rank of {ranks}")
-        old_shares = assign_shares(num_shards, ranks * workers)
-        units = []
-        for position in sorted(origin, key=lambda p: p["rank"]):
+                raise ValueError(f"the saved loader positions do not belong to this epoch ({details})")
+        consumed, left = [0] * len(planned), [0] * len(planned)
+        for position in layer:
             for worker in range(workers):
-                slot = old_shares[position["rank"] * workers + worker]
-                consumed = int(position["worker_samples"][worker])
-                planned = sum(s.count(self._counts[s.shard]) for s in slot)
-                rest = 0 if position["worker_finished"][worker] else max(0, planned - consumed)
-                seed = _seed(self.seed, self.epoch, position["rank"], worker)
-                units.append((slot, seed, consumed, rest))
-        replays, samples = [], []
-        for unit_shares in assign_shares(len(units), self.world_size * self.workers):
-            replays.append([_SlotReplay(units[u.shard][0], units[u.shard][1], units[u.shard][2], u)
-                            for u in unit_shares if units[u.shard][3]])
-            samples.append(sum(u.count(units[u.shard][3]) for u in unit_shares))
-        return replays, samples
+                slot = position["rank"] * workers + worker
+                consumed[slot] = int(position["worker_samples"][worker])
+                left[slot] = 0 if position["worker_finished"][worker] else max(0, planned[slot] - consumed[slot])
+        return consumed, left
 
     def _restore(self, position: dict) -> None:
         expected = {"version": POSITION_VERSION, "split": self.split, "epoch": self.epoch, "seed": self.seed,
@@ -747,13 +742,7 @@ class TrainLoader:
 
     def _dataset(self) -> _TrainStream:
         plans = [
-            _WorkerPlan(
-                shares=self._shares[w],
-                shuffle_seed=_seed(self.seed, self.epoch, self.rank, w),
-                skip=self._consumed[w],
-                finished=self._finished[w],
-                replays=self._replays[w],
-            )
+            _WorkerPlan(slot=self._slots_of_rank[w], skip=self._consumed[w], finished=self._finished[w])
             for w in range(self.workers)
         ]
         return _TrainStream(
@@ -808,19 +797,21 @@ class TrainLoader:
 
 def resume_positions(positions: list, world_size: int, num_workers: int) -> list:
     """The start position of each of `world_size` ranks from the positions saved by every rank of a run:
-    the saved ones when the layout (ranks x workers) is the same, else elastic positions that serve the rest
-    of the epoch of every saved slot exactly once across the new slots (`TrainLoader._elastic_plan`)."""
+    the saved ones when the layout (ranks x workers) is the same, else positions that carry the saved ones
+    as a new layer of `history`, so the rest of the epoch of every saved slot is served exactly once
+    across the new slots (`TrainLoader._slots`)."""
     workers = max(1, num_workers)
     if not positions or any(p is None for p in positions):
         return [None] * world_size
     first = positions[0]
     if (first["world_size"], first["num_workers"]) == (world_size, workers) and len(positions) == world_size:
         return list(positions)
-    fields = ("version", "split", "epoch", "seed")
+    history = [*first.get("history", []), [{k: v for k, v in p.items() if k != "history"} for p in positions]]
+    fields = ("version", "split", "epoch", "seed", "shuffle_buffer")
     return [
-        {**{k: first[k] for k in fields}, "rank": rank, "world_size": world_size, "num_workers": workers,
-         "batches": 0, "worker_samples": [0] * workers, "worker_finished": [False] * workers, "next_worker": 0,
-         "skipped_samples": 0, "skipped_shards": 0, "origin": list(positions)}
+        {**{k: first[k] for k in fields if k in first}, "rank": rank, "world_size": world_size,
+         "num_workers": workers, "batches": 0, "worker_samples": [0] * workers, "worker_finished": [False] * workers,
+         "next_worker": 0, "skipped_samples": 0, "skipped_shards": 0, "history": history}
         for rank in range(world_size)
     ]
 

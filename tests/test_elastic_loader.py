@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 
 from pipeline.loader import TrainLoader, resume_positions
-from test_loader import NUM_SHARDS, PER_SHARD, _cfg, _run, shard_set  # noqa: F401 (fixture)
+from test_loader import G, MICRO_BATCH, NUM_SHARDS, PER_SHARD, _cfg, _run, shard_set  # noqa: F401 (fixture)
 
 EPOCH, SEED = 1, 5
 
@@ -47,7 +47,7 @@ def test_the_rest_of_the_epoch_is_served_once_on_another_layout(shard_set, befor
     assert len(served) + dropped == NUM_SHARDS * PER_SHARD
 
 
-def test_a_restart_inside_the_elastic_rest_is_exact_and_another_layout_is_refused(shard_set):
+def test_a_restart_inside_the_elastic_rest_is_exact(shard_set):
     directory, _ = shard_set
     _, positions = _head(directory, 2, 0, 1)
     elastic = resume_positions(positions, 1, 2)
@@ -59,9 +59,26 @@ def test_a_restart_inside_the_elastic_rest_is_exact_and_another_layout_is_refuse
     assert resume_positions([saved], 1, 2) == [saved]
     tail = _keys(_run(TrainLoader(cfg, "train", 0, 1, epoch=EPOCH, seed=SEED, start_position=saved)))
     assert head + tail == full and len(full) > 2
-    nested = resume_positions([saved], 2, 0)
-    with pytest.raises(ValueError, match="itself written in the rest of an epoch"):
-        TrainLoader(_cfg(directory, 0), "train", 0, 2, epoch=EPOCH, seed=SEED, start_position=nested[0])
+
+
+def test_three_layouts_in_one_epoch_serve_every_sample_once(shard_set):
+    """2 ranks -> 1 rank x 2 workers -> 3 ranks, each serving a part of the same epoch."""
+    directory, _ = shard_set
+    served, positions = _head(directory, 2, 0, 1)
+    second = []
+    for rank, position in enumerate(resume_positions(positions, 1, 2)):
+        loader = TrainLoader(_cfg(directory, 2), "train", rank, 1, epoch=EPOCH, seed=SEED, start_position=position)
+        served += _keys(_run(loader, stop_after=1))
+        second.append(json.loads(json.dumps(loader.state_dict())))
+    dropped = 0
+    for rank, position in enumerate(resume_positions(second, 3, 0)):
+        assert len(position["history"]) == 2
+        loader = TrainLoader(_cfg(directory, 0), "train", rank, 3, epoch=EPOCH, seed=SEED, start_position=position)
+        served += _keys(_run(loader))
+        dropped += loader.dropped_samples
+    counts = Counter(served)
+    assert max(counts.values()) == 1
+    assert len(counts) + dropped == NUM_SHARDS * PER_SHARD and len(counts) > 2 * MICRO_BATCH // G
 
 
 def test_positions_of_another_epoch_or_seed_are_refused(shard_set):
