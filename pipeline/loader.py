@@ -30,11 +30,11 @@ samples again without decoding them, then continues: the rest of the epoch is ex
 uninterrupted run. A position belongs to one rank of one layout (world size x workers).
 
 Another layout mid-epoch (elastic resume): `resume_positions` turns the positions of every rank of the
-saved layout into start positions for the new one, carrying the saved ones in `history`. The saved
-layout's slots become units that `assign_shares` deals to the new slots like shards (whole, then the last
-ones shared by ordinal); a new slot replays its units' streams, passes over what they had consumed and
-takes its part of the rest, so every sample of the epoch is still served once (or dropped and counted
-where the ranks' batch counts must be equalised). Layouts can change again inside the same epoch.
+saved layout into start positions for the new one, carrying the saved ones in `history`. The rests of
+the saved slots, laid end to end, are cut into one contiguous range per new slot (`deal_rests`); a new
+slot replays the streams its range touches (at most a few), passes over what they had consumed and takes
+its range, so every sample of the epoch is still served once (or dropped and counted where the ranks'
+batch counts must be equalised). Layouts can change again inside the same epoch.
 """
 
 from __future__ import annotations
@@ -275,6 +275,23 @@ def assign_shares(num_shards: int, slots: int) -> list[list[Share]]:
     return shares
 
 
+def deal_rests(rests: Sequence[int], slots: int) -> list[list[tuple[int, int, int]]]:
+    """Lay `rests` (samples left per earlier slot) end to end and cut them into `slots` contiguous ranges of
+    equal size (within one); per new slot, its (earlier slot, offset in that slot's rest, count) pieces."""
+    total = sum(rests)
+    bounds = [total * k // slots for k in range(slots + 1)]
+    starts = np.concatenate([[0], np.cumsum(rests)]).astype(int).tolist()
+    dealt: list[list[tuple[int, int, int]]] = []
+    for low, high in zip(bounds, bounds[1:]):
+        pieces = []
+        for unit, rest in enumerate(rests):
+            begin, end = max(low, starts[unit]), min(high, starts[unit] + rest)
+            if end > begin:
+                pieces.append((unit, begin - starts[unit], end - begin))
+        dealt.append(pieces)
+    return dealt
+
+
 def _ignore_sigterm(worker_id: int) -> None:
     """Preemption sends SIGTERM to every process; workers leave it to the rank, which checkpoints first."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -463,12 +480,12 @@ class _Slot:
 
 @dataclasses.dataclass
 class _Replay:
-    """Part of the rest of an earlier layout's slot: its stream is replayed, its `consumed` samples passed
-    over, and of the rest this slot takes those whose ordinal is congruent to `share.part` mod `share.parts`."""
+    """A contiguous part of the rest of an earlier layout's slot: its stream is replayed, `skip` samples
+    (the ones it had consumed, then the parts of its rest dealt to other slots) passed over, `take` taken."""
 
     source: _Slot
-    consumed: int
-    share: Share
+    skip: int
+    take: int
 
 
 @dataclasses.dataclass
@@ -504,11 +521,10 @@ class _TrainStream(IterableDataset):
             yield from shuffle(buffer, buffer, rng=random.Random(slot.shuffle_seed))(raw)
             return
         for replay in slot.replays:
-            # What an earlier slot read is not this worker's to count (its share of it is counted on decode).
+            # What an earlier slot read is not this worker's to count (its part of it is counted on decode).
             samples = self._raw(replay.source, _Skips())
-            collections.deque(itertools.islice(samples, replay.consumed), maxlen=0)
-            parts, part = replay.share.parts, replay.share.part
-            yield from (sample for i, sample in enumerate(samples) if i % parts == part)
+            collections.deque(itertools.islice(samples, replay.skip), maxlen=0)
+            yield from itertools.islice(samples, replay.take)
 
     def __iter__(self) -> Iterator[tuple[dict | None, dict]]:
         info = get_worker_info()
@@ -685,9 +701,10 @@ class TrainLoader:
         """This layout's slots and their planned raw sample counts.
 
         `history` holds, for every earlier layout this epoch was served on, the positions of all its ranks
-        when it stopped. The first layout's slots read shards; each later layout deals the slots of the one
-        before (their rests: planned minus consumed) to its own slots with `assign_shares`, as if they were
-        shards, so every sample of the epoch still goes to exactly one slot."""
+        when it stopped. The first layout's slots read shards; each later layout lays the rests of the
+        slots before it (planned minus consumed) end to end and gives each of its slots an equal
+        contiguous range (`deal_rests`), so every sample of the epoch still goes to exactly one slot and
+        the slots' counts differ by at most one."""
         layouts = [(layer[0]["world_size"], layer[0]["num_workers"]) for layer in history]
         layouts.append((self.world_size, self.workers))
         ranks, workers = layouts[0]
@@ -696,10 +713,10 @@ class TrainLoader:
         planned = [sum(s.count(self._counts[s.shard]) for s in slot.shares) for slot in slots]
         for layer, (ranks, workers) in zip(history, layouts[1:]):
             consumed, rest = self._rests(layer, planned)
-            units = assign_shares(len(slots), ranks * workers)
-            slots = [_Slot([], 0, [_Replay(slots[u.shard], consumed[u.shard], u) for u in unit if rest[u.shard]])
-                     for unit in units]
-            planned = [sum(u.count(rest[u.shard]) for u in unit) for unit in units]
+            dealt = deal_rests(rest, ranks * workers)
+            slots = [_Slot([], 0, [_Replay(slots[u], consumed[u] + offset, count) for u, offset, count in parts])
+                     for parts in dealt]
+            planned = [sum(count for _, _, count in parts) for parts in dealt]
         return slots, planned
 
     def _rests(self, layer: list[dict], planned: list[int]) -> tuple[list[int], list[int]]:

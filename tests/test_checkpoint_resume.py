@@ -143,15 +143,15 @@ def test_a_resume_from_another_run_writes_only_into_its_own_folder(source_run, s
     before = digest(source_run)
     output = tmp_path / "elsewhere"
     resume = checkpointing.checkpoint_root(source_run) / "update_00000004"
-    args = pretrain_args(shards, output, *SETTINGS, "train.max_updates=8", "train.keep_checkpoints=1",
+    args = pretrain_args(shards, output, *SETTINGS, "train.max_updates=14", "train.keep_checkpoints=1",
                          f"train.resume={resume}")
     result = run(deepspeed_command(*args), tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert digest(source_run) == before  # nothing written, nothing pruned
     root = checkpointing.checkpoint_root(output)
-    assert checkpointing.list_tags(root) == ["update_00000008"]
-    assert checkpointing.verify(root / "update_00000008", rehash=True) is None
-    assert_same_updates(output, source_run, range(5, 9))
+    assert checkpointing.list_tags(root) == ["update_00000014"]
+    assert checkpointing.verify(root / "update_00000014", rehash=True) is None
+    assert_same_updates(output, source_run, range(5, 15))
 
 
 def damage(root: Path) -> dict[str, str]:
@@ -192,7 +192,7 @@ def test_damaged_newer_checkpoints_are_skipped_by_resume_and_init_from(source_ru
     assert result.returncode == 0, log[-3000:]
     assert f"initialised student and teacher from {root / 'update_00000002'}" in log
 
-    args = pretrain_args(shards, output, *SETTINGS, "train.max_updates=6")
+    args = pretrain_args(shards, output, *SETTINGS, "train.max_updates=14")
     result = run(deepspeed_command(*args, "--resume"), tmp_path)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-3000:]
@@ -201,13 +201,15 @@ def test_damaged_newer_checkpoints_are_skipped_by_resume_and_init_from(source_ru
         assert name in log  # each skipped checkpoint is named with the file that makes it partial
     for tag in [*damaged, "update_00000016", "update_00000099"]:
         assert f"skipping checkpoint {root / tag}" in log
-    # metrics.jsonl of the copy holds the source's 14 updates, then the resumed 3..6 (later lines win).
+    # metrics.jsonl of the copy holds the source's 14 updates, then the resumed 3..14.
     resumed = {m["update"]: m for m in read_jsonl(output / "metrics.jsonl")[14:]}
     source = by_update(source_run / "metrics.jsonl")
-    assert sorted(resumed) == [3, 4, 5, 6]
+    assert sorted(resumed) == list(range(3, 15))
     for update, record in resumed.items():
+        assert record["lr"] == source[update]["lr"]
         assert record["loss"] == pytest.approx(source[update]["loss"], rel=1e-4)
-    assert checkpointing.latest_tag(root) == "update_00000006"  # the partial update_00000016 is never chosen
+    assert checkpointing.latest_tag(root) == "update_00000014"  # rewritten complete; update_00000016 stays partial
+    assert checkpointing.verify(root / "update_00000016") is not None
 
 
 @pytest.mark.slow

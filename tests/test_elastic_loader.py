@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from pipeline.loader import TrainLoader, resume_positions
+from pipeline.loader import TrainLoader, deal_rests, resume_positions
 from test_loader import G, MICRO_BATCH, NUM_SHARDS, PER_SHARD, _cfg, _run, shard_set  # noqa: F401 (fixture)
 
 EPOCH, SEED = 1, 5
@@ -87,3 +87,11 @@ def test_positions_of_another_epoch_or_seed_are_refused(shard_set):
     elastic = resume_positions(positions, 1, 0)
     with pytest.raises(ValueError, match="epoch: saved 1, now 2"):
         TrainLoader(_cfg(directory, 0), "train", 0, 1, epoch=2, seed=SEED, start_position=elastic[0])
+
+
+def test_rests_are_cut_into_equal_contiguous_ranges():
+    assert deal_rests([3, 3], 3) == [[(0, 0, 2)], [(0, 2, 1), (1, 0, 1)], [(1, 1, 2)]]
+    assert deal_rests([5, 0, 2], 2) == [[(0, 0, 3)], [(0, 3, 2), (2, 0, 2)]]
+    dealt = deal_rests([7, 1, 4, 9], 5)
+    sizes = [sum(count for _, _, count in pieces) for pieces in dealt]
+    assert sum(sizes) == 21 and max(sizes) - min(sizes) <= 1
