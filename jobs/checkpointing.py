@@ -354,11 +354,13 @@ def read_run_state(folder: Path) -> dict:
 
 
 def restore_optimizer(engine, scheduler, folder: Path, scalars: dict) -> None:
-    """After `deepspeed.initialize` on a model that holds the checkpoint's fp32 weights: the Adam moments
-    (each rank keeps its partition), the step, the learning rates, the schedule and the engine's counters."""
-    from deepspeed.utils import safe_set_full_optimizer_state
+    """After `deepspeed.initialize` on a model that holds the checkpoint's fp32 weights: the fp32 masters
+    (DeepSpeed built them from the module's bf16/fp16 copies), the Adam moments (each rank keeps its
+    partition), the step, the learning rates, the schedule and the engine's counters."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     moments = load_file(str(folder / OPTIMIZER_FILE))
+    weights = load_file(str(folder / STUDENT_FILE))
     base = _base_optimizer(engine)
     flats = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)  # ZeRO-3 keeps them outside the groups
     params = flats if flats else [p for group in base.param_groups for p in group["params"]]
@@ -371,6 +373,8 @@ def restore_optimizer(engine, scheduler, folder: Path, scalars: dict) -> None:
     for name, param in engine.module.named_parameters():
         if not param.requires_grad:
             continue
+        if _has_master(param):  # under bf16/fp16 DeepSpeed built the masters from the rounded module weights
+            safe_set_full_fp32_param(param, weights[name].to(param.device))
         for key in MOMENTS:
             value = moments.get(f"{key}.{name}")
             if value is None:

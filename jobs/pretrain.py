@@ -377,9 +377,11 @@ class Pretrainer:
             torch.manual_seed(fresh)
             np.random.seed(fresh % 2**32)
             random.seed(fresh)
-        how = (f"elastically: {saved['world_size']} -> {self.world_size} ranks, ZeRO {saved['zero_stage']} -> "
-               f"{self.config.train.zero_stage}" if self.elastic else "")
-        log.info("resumed from %s at update %d (epoch %d) %s", folder, self.state.updates, self.state.epoch, how)
+        how = (f"; elastically: {saved['world_size']} -> {self.world_size} ranks, ZeRO {saved['zero_stage']} -> "
+               f"{self.config.train.zero_stage}, {saved['precision']} -> {self.config.train.precision}"
+               if self.elastic else "")
+        log.info("resumed from %s at update %d (epoch %d) of %s%s", folder.name, self.state.updates,
+                 self.state.epoch, folder.parent, how)
 
     # ---- loop --------------------------------------------------------------------------------------
     def _loader(self, epoch: int, position: dict | None):

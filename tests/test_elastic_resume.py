@@ -1,5 +1,5 @@
 """Elastic resume through the launcher: one epoch served by four runs on 2 -> 1 -> 2 -> 3 CPU ranks, each
-resuming the previous run's checkpoint from elsewhere, with ZeRO 1 -> 1 -> 3 -> 2.
+resuming the previous run's checkpoint from elsewhere, with ZeRO 1 -> 1 -> 3 -> 2 (the last in bf16).
 
 Per resume, tests/elastic_resume_driver.py reports what the engine holds right after the restore: the full
 fp32 weights, Adam moments and teacher equal the checkpoint's exactly, and so do the Adam step, the
@@ -30,8 +30,10 @@ pytestmark = pytest.mark.slow
 DRIVER = str(REPO / "tests" / "elastic_resume_driver.py")
 COMMON = ("data.loader.micro_batch_clips=3", "train.clips_per_update=18", "train.checkpoint_interval=1",
           "train.record_samples=true", "train.log_interval=100", "train.keep_checkpoints=5")
-# (name, ranks, ZeRO stage, updates at the end, resumes from)
+# (name, ranks, ZeRO stage, updates at the end, resumes from); the last run trains in bf16, so its fp32
+# masters must come from the checkpoint, not from the module's rounded copies.
 CHAIN = [("a", 2, 1, 1, None), ("b", 1, 1, 2, "a"), ("c", 2, 3, 3, "b"), ("d", 3, 2, 5, "c")]
+BF16 = {"d"}
 EPOCH_SAMPLES = 24  # 3 shards x 8 groups; 18 clips = 6 groups per update: epoch 0 is updates 1-4
 
 
@@ -45,7 +47,8 @@ def chain(shards, tmp_path_factory) -> dict[str, Path]:
     outputs: dict[str, Path] = {}
     for name, ranks, zero, updates, source in CHAIN:
         output = tmp / name
-        overrides = [f"train.zero_stage={zero}", f"train.max_updates={updates}"]
+        overrides = [f"train.zero_stage={zero}", f"train.max_updates={updates}",
+                     f"train.precision={'bf16' if name in BF16 else 'fp32'}"]
         if source is not None:
             source_updates = next(u for n, _, _, u, _ in CHAIN if n == source)
             overrides.append(f"train.resume={checkpointing.checkpoint_root(outputs[source]) / checkpointing.tag_for(source_updates)}")
