@@ -111,7 +111,8 @@ class RecordingCheckpointEngine:
     def save(self, state_dict, path: str) -> None:
         writer = HashingWriter(Path(path))
         try:
-            torch.save(state_dict, writer, _use_new_zipfile_serialization=getattr(self.inner, "zipfile_serialization", True))
+            zipfile = getattr(self.inner, "zipfile_serialization", True)
+            torch.save(state_dict, writer, _use_new_zipfile_serialization=zipfile)
         finally:
             self.records[Path(path).name] = writer.close()
 
@@ -240,7 +241,8 @@ def optimizer_scalars(engine, scheduler) -> dict:
         "global_steps": engine.global_steps,
         "global_samples": engine.global_samples,
         "skipped_steps": engine.skipped_steps,
-        "loss_scale": {k: getattr(scaler, k) for k in ("cur_scale", "cur_iter", "last_overflow_iter") if hasattr(scaler, k)},
+        "loss_scale": {k: getattr(scaler, k) for k in ("cur_scale", "cur_iter", "last_overflow_iter")
+                       if hasattr(scaler, k)},
     }
 
 

@@ -260,7 +260,7 @@ class Pretrainer:
         if self.rank == 0:
             try:
                 answer = [("ok", decide())]
-            except ConfigError as error:
+            except (ConfigError, OSError) as error:  # the other ranks are waiting in the broadcast
                 answer = [("error", str(error))]
         if dist.is_initialized() and self.world_size > 1:
             dist.broadcast_object_list(answer, src=0)
@@ -290,7 +290,9 @@ class Pretrainer:
         try:
             saved = checkpointing.read_run_state(folder)
         except (OSError, ValueError) as error:
-            raise ConfigError(f"train.resume: {folder} has no readable {checkpointing.RUN_STATE_FILE} ({error})") from None
+            raise ConfigError(
+                f"train.resume: {folder} has no readable {checkpointing.RUN_STATE_FILE} ({error})"
+            ) from None
         fingerprint = self.dataset_info.get("fingerprint")
         positions = saved["loader_positions"]
         if saved["dataset_fingerprint"] != fingerprint:
@@ -322,7 +324,7 @@ class Pretrainer:
                     f"accumulation {accumulation} x {self.world_size} ranks); set train.clips_per_update="
                     f"{saved['clips_per_update']} with a rank count that divides it"
                 )
-        saved["loader_positions"] = resume_positions(positions, self.world_size, loader.num_workers) if positions else []
+        saved["loader_positions"] = resume_positions(positions, self.world_size, loader.num_workers)
         if self.elastic:
             from model.checkpoint import load_state_strict
 
@@ -366,8 +368,11 @@ class Pretrainer:
         from model.checkpoint import load_state_strict
 
         teacher = load_file(str(folder / checkpointing.TEACHER_FILE))
-        load_state_strict(self.model.teacher, {k: v.to(self.device) for k, v in teacher.items()}, f"teacher from {folder}")
-        self.state = RunState(updates=saved["updates"], epoch=saved["epoch"], loader_positions=saved["loader_positions"])
+        teacher = {k: v.to(self.device) for k, v in teacher.items()}
+        load_state_strict(self.model.teacher, teacher, f"teacher from {folder}")
+        self.state = RunState(
+            updates=saved["updates"], epoch=saved["epoch"], loader_positions=saved["loader_positions"]
+        )
         # Masks and noise are seeded per (seed, update, micro-step, rank); a rank the checkpoint did not have
         # starts its global generators from (seed, update, rank).
         if self.rank < len(saved["rng"]):

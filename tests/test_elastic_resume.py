@@ -51,7 +51,8 @@ def chain(shards, tmp_path_factory) -> dict[str, Path]:
                      f"train.precision={'bf16' if name in BF16 else 'fp32'}"]
         if source is not None:
             source_updates = next(u for n, _, _, u, _ in CHAIN if n == source)
-            overrides.append(f"train.resume={checkpointing.checkpoint_root(outputs[source]) / checkpointing.tag_for(source_updates)}")
+            folder = checkpointing.checkpoint_root(outputs[source]) / checkpointing.tag_for(source_updates)
+            overrides.append(f"train.resume={folder}")
         args = driver_args(shards, output, *overrides)
         if ranks == 1:
             result = run([sys.executable, *args], tmp, timeout=300, **single_rank_env(free_port()))
