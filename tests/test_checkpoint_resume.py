@@ -104,6 +104,7 @@ def test_the_recording_engine_hashes_what_torch_save_writes(tmp_path):
 
 # ---- through the launcher ------------------------------------------------------------------------------
 
+LAUNCH_TIMEOUT_S = 900  # ~30-60 s alone; generous for a 2-core machine shared by many test runs
 SETTINGS = ("train.checkpoint_interval=2", "train.keep_checkpoints=10", "train.record_samples=true",
             "train.log_interval=100", "train.clips_per_update=12")
 
@@ -117,7 +118,8 @@ def digest(directory: Path) -> dict[str, str]:
 def source_run(shards, tmp_path_factory) -> Path:
     """2 ranks, 14 updates, a checkpoint every 2 (all kept)."""
     output = tmp_path_factory.mktemp("source") / "run"
-    result = run(deepspeed_command(*pretrain_args(shards, output, *SETTINGS, "train.max_updates=14")), output.parent)
+    result = run(deepspeed_command(*pretrain_args(shards, output, *SETTINGS, "train.max_updates=14")), output.parent,
+                 timeout=LAUNCH_TIMEOUT_S)
     assert result.returncode == 0, result.stderr[-3000:]
     return output
 
@@ -145,7 +147,7 @@ def test_a_resume_from_another_run_writes_only_into_its_own_folder(source_run, s
     resume = checkpointing.checkpoint_root(source_run) / "update_00000004"
     args = pretrain_args(shards, output, *SETTINGS, "train.max_updates=14", "train.keep_checkpoints=1",
                          f"train.resume={resume}")
-    result = run(deepspeed_command(*args), tmp_path)
+    result = run(deepspeed_command(*args), tmp_path, timeout=LAUNCH_TIMEOUT_S)
     assert result.returncode == 0, result.stderr[-3000:]
     assert digest(source_run) == before  # nothing written, nothing pruned
     root = checkpointing.checkpoint_root(output)
@@ -187,13 +189,13 @@ def test_damaged_newer_checkpoints_are_skipped_by_resume_and_init_from(source_ru
     stage2 = [sys.executable, PRETRAIN, "--config", "tiny_stage2", "--set", f"data.loader.shards={shards}",
               "--set", f"train.output_dir={tmp_path / 'stage2'}", "--set", "data.loader.num_workers=0",
               "--set", "tracking.enabled=false", "--set", "train.max_updates=2", "--set", f"train.init_from={output}"]
-    result = run(stage2, tmp_path, **single_rank_env(free_port()))
+    result = run(stage2, tmp_path, timeout=LAUNCH_TIMEOUT_S, **single_rank_env(free_port()))
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-3000:]
     assert f"initialised student and teacher from {root / 'update_00000002'}" in log
 
     args = pretrain_args(shards, output, *SETTINGS, "train.max_updates=14")
-    result = run(deepspeed_command(*args, "--resume"), tmp_path)
+    result = run(deepspeed_command(*args, "--resume"), tmp_path, timeout=LAUNCH_TIMEOUT_S)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-3000:]
     assert f"resumed from update_00000002 at update 2 (epoch 0) of {root}" in log
@@ -222,14 +224,14 @@ def test_another_dataset_fingerprint_exits_2_unless_allowed(source_run, shards, 
     resume = checkpointing.checkpoint_root(source_run) / "update_00000004"
     args = pretrain_args(changed, tmp_path / "out", *SETTINGS, "train.max_updates=5", f"train.resume={resume}")
 
-    refused = run([sys.executable, *args], tmp_path, **single_rank_env(free_port()))
+    refused = run([sys.executable, *args], tmp_path, timeout=LAUNCH_TIMEOUT_S, **single_rank_env(free_port()))
     log = refused.stdout + refused.stderr
     assert refused.returncode == 2, log[-3000:]
     assert "'synthetic-0'" in log and "'synthetic-rebuilt'" in log and "train.allow_dataset_change" in log
     assert not (tmp_path / "out" / "checkpoints").exists()
 
     allowed = run([sys.executable, *args, "--set", "train.allow_dataset_change=true"], tmp_path,
-                  **single_rank_env(free_port()))
+                  timeout=LAUNCH_TIMEOUT_S, **single_rank_env(free_port()))
     log = allowed.stdout + allowed.stderr
     assert allowed.returncode == 0, log[-3000:]
     assert "differs from the checkpoint's 'synthetic-0'" in log
