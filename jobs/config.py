@@ -55,6 +55,8 @@ class TrainConfig:
     init_from: str = ""  # stage 2: a stage-1 checkpoint of ours or an official EAT .pt
     init_from_trusted: bool = False  # unpickle an official .pt without the safe allow-list (trusted files only)
     dataset_fingerprint: str = ""  # when set, dataset.json must carry this fingerprint
+    allow_dataset_change: bool = False  # resume onto shards whose fingerprint differs from the checkpoint's
+    verify_checkpoint_checksums: bool = False  # resume re-hashes every checkpoint file, not only its size
     min_target_var: float = field(default=0.0, metadata={"ge": 0})  # collapse guard floors; 0 disables
     min_pred_var: float = field(default=0.0, metadata={"ge": 0})
     on_nonfinite_loss: Literal["stop", "skip"] = "stop"

@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import random
 import signal
 import sys
 import time
@@ -26,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file
 
 from jobs import checkpointing
 from jobs.config import Config, ConfigError, add_config_arguments, config_from_args, dump_yaml, merge_deepspeed_passthrough
@@ -200,9 +202,13 @@ class Pretrainer:
         check_dataset(self.dataset_info, config, config.model.time_patches)
 
         self.model = SSLAM(config.model)
+        # Checkpoints are written only here; a resume may read from another run (train.resume=<path>).
         self.root = checkpointing.checkpoint_root(config.train.output_dir)
         resume_tag = self._resume_tag()
-        if resume_tag is None and config.train.init_from:
+        self.saved, self.elastic = None, False
+        if resume_tag is not None:
+            self.saved = self._check_resume(resume_tag)
+        elif config.train.init_from:
             self._initialise_from(config.train.init_from)
         groups = self.model.param_groups(config.train.weight_decay, config.train.weight_decay_mode)
         optimizer = torch.optim.AdamW(
@@ -247,17 +253,102 @@ class Pretrainer:
         except (FileNotFoundError, ValueError) as error:
             raise ConfigError(f"data.loader.shards={self.config.data.loader.shards}: {error}") from None
 
-    def _resume_tag(self) -> str | None:
+    def _resume_tag(self) -> Path | None:
+        """The checkpoint folder to continue from: train.resume=auto takes this run's newest complete one,
+        a path names a tag folder (which must be complete) or a run / checkpoints folder (its newest complete)."""
         resume = self.config.train.resume
         if resume == "never":
             return None
         if resume == "auto":
-            return checkpointing.latest_tag(self.root)
-        root, tag = Path(resume).parent, Path(resume).name
-        if not (root / tag).is_dir():
-            raise ConfigError(f"train.resume: no checkpoint folder {resume}")
-        self.root = root
-        return tag
+            return self._on_rank0(lambda: self._newest_complete(self.root, "train.resume", missing_ok=True))
+        path = Path(resume)
+        if checkpointing.TAG_PATTERN.match(path.name) and path.is_dir():
+            problem = self._on_rank0(lambda: checkpointing.verify(path, self.config.train.verify_checkpoint_checksums))
+            if problem is not None:
+                raise ConfigError(f"train.resume={resume}: the checkpoint is not complete ({problem})")
+            return path
+        if path.is_dir():
+            root = checkpointing.checkpoint_root(path) if (path / "checkpoints").is_dir() else path
+            return self._on_rank0(lambda: self._newest_complete(root, "train.resume"))
+        raise ConfigError(f"train.resume: no checkpoint folder {resume}")
+
+    def _on_rank0(self, decide):
+        """Rank 0 decides (reading the checkpoint folders once), every rank gets its answer or its ConfigError."""
+        answer = [None]
+        if self.rank == 0:
+            try:
+                answer = [("ok", decide())]
+            except (ConfigError, OSError) as error:  # the other ranks are waiting in the broadcast
+                answer = [("error", str(error))]
+        if dist.is_initialized() and self.world_size > 1:
+            dist.broadcast_object_list(answer, src=0)
+        kind, value = answer[0]
+        if kind == "error":
+            raise ConfigError(value)
+        return value
+
+    def _newest_complete(self, root: Path, key: str, missing_ok: bool = False) -> Path | None:
+        choice = checkpointing.latest_complete(root, self.config.train.verify_checkpoint_checksums)
+        for tag, reason in choice.skipped:
+            log.warning("%s: skipping checkpoint %s: %s", key, root / tag, reason)
+        if choice.folder is None and not missing_ok:
+            reasons = "; ".join(f"{tag}: {reason}" for tag, reason in choice.skipped)
+            raise ConfigError(f"{key}: no checkpoint under {root}" + (f" is complete ({reasons})" if reasons else ""))
+        if choice.folder is not None and choice.skipped:
+            log.warning("%s: continuing from the newest complete checkpoint %s", key, choice.folder)
+        return choice.folder
+
+    def _check_resume(self, folder: Path) -> dict:
+        """Before the engine exists: the checkpoint's run state, checked against this run's data and layout.
+        Another rank count, ZeRO stage or precision takes the elastic path: the model starts from the saved
+        fp32 weights and `_resume` restores the optimizer from the full moments."""
+        from pipeline.loader import resume_positions
+
+        train, loader = self.config.train, self.config.data.loader
+        try:
+            saved = checkpointing.read_run_state(folder)
+        except (OSError, ValueError) as error:
+            raise ConfigError(
+                f"train.resume: {folder} has no readable {checkpointing.RUN_STATE_FILE} ({error})"
+            ) from None
+        fingerprint = self.dataset_info.get("fingerprint")
+        positions = saved["loader_positions"]
+        if saved["dataset_fingerprint"] != fingerprint:
+            if not train.allow_dataset_change:
+                raise ConfigError(
+                    f"train.resume: the checkpoint {folder} was trained on dataset fingerprint "
+                    f"{saved['dataset_fingerprint']!r} but data.loader.shards={loader.shards} has {fingerprint!r}; "
+                    "set train.allow_dataset_change=true to continue on the new data"
+                )
+            log.warning(
+                "dataset fingerprint %r differs from the checkpoint's %r (train.allow_dataset_change): the saved "
+                "loader position does not apply, epoch %d starts from its beginning",
+                fingerprint, saved["dataset_fingerprint"], saved["epoch"],
+            )
+            positions = []
+        layout = (self.world_size, train.zero_stage, train.precision)
+        self.elastic = layout != (saved["world_size"], saved["zero_stage"], saved["precision"])
+        if self.world_size != saved["world_size"]:
+            context = (f"train.resume: {folder} took {saved['clips_per_update']} clean clips per update on "
+                       f"{saved['world_size']} ranks, this run has {self.world_size}")
+            try:
+                accumulation = gradient_accumulation(self.config, self.world_size)
+            except ConfigError as error:
+                raise ConfigError(f"{context}: {error}") from None
+            clips = loader.micro_batch_clips * accumulation * self.world_size
+            if clips != saved["clips_per_update"]:
+                raise ConfigError(
+                    f"{context}: an update would take {clips} (micro_batch_clips {loader.micro_batch_clips} x "
+                    f"accumulation {accumulation} x {self.world_size} ranks); set train.clips_per_update="
+                    f"{saved['clips_per_update']} with a rank count that divides it"
+                )
+        saved["loader_positions"] = resume_positions(positions, self.world_size, loader.num_workers)
+        if self.elastic:
+            from model.checkpoint import load_state_strict
+
+            student = load_file(str(folder / checkpointing.STUDENT_FILE))
+            load_state_strict(self.model, student, f"student from {folder}")
+        return saved
 
     def _initialise_from(self, source: str) -> None:
         """Stage 2 starts from a stage-1 run of ours or an official EAT checkpoint; everything else resets (§10)."""
@@ -268,28 +359,52 @@ class Pretrainer:
             load_into_sslam(self.model, import_official(path, trusted=self.config.train.init_from_trusted))
             log.info("initialised student and teacher from the official checkpoint %s", path)
             return
-        root = checkpointing.checkpoint_root(path) if (path / "checkpoints").is_dir() else path
-        tag = checkpointing.latest_tag(root)
-        if tag is None:
-            raise ConfigError(f"train.init_from: no checkpoint under {path}")
+        if checkpointing.TAG_PATTERN.match(path.name):
+            problem = self._on_rank0(lambda: checkpointing.verify(path, self.config.train.verify_checkpoint_checksums))
+            if problem is not None:
+                raise ConfigError(f"train.init_from={source}: the checkpoint is not complete ({problem})")
+            folder = path
+        else:
+            root = checkpointing.checkpoint_root(path) if (path / "checkpoints").is_dir() else path
+            folder = self._on_rank0(lambda: self._newest_complete(root, "train.init_from"))
         try:
-            student, teacher = checkpointing.load_initialisation(root / tag)
+            student, teacher = checkpointing.load_initialisation(folder)
         except FileNotFoundError as error:
             raise ConfigError(f"train.init_from: {error}") from None
-        load_state_strict(self.model, student, f"student from {root / tag}")
-        load_state_strict(self.model.teacher, teacher, f"teacher from {root / tag}")
-        log.info("initialised student and teacher from %s/%s", root, tag)
+        load_state_strict(self.model, student, f"student from {folder}")
+        load_state_strict(self.model.teacher, teacher, f"teacher from {folder}")
+        log.info("initialised student and teacher from %s", folder)
 
-    def _resume(self, tag: str) -> None:
-        _, client = self.engine.load_checkpoint(str(self.root), tag=tag)
-        if client is None:
-            raise RuntimeError(f"could not load checkpoint {self.root / tag}")
-        self.model.teacher.load_state_dict({k: v.to(self.device) for k, v in client["teacher"].items()})
+    def _resume(self, folder: Path) -> None:
+        saved = self.saved
+        if self.elastic:
+            checkpointing.restore_optimizer(self.engine, self.scheduler, folder, saved["optimizer"])
+        else:
+            loaded, _ = self.engine.load_checkpoint(str(folder.parent), tag=folder.name)
+            if loaded is None:
+                raise RuntimeError(f"could not load checkpoint {folder}")
+        from model.checkpoint import load_state_strict
+
+        teacher = load_file(str(folder / checkpointing.TEACHER_FILE))
+        teacher = {k: v.to(self.device) for k, v in teacher.items()}
+        load_state_strict(self.model.teacher, teacher, f"teacher from {folder}")
         self.state = RunState(
-            updates=client["updates"], epoch=client["epoch"], loader_positions=client["loader_positions"]
+            updates=saved["updates"], epoch=saved["epoch"], loader_positions=saved["loader_positions"]
         )
-        checkpointing.restore_rng_states(client["rng"][self.rank])
-        log.info("resumed from %s at update %d (epoch %d)", tag, self.state.updates, self.state.epoch)
+        # Masks and noise are seeded per (seed, update, micro-step, rank); a rank the checkpoint did not have
+        # starts its global generators from (seed, update, rank).
+        if self.rank < len(saved["rng"]):
+            checkpointing.restore_rng_states(saved["rng"][self.rank])
+        else:
+            fresh = step_seed(self.config.train.seed, self.state.updates, 0, self.rank)
+            torch.manual_seed(fresh)
+            np.random.seed(fresh % 2**32)
+            random.seed(fresh)
+        how = (f"; elastically: {saved['world_size']} -> {self.world_size} ranks, ZeRO {saved['zero_stage']} -> "
+               f"{self.config.train.zero_stage}, {saved['precision']} -> {self.config.train.precision}"
+               if self.elastic else "")
+        log.info("resumed from %s at update %d (epoch %d) of %s%s", folder.name, self.state.updates,
+                 self.state.epoch, folder.parent, how)
 
     # ---- loop --------------------------------------------------------------------------------------
     def _loader(self, epoch: int, position: dict | None):
@@ -330,18 +445,20 @@ class Pretrainer:
 
     def _save(self, loader) -> None:
         position = loader.state_dict() if loader is not None else None
-        client = {
+        run_state = {
             "updates": self.state.updates,
             "epoch": self.state.epoch,
             "loader_positions": checkpointing.gather_from_ranks(position),
             "rng": checkpointing.gather_from_ranks(checkpointing.rng_states()),
-            "teacher": {k: v.detach().cpu() for k, v in self.model.teacher.state_dict().items()},
             "dataset_fingerprint": self.dataset_info.get("fingerprint"),
-            "config": dump_yaml(self.config),
+            "world_size": self.world_size,
+            "zero_stage": self.config.train.zero_stage,
+            "precision": self.config.train.precision,
+            "clips_per_update": self.ds_config["train_batch_size"],
         }
         checkpointing.save(
-            self.engine, self.root, self.state.updates, client, self.model.teacher, dump_yaml(self.config),
-            self.config.train.keep_checkpoints,
+            self.engine, self.root, self.state.updates, run_state, self.model.teacher, dump_yaml(self.config),
+            self.config.train.keep_checkpoints, self.scheduler,
         )
         self.tracker.on_checkpoint(self.root / checkpointing.tag_for(self.state.updates), self.state.updates)
 

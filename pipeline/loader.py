@@ -24,16 +24,25 @@ per-shard sample counts (`index.parquet`, or a scan of the tar headers when ther
   collective; the samples left unserved are `dropped_samples` (logged). A rank that runs short anyway
   (corrupt data) ends its iterator early: `all_ranks_exhausted` lets every rank stop at the same step.
 
-Position: `state_dict()` records, per worker, how many decoded samples it has consumed and which worker
-is next. A loader built with `start_position` makes each worker read, shuffle and validate that many
-samples again without turning them into batches, then continues: the rest of the epoch is exactly that
-of an uninterrupted run. The position belongs to one rank and needs the same world size and workers.
+Position: `state_dict()` records, per worker, how many raw samples it has passed (bad ones included) and
+which worker is next. A loader built with `start_position` makes each worker read and shuffle that many
+samples again without decoding them, then continues: the rest of the epoch is exactly that of an
+uninterrupted run. A position belongs to one rank of one layout (world size x workers).
+
+Another layout mid-epoch (elastic resume): `resume_positions` turns the positions of every rank of the
+saved layout into start positions for the new one, carrying the saved ones in `history`. The rests of
+the saved slots, laid end to end, are cut into one contiguous range per new slot (`deal_rests`); a new
+slot replays the streams its range touches (at most a few), passes over what they had consumed and takes
+its range, so every sample of the epoch is still served once (or dropped and counted where the ranks'
+batch counts must be equalised). Layouts can change again inside the same epoch.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import glob as globbing
+import itertools
 import io
 import json
 import logging
@@ -65,7 +74,7 @@ logger = logging.getLogger(__name__)
 DATASET_INFO = "dataset.json"
 INDEX_TABLE = "index.parquet"
 PATTERN_CHARACTERS = set("*?[{")
-POSITION_VERSION = 1
+POSITION_VERSION = 2  # 2: per-worker counts are raw samples passed (1 counted decoded ones)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -301,6 +310,23 @@ def assign_shares(num_shards: int, slots: int) -> list[list[Share]]:
     return shares
 
 
+def deal_rests(rests: Sequence[int], slots: int) -> list[list[tuple[int, int, int]]]:
+    """Lay `rests` (samples left per earlier slot) end to end and cut them into `slots` contiguous ranges of
+    equal size (within one); per new slot, its (earlier slot, offset in that slot's rest, count) pieces."""
+    total = sum(rests)
+    bounds = [total * k // slots for k in range(slots + 1)]
+    starts = np.concatenate([[0], np.cumsum(rests)]).astype(int).tolist()
+    dealt: list[list[tuple[int, int, int]]] = []
+    for low, high in zip(bounds, bounds[1:]):
+        pieces = []
+        for unit, rest in enumerate(rests):
+            begin, end = max(low, starts[unit]), min(high, starts[unit] + rest)
+            if end > begin:
+                pieces.append((unit, begin - starts[unit], end - begin))
+        dealt.append(pieces)
+    return dealt
+
+
 def _ignore_sigterm(worker_id: int) -> None:
     """Preemption sends SIGTERM to every process; workers leave it to the rank, which checkpoints first."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -478,16 +504,36 @@ def _collate_groups(groups: Sequence[dict], geometry: _Geometry) -> dict[str, to
 
 
 @dataclasses.dataclass
-class _WorkerPlan:
+class _Slot:
+    """The raw samples one (rank, worker) slot reads in an epoch: its shares, shuffled with `shuffle_seed`,
+    or (after a resume on another layout) its `replays` of the slots of the layout before."""
+
     shares: list[Share]
     shuffle_seed: int
-    skip: int  # decoded samples already consumed (a restart fast-forwards over them)
+    replays: list[_Replay] | None = None
+
+
+@dataclasses.dataclass
+class _Replay:
+    """A contiguous part of the rest of an earlier layout's slot: its stream is replayed, `skip` samples
+    (the ones it had consumed, then the parts of its rest dealt to other slots) passed over, `take` taken."""
+
+    source: _Slot
+    skip: int
+    take: int
+
+
+@dataclasses.dataclass
+class _WorkerPlan:
+    slot: _Slot
+    skip: int  # raw samples already consumed (a restart passes over them without decoding)
     finished: bool  # the worker had ended before the saved position: read nothing
 
 
 class _TrainStream(IterableDataset):
     """One rank's workers. Each yields (batch, meta) per batch and a final (None, meta) with trailing counts;
-    meta = {"worker", "consumed", "keys", "skipped_samples", "skipped_shards"}."""
+    meta = {"worker", "consumed", "keys", "skipped_samples", "skipped_shards"}; `consumed` counts the raw
+    samples the worker has passed, the ones that failed to decode included."""
 
     def __init__(
         self,
@@ -503,6 +549,18 @@ class _TrainStream(IterableDataset):
         self.geometry, self.groups_per_batch = geometry, groups_per_batch
         self.shuffle_buffer, self.worker_offset = shuffle_buffer, worker_offset
 
+    def _raw(self, slot: _Slot, skips: _Skips) -> Iterator[dict]:
+        if slot.replays is None:
+            buffer = max(1, self.shuffle_buffer)
+            raw = _read_shares(self.urls, slot.shares, self.counts, skips)
+            yield from shuffle(buffer, buffer, rng=random.Random(slot.shuffle_seed))(raw)
+            return
+        for replay in slot.replays:
+            # What an earlier slot read is not this worker's to count (its part of it is counted on decode).
+            samples = self._raw(replay.source, _Skips())
+            collections.deque(itertools.islice(samples, replay.skip), maxlen=0)
+            yield from itertools.islice(samples, replay.take)
+
     def __iter__(self) -> Iterator[tuple[dict | None, dict]]:
         info = get_worker_info()
         worker = ((info.id if info is not None else 0) + self.worker_offset) % len(self.plans)
@@ -510,33 +568,24 @@ class _TrainStream(IterableDataset):
         if plan.finished:
             return
         skips = _Skips()
-        raw = _read_shares(self.urls, plan.shares, self.counts, skips)
-        buffer = max(1, self.shuffle_buffer)
-        shuffled = shuffle(buffer, buffer, rng=random.Random(plan.shuffle_seed))(raw)
-        consumed, to_skip = plan.skip, plan.skip
+        raw = self._raw(plan.slot, skips)
+        collections.deque(itertools.islice(raw, plan.skip), maxlen=0)
+        consumed = plan.skip
         groups: list[dict] = []
         keys: list[str] = []
-        for sample in shuffled:
+        for sample in raw:
+            consumed += 1
             try:
                 _check_sample_key(sample["__key__"])
-                decoded = _decode_group(sample, self.geometry)
+                groups.append(_decode_group(sample, self.geometry))
             except ShardFormatError as error:
                 skips.bad_sample(sample["__key__"], sample["__url__"], error)
                 continue
-            if to_skip:
-                to_skip -= 1
-                if not to_skip:
-                    skips.take()  # the saved position already counted what the fast-forward met
-                continue
-            groups.append(decoded)
             keys.append(sample["__key__"])
             if len(groups) == self.groups_per_batch:
-                consumed += len(groups)
                 batch = _collate_groups(groups, self.geometry)
                 yield batch, self._meta(worker, consumed, keys, skips)
                 groups, keys = [], []
-        if to_skip:
-            skips.take()
         yield None, self._meta(worker, consumed, [], skips)
 
     @staticmethod
@@ -626,16 +675,16 @@ class TrainLoader:
         names = [names[i] for i in order]
         self._urls = [self.source.url(name) for name in names]
         self._counts = self.source.sample_counts(names)
-        shares = assign_shares(len(names), world_size * self.workers)
-        slot_samples = [sum(s.count(self._counts[s.shard]) for s in slot) for slot in shares]
+        self._history = start_position.get("history", []) if start_position is not None else []
+        slots, slot_samples = self._slots(len(names), self._history)
         worker_batches = [n // self.groups_per_batch for n in slot_samples]
         rank_batches = [sum(worker_batches[r * self.workers : (r + 1) * self.workers]) for r in range(world_size)]
         self.num_batches = min(rank_batches)
         own = slice(rank * self.workers, (rank + 1) * self.workers)
-        self._shares, self._worker_batches = shares[own], worker_batches[own]
+        self._slots_of_rank, self._worker_batches = slots[own], worker_batches[own]
         self.rank_samples = sum(slot_samples[own])
         self.total_samples = sum(self._counts)
-        if self.num_batches == 0:
+        if self.num_batches == 0 and not self._history:
             raise ValueError(
                 f"split {split!r} epoch {epoch}: some rank gets no whole batch of {self.groups_per_batch} groups "
                 f"per worker (samples per (rank, worker) slot: {slot_samples}); use fewer ranks or workers or a "
@@ -679,11 +728,57 @@ class TrainLoader:
             "next_worker": self._next_worker,
             "skipped_samples": self.skipped_samples,
             "skipped_shards": self.skipped_shards,
+            "shuffle_buffer": self.cfg.shuffle_buffer,
+            **({"history": self._history} if self._history else {}),
         }
+
+    def _slots(self, num_shards: int, history: list[list[dict]]) -> tuple[list[_Slot], list[int]]:
+        """This layout's slots and their planned raw sample counts.
+
+        `history` holds, for every earlier layout this epoch was served on, the positions of all its ranks
+        when it stopped. The first layout's slots read shards; each later layout lays the rests of the
+        slots before it (planned minus consumed) end to end and gives each of its slots an equal
+        contiguous range (`deal_rests`), so every sample of the epoch still goes to exactly one slot and
+        the slots' counts differ by at most one."""
+        layouts = [(layer[0]["world_size"], layer[0]["num_workers"]) for layer in history]
+        layouts.append((self.world_size, self.workers))
+        ranks, workers = layouts[0]
+        shares = assign_shares(num_shards, ranks * workers)
+        slots = [_Slot(shares[j], _seed(self.seed, self.epoch, j // workers, j % workers)) for j in range(len(shares))]
+        planned = [sum(s.count(self._counts[s.shard]) for s in slot.shares) for slot in slots]
+        for layer, (ranks, workers) in zip(history, layouts[1:]):
+            consumed, rest = self._rests(layer, planned)
+            dealt = deal_rests(rest, ranks * workers)
+            slots = [_Slot([], 0, [_Replay(slots[u], consumed[u] + offset, count) for u, offset, count in parts])
+                     for parts in dealt]
+            planned = [sum(count for _, _, count in parts) for parts in dealt]
+        return slots, planned
+
+    def _rests(self, layer: list[dict], planned: list[int]) -> tuple[list[int], list[int]]:
+        """(consumed, left) raw samples per slot of an earlier layout, from the positions of its ranks."""
+        ranks, workers = layer[0]["world_size"], layer[0]["num_workers"]
+        if sorted(p["rank"] for p in layer) != list(range(ranks)) or len(planned) != ranks * workers:
+            raise ValueError(f"the saved loader positions are not one per rank of {ranks} x {workers} workers")
+        for position in layer:
+            own = {"version": POSITION_VERSION, "split": self.split, "epoch": self.epoch, "seed": self.seed,
+                   "shuffle_buffer": self.cfg.shuffle_buffer}
+            wrong = {k: (position.get(k), v) for k, v in own.items() if position.get(k) != v}
+            if wrong:
+                details = ", ".join(f"{k}: saved {got!r}, now {want!r}" for k, (got, want) in wrong.items())
+                raise ValueError(f"the saved loader positions do not belong to this epoch ({details})")
+        consumed, left = [0] * len(planned), [0] * len(planned)
+        for position in layer:
+            for worker in range(workers):
+                slot = position["rank"] * workers + worker
+                consumed[slot] = int(position["worker_samples"][worker])
+                left[slot] = 0 if position["worker_finished"][worker] else max(0, planned[slot] - consumed[slot])
+        return consumed, left
 
     def _restore(self, position: dict) -> None:
         expected = {"version": POSITION_VERSION, "split": self.split, "epoch": self.epoch, "seed": self.seed,
                     "rank": self.rank, "world_size": self.world_size, "num_workers": self.workers}
+        if "shuffle_buffer" in position:
+            expected["shuffle_buffer"] = self.cfg.shuffle_buffer
         wrong = {k: (position.get(k), v) for k, v in expected.items() if position.get(k) != v}
         if wrong:
             details = ", ".join(f"{k}: saved {got!r}, now {want!r}" for k, (got, want) in wrong.items())
@@ -699,12 +794,7 @@ class TrainLoader:
 
     def _dataset(self) -> _TrainStream:
         plans = [
-            _WorkerPlan(
-                shares=self._shares[w],
-                shuffle_seed=_seed(self.seed, self.epoch, self.rank, w),
-                skip=self._consumed[w],
-                finished=self._finished[w],
-            )
+            _WorkerPlan(slot=self._slots_of_rank[w], skip=self._consumed[w], finished=self._finished[w])
             for w in range(self.workers)
         ]
         return _TrainStream(
@@ -755,6 +845,27 @@ class TrainLoader:
             self.split, self.epoch, self.rank, served, self.batches, self.dropped_samples, self.skipped_samples,
             self.skipped_shards,
         )
+
+
+def resume_positions(positions: list, world_size: int, num_workers: int) -> list:
+    """The start position of each of `world_size` ranks from the positions saved by every rank of a run:
+    the saved ones when the layout (ranks x workers) is the same, else positions that carry the saved ones
+    as a new layer of `history`, so the rest of the epoch of every saved slot is served exactly once
+    across the new slots (`TrainLoader._slots`)."""
+    workers = max(1, num_workers)
+    if not positions or any(p is None for p in positions):
+        return [None] * world_size
+    first = positions[0]
+    if (first["world_size"], first["num_workers"]) == (world_size, workers) and len(positions) == world_size:
+        return list(positions)
+    history = [*first.get("history", []), [{k: v for k, v in p.items() if k != "history"} for p in positions]]
+    fields = ("version", "split", "epoch", "seed", "shuffle_buffer")
+    return [
+        {**{k: first[k] for k in fields if k in first}, "rank": rank, "world_size": world_size,
+         "num_workers": workers, "batches": 0, "worker_samples": [0] * workers, "worker_finished": [False] * workers,
+         "next_worker": 0, "skipped_samples": 0, "skipped_shards": 0, "history": history}
+        for rank in range(world_size)
+    ]
 
 
 def all_ranks_exhausted(exhausted: bool, device: torch.device | str | None = None) -> bool:

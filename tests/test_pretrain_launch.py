@@ -141,7 +141,7 @@ def test_sigkill_then_resume_continues_exactly(shards, tmp_path):
     )
     root = checkpointing.checkpoint_root(interrupted)
     deadline = time.monotonic() + 240
-    while not (root / "update_00000004" / "teacher.safetensors").exists():
+    while not (root / "update_00000004" / checkpointing.MANIFEST_FILE).exists():  # written last
         assert process.poll() is None and time.monotonic() < deadline, "no checkpoint before the run ended"
         time.sleep(0.02)
     os.killpg(process.pid, signal.SIGKILL)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from jobs.checkpointing import manifest_for_files
 from jobs.config import flatten, load_config
 from jobs.tracking import (
     DROPPED_METRIC,
@@ -124,7 +125,9 @@ def test_resumed_training_continues_its_run(store):
     fresh = Tracker.start(config)  # no checkpoint to resume from: a new run
     assert fresh.flush(timeout_s=30) and fresh.run_id != first.run_id
     fresh.finish("KILLED")
-    (store / "runs" / "r" / "checkpoints" / "update_00000001").mkdir(parents=True)
+    checkpoint = store / "runs" / "r" / "checkpoints" / "update_00000001"
+    checkpoint.mkdir(parents=True)
+    manifest_for_files(checkpoint)  # a complete checkpoint: training resumes from it
     resumed = Tracker.start(config)
     resumed.log_metrics({"loss": 1.0}, 2)
     resumed.finish()

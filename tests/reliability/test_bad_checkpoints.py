@@ -23,6 +23,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from jobs import checkpointing
 from jobs.config import load_config
 from model.checkpoint import CheckpointError, import_official
 from model.sslam import SSLAM
@@ -68,6 +69,7 @@ def _stage1_folder(root: Path, overrides: list[str], teacher: bool = True, paylo
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tag / "student.safetensors"))
     if teacher:
         save_file({k: v.contiguous() for k, v in model.teacher.state_dict().items()}, str(tag / "teacher.safetensors"))
+    checkpointing.manifest_for_files(tag)  # complete: init_from takes only checkpoints whose manifest verifies
     return root
 
 

@@ -62,7 +62,7 @@ def test_a_killed_rank_ends_the_job_quickly_and_resume_continues(tmp_path):
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         root = checkpointing.checkpoint_root(output)
-        first = root / checkpointing.tag_for(INTERVAL) / "teacher.safetensors"
+        first = root / checkpointing.tag_for(INTERVAL) / checkpointing.MANIFEST_FILE  # written last
         deadline = time.monotonic() + 240
         while not first.exists():
             assert launcher.poll() is None and time.monotonic() < deadline, "no checkpoint before the run ended"
