@@ -45,7 +45,8 @@ def write_set(directory: Path, with_frames: bool = True) -> None:
     train = shard_name("train", 0, 0)
     shards.write_shard(samples, directory, train)
     eval_samples = [
-        (sample_key("eval", 0, 0, i), shards.encode_eval_sample(_clip(rng, v), f"e{i}", [i % 2], v if with_frames else None))
+        (sample_key("eval", 0, 0, i),
+         shards.encode_eval_sample(_clip(rng, v), f"e{i}", [i % 2], v if with_frames else None))
         for i, v in enumerate([17, 64, 40])
     ]
     evaluation = shard_name("eval", 0, 0)
