@@ -93,7 +93,9 @@ class EvalConfig:
     test_shards: str = ""
     train_split: str = "train"
     test_split: str = "eval"
-    pooling: Literal["cls", "mean"] = "cls"
+    # "mean": all patch tokens; "content_mean": only those holding content (batch key valid_frames).
+    pooling: Literal["cls", "mean", "content_mean"] = "cls"
+    whiten: bool = False  # PCA-whiten the standardised features (fit on the probe's train split) before the probe
     epochs: int = field(default=100, metadata={"ge": 1})
     lr: float = field(default=1e-3, metadata={"gt": 0})
     weight_decay: float = field(default=0.0, metadata={"ge": 0})
@@ -136,6 +138,12 @@ class Config:
             raise ConfigError(
                 f"data.loader.micro_batch_clips ({self.data.loader.micro_batch_clips}) must be a multiple of "
                 f"data.mixing.group_size ({self.data.mixing.group_size})"
+            )
+        if self.model.padding == "aware" and self.model.stage == 2 and self.data.mixing.mix_padding != "silence":
+            # With "zero", a short partner's zero padding wins the log-mel max over the primary's content.
+            raise ConfigError(
+                "model.padding=aware with model.stage=2 needs data.mixing.mix_padding=silence, got "
+                f"{self.data.mixing.mix_padding!r}"
             )
 
 

@@ -9,8 +9,12 @@ The protocol (fixed; every knob is in `eval.*` of the config and logged as a par
    model is refused).
 2. Features: the frozen encoder on every clip of `eval.train_split` of `eval.train_shards` and `eval.test_split` of
    `eval.test_shards` (pipeline.loader.EvalLoader, raw fbank from the shards): the last block's CLS token
-   (`eval.pooling: cls`) or the mean of its patch tokens (`mean`). Both sets need the same class list.
-3. Probe: features standardised with the training set's per-dimension mean and std; one `torch.nn.Linear(D, C)`
+   (`eval.pooling: cls`), the mean of its patch tokens (`mean`) or the mean of the patch tokens that hold content
+   (`content_mean`: tokens entirely in a clip's zero padding, from the batch's `valid_frames`, left out; the rule of
+   model/padding.py). Both sets need the same class list.
+3. Probe: features standardised with the training set's per-dimension mean and std, then, with `eval.whiten: true`,
+   ZCA-whitened with the training set's covariance of the standardised features (eigenvalues floored by adding
+   `WHITEN_EPS`, the mean eigenvalue being 1); one `torch.nn.Linear(D, C)`
    (seeded with `eval.seed`) trained with AdamW (`eval.lr`, `eval.weight_decay`) for `eval.epochs` epochs of
    shuffled mini-batches of `eval.batch_size`; binary cross-entropy per class when any clip has several labels
    (multi-label), else cross-entropy (single-label).
@@ -48,10 +52,13 @@ from torch import nn
 from jobs.config import Config, ConfigError, EvalConfig, add_config_arguments, config_from_args
 from jobs.registry import BEST, load_verified
 from jobs.tracking import ensure_experiment, mlflow_client, param_value
+from model.features import content_mean_frames
 
 log = logging.getLogger("sslam.evaluate")
 
 STD_FLOOR = 1e-6
+WHITEN_EPS = 1e-2
+POOLINGS = ("cls", "mean", "content_mean")
 
 
 @dataclass
@@ -120,7 +127,10 @@ def train_probe(features: torch.Tensor, labels: torch.Tensor, cfg: EvalConfig, m
     mean = features.mean(dim=0)
     std = features.std(dim=0).clamp_min(STD_FLOOR)
     linear = nn.Linear(features.shape[1], labels.shape[1])
-    probe = nn.Sequential(_Standardise(mean, std), linear)
+    steps: list[nn.Module] = [_Standardise(mean, std)]
+    if cfg.whiten:
+        steps.append(_Whiten.fit(steps[0](features)))
+    probe = nn.Sequential(*steps, linear)
     optimizer = torch.optim.AdamW(linear.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     loss_fn = nn.BCEWithLogitsLoss() if multi_label else nn.CrossEntropyLoss()
     targets = labels if multi_label else labels.argmax(dim=1)
@@ -145,6 +155,26 @@ class _Standardise(nn.Module):
         return (x - self.mean) / self.std
 
 
+class _Whiten(nn.Module):
+    """ZCA whitening x -> x W, W = V diag((λ + WHITEN_EPS)^-1/2) V^T from the eigendecomposition of the
+    covariance of centred (standardised) training features."""
+
+    def __init__(self, matrix: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("matrix", matrix)
+
+    @classmethod
+    def fit(cls, standardised: torch.Tensor) -> _Whiten:
+        centred = standardised.double() - standardised.double().mean(dim=0)
+        covariance = centred.T @ centred / max(centred.shape[0] - 1, 1)
+        eigenvalues, vectors = torch.linalg.eigh(covariance)
+        scale = (eigenvalues.clamp_min(0.0) + WHITEN_EPS).rsqrt()
+        return cls(((vectors * scale) @ vectors.T).to(standardised.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.matrix
+
+
 # ------------------------------------------------------------------------------------------------- data
 
 
@@ -155,9 +185,16 @@ def extract(python_model, config: Config, location: str, split: str) -> FeatureS
     loader_cfg = dataclasses.replace(config.data.loader, shards=location)
     loader = EvalLoader(loader_cfg, split, batch_size=config.eval.batch_size)
     features, labels, logits, keys = [], [], [], set()
+    pooling = config.eval.pooling
+    model_cfg = getattr(python_model, "model_cfg", None) or config.model
     for batch in loader:
-        outputs = python_model.embed(batch["clean"][:, 0], pooling=config.eval.pooling)
-        features.append(outputs["utterance"])
+        outputs = python_model.embed(batch["clean"][:, 0], pooling="cls" if pooling == "content_mean" else pooling)
+        if pooling == "content_mean":
+            patch = model_cfg.patch_size
+            freq_patches = model_cfg.mel_bins // patch
+            features.append(content_mean_frames(outputs["frames"], batch["valid_frames"], patch, freq_patches))
+        else:
+            features.append(outputs["utterance"])
         labels.append(batch["labels"])
         keys.update(loader.last_keys)
         if "logits" in outputs:
@@ -233,8 +270,8 @@ def evaluate(
 ) -> dict[str, Any]:
     """Run the protocol of the module docstring; returns the metrics plus `run_id`, `model_version`, `promoted`."""
     cfg = config.eval
-    if cfg.pooling not in ("cls", "mean"):
-        raise ConfigError(f"eval.pooling must be 'cls' or 'mean', got {cfg.pooling!r}")
+    if cfg.pooling not in POOLINGS:
+        raise ConfigError(f"eval.pooling must be one of {POOLINGS}, got {cfg.pooling!r}")
     client = mlflow_client()
     version, exact_uri, python_model = _load(model_uri, client)
     test = extract(python_model, config, test_shards, cfg.test_split)

@@ -55,6 +55,9 @@ class ModelConfig:
     stage: Literal[1, 2] = 1  # 1 = EAT, 2 = SSLAM
     cls_loss_weight: float = field(default=1.0, metadata={"ge": 0})
     mix_loss_weight: float = field(default=2.0, metadata={"ge": 0})
+    # "reference": padding tokens count like content; "aware": tokens that are entirely padding (batch key
+    # `valid_frames`, model/padding.py) are left out of the targets' statistics, the losses and S.
+    padding: Literal["reference", "aware"] = "reference"
 
     @property
     def time_patches(self) -> int:
@@ -84,6 +87,8 @@ class ModelConfig:
             raise ValueError("model.decoder_dim must divide by model.decoder_groups")
         if self.decoder_kernel % 2 == 0:
             raise ValueError(f"model.decoder_kernel must be odd (same padding), got {self.decoder_kernel}")
+        if self.padding not in ("reference", "aware"):
+            raise ValueError(f"model.padding must be 'reference' or 'aware', got {self.padding!r}")
         if self.stage not in (1, 2):
             raise ValueError(f"model.stage must be 1 or 2, got {self.stage}")
         if not 1 <= self.top_k_layers <= self.depth:

@@ -5,6 +5,9 @@ the helper that fits arbitrary clip lengths to the patch grid; and the fine-tune
 
 Features are the last block's output with no extra norm, as in the reference's `extract_features`.
 Frame tokens are time-major: `frames.reshape(B, Tp, Fp, D)` gives a time series of Fp-token steps.
+
+Pooling: "cls" (the CLS output), "mean" (all patch tokens, the reference's mean) or "content_mean" (the
+patch tokens that hold content, model/padding.py's rule, from each clip's valid frame count).
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ import torch
 from torch import Tensor, nn
 
 from model.encoder import Encoder
+from model.padding import check_valid_frames, content_tokens, zero_padding
+from model.targets import masked_token_mean
 
-Pooling = Literal["cls", "mean"]
+Pooling = Literal["cls", "mean", "content_mean"]
 LayerSelection = Literal["last", "all"]
 
 HEAD_NORM_EPS = 1e-6
@@ -50,13 +55,26 @@ def fit_to_encoder(fbank: Tensor, encoder: Encoder) -> Tensor:
     return pad_or_crop_frames(fbank, cfg.patch_size, cfg.max_time_patches * cfg.patch_size)
 
 
-def pool_tokens(hidden: Tensor, pooling: Pooling) -> Tensor:
-    """(B, 1 + N, D) -> (B, D): the CLS token, or the mean of the N patch tokens."""
+def pool_tokens(hidden: Tensor, pooling: Pooling, content: Tensor | None = None) -> Tensor:
+    """(B, 1 + N, D) -> (B, D): the CLS token, the mean of the N patch tokens, or ("content_mean") the mean
+    of the patch tokens where `content` (B, N) bool is True."""
     if pooling == "cls":
         return hidden[:, 0]
     if pooling == "mean":
         return hidden[:, 1:].mean(dim=1)
-    raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
+    if pooling == "content_mean":
+        if content is None:
+            raise ValueError("pooling='content_mean' needs each clip's valid frame count")
+        return masked_token_mean(hidden[:, 1:], content)
+    raise ValueError(f"pooling must be 'cls', 'mean' or 'content_mean', got {pooling!r}")
+
+
+def content_mean_frames(frames: Tensor, valid_frames: Tensor, patch_size: int, freq_patches: int) -> Tensor:
+    """(B, N, D) time-major frame tokens -> (B, D): their mean over the tokens holding content, from the valid
+    frame counts (B,) of the clips (counts past the input's end count as full length)."""
+    time_patches = frames.shape[1] // freq_patches
+    valid = valid_frames.to(frames.device).clamp(max=time_patches * patch_size)
+    return masked_token_mean(frames, content_tokens(valid, time_patches, freq_patches, patch_size))
 
 
 def _check_input(encoder: Encoder, fbank: Tensor) -> None:
@@ -77,10 +95,14 @@ def extract_features(
     layers: LayerSelection = "last",
     pooling: Pooling = "cls",
     autocast_dtype: torch.dtype | None = None,
+    valid_frames: Tensor | None = None,
 ) -> dict[str, Tensor | list[Tensor]]:
     """Embeddings of raw fbank (B, 1, T, F) or (B, T, F), in eval mode without gradients.
 
-    Returns `utterance` (B, D): the CLS output (or the patch mean with pooling="mean"); `frames`
+    `valid_frames` (B,) long, each clip's frame count before its padding (counts past T count as T), resets the
+    padding frames to 0 as `model.padding: aware` training does and is needed by pooling="content_mean".
+    Returns `utterance` (B, D): the CLS output (or the patch mean with pooling="mean", the content tokens'
+    mean with "content_mean"); `frames`
     (B, N, D): the patch outputs in time-major order; with layers="all" also `layers`: every block's
     output (B, 1 + N, D), CLS first, last block last. Outputs are float32. T may be any multiple of the
     patch size up to the positional table; `autocast_dtype` (e.g. torch.bfloat16) runs under autocast.
@@ -89,6 +111,15 @@ def extract_features(
         raise ValueError(f"layers must be 'last' or 'all', got {layers!r}")
     _check_input(encoder, fbank)
     device = encoder.pos_embed.device
+    content = None
+    if valid_frames is not None:
+        valid = valid_frames.to(device).clamp(max=fbank.shape[-2])
+        check_valid_frames(valid, fbank.shape[0], fbank.shape[-2])
+        fbank = zero_padding(fbank.to(device), valid)
+        patch = encoder.cfg.patch_size
+        content = content_tokens(valid, fbank.shape[-2] // patch, encoder.cfg.mel_bins // patch, patch)
+    elif pooling == "content_mean":
+        raise ValueError("pooling='content_mean' needs valid_frames")
     block_outputs: list[Tensor] = []
     hooks = []
     if layers == "all":
@@ -106,7 +137,9 @@ def extract_features(
         for hook in hooks:
             hook.remove()
     hidden = hidden.float()
-    features: dict[str, Tensor | list[Tensor]] = {"utterance": pool_tokens(hidden, pooling), "frames": hidden[:, 1:]}
+    features: dict[str, Tensor | list[Tensor]] = {
+        "utterance": pool_tokens(hidden, pooling, content), "frames": hidden[:, 1:]
+    }
     if layers == "all":
         features["layers"] = [output.float() for output in block_outputs]
     return features

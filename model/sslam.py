@@ -4,6 +4,12 @@ module tree, and the stage-1 (EAT, SSLAM_SPEC §8) and stage-2 (SSLAM, §9, §14
 Only the student is an nn.Module submodule, so a training engine (DeepSpeed) wraps, casts and
 shards the student alone. The teacher is an fp32 `Encoder` held in the instance dict: move it with
 `teacher_to(device)` and update it with `ema_update(u)` after each applied optimizer step.
+
+With `model.padding: aware` the batch also carries `valid_frames` (N,) and the padding rule of
+model/padding.py applies: padding frames are reset to 0 (in `clean` and in `mixed`, a mixture lasting as
+long as its primary), and tokens that are entirely padding are left out of the teacher's instance norm, of
+the CLS targets' mean, of the patch losses and of S. Masks are drawn as in the reference (§4): a masked
+padding token is simply not scored. With `reference` none of this runs.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from model.config import ModelConfig
 from model.decoder import Decoder, decoder_input
 from model.encoder import Encoder
 from model.masking import block_masks, split_indices
+from model.padding import check_valid_frames, content_tokens, zero_padding
 from model.targets import cls_target, drop_time_rows, make_targets, source_retention_target
 
 WeightDecayMode = Literal["all", "exclude_norm_bias"]
@@ -31,7 +38,8 @@ def std_across_rows(values: Tensor) -> Tensor:
 
 
 class SSLAM(nn.Module):
-    """forward(batch) -> (loss, parts, stats) with loss = Σraw / S, S = masked tokens in the micro-batch."""
+    """forward(batch) -> (loss, parts, stats) with loss = Σraw / S, S = masked tokens in the micro-batch
+    (masked content tokens with `model.padding: aware`)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -141,8 +149,9 @@ class SSLAM(nn.Module):
     def forward(
         self, batch: dict[str, Tensor], generator: torch.Generator | None = None
     ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor | float | int]]:
-        """One micro-batch: batch = {clean (N, 1, T, F) raw fbank; stage 2 also mixed, partner, nomix}.
-        Masks come from `generator` (CPU is fine); without one, a seed is drawn from the global RNG."""
+        """One micro-batch: batch = {clean (N, 1, T, F) raw fbank; stage 2 also mixed, partner, nomix; with
+        `model.padding: aware` also valid_frames (N,) long}. Masks come from `generator` (CPU is fine);
+        without one, a seed is drawn from the global RNG."""
         if "clean" not in batch:
             raise KeyError("training batch lacks 'clean'")
         if generator is None:
@@ -152,9 +161,26 @@ class SSLAM(nn.Module):
             raise RuntimeError(
                 f"teacher is on {teacher_device} but the batch on {batch['clean'].device}: call teacher_to(device)"
             )
+        valid = self._valid_frames(batch) if self.cfg.padding == "aware" else None
+        if valid is not None:
+            batch = {**batch, "clean": zero_padding(batch["clean"], valid)}
+            if "mixed" in batch:
+                batch["mixed"] = zero_padding(batch["mixed"], valid)
         if self.cfg.stage == 1:
-            return self._forward_stage1(batch["clean"], generator)
-        return self._forward_stage2(batch, generator)
+            return self._forward_stage1(batch["clean"], generator, valid)
+        return self._forward_stage2(batch, generator, valid)
+
+    def _valid_frames(self, batch: dict[str, Tensor]) -> Tensor:
+        if "valid_frames" not in batch:
+            raise KeyError("model.padding=aware needs the batch key 'valid_frames' (pipeline.loader writes it)")
+        clean = batch["clean"]
+        valid = batch["valid_frames"].to(clean.device)
+        check_valid_frames(valid, clean.shape[0], clean.shape[-2])
+        return valid
+
+    def _content(self, valid: Tensor | None, grid: tuple[int, int]) -> Tensor | None:
+        """bool (N, Tp * Fp) content tokens, or None in reference mode."""
+        return None if valid is None else content_tokens(valid, *grid, self.cfg.patch_size)
 
     def _masks(self, num_clips: int, grid: tuple[int, int], generator: torch.Generator, device: torch.device):
         """(ids_keep, ids_masked, ids_restore) for num_clips * K rows, on `device`."""
@@ -177,6 +203,19 @@ class SSLAM(nn.Module):
         """ℓ(a, b) = Σ_d (a_d - b_d)^2 / sqrt(D) in fp32, over the last axis."""
         return (predictions.float() - targets).pow(2).sum(dim=-1) / math.sqrt(predictions.shape[-1])
 
+    def _patch_sum(self, predictions: Tensor, targets: Tensor, scored: Tensor | None) -> Tensor:
+        """Σ ℓ over the masked positions (R, m), or over those where `scored` (R, m) is True."""
+        losses = self._token_loss(predictions, targets)
+        return losses.sum() if scored is None else losses.masked_fill(~scored, 0.0).sum()
+
+    def _scored(self, content: Tensor | None, ids_masked: Tensor, clip_of_row: Tensor) -> tuple[Tensor | None, int]:
+        """(masked positions that are content (R, m) or None, S): S counts them (all masked positions in reference
+        mode); at least 1, which only a row of padding alone could undercut."""
+        if content is None:
+            return None, ids_masked.numel()
+        scored = self._masked(content, ids_masked, clip_of_row)
+        return scored, max(int(scored.sum()), 1)
+
     def _masked(self, values: Tensor, ids_masked: Tensor, clip_of_row: Tensor | None = None) -> Tensor:
         """Values at each row's masked positions: (R, m, D). With clip_of_row, `values` is per clip."""
         if clip_of_row is None:
@@ -184,7 +223,10 @@ class SSLAM(nn.Module):
             return torch.gather(values, 1, index)
         return values[clip_of_row[:, None], ids_masked]
 
-    def _stats(self, predictions: Tensor, targets: Tensor, ids_keep: Tensor, ids_restore: Tensor, sample_size: int):
+    def _stats(self, predictions: Tensor, targets: Tensor, ids_keep: Tensor, ids_restore: Tensor, sample_size: int,
+               scored: Tensor | None = None):
+        if scored is not None:
+            predictions, targets = predictions[scored], targets[scored]
         return {
             "target_var": std_across_rows(targets),
             "pred_var": std_across_rows(predictions),
@@ -192,27 +234,28 @@ class SSLAM(nn.Module):
             "sample_size": sample_size,
         }
 
-    def _forward_stage1(self, clean: Tensor, generator: torch.Generator):
+    def _forward_stage1(self, clean: Tensor, generator: torch.Generator, valid: Tensor | None = None):
         """EAT (§8): L = Σ_masked ℓ(Ŷ, Y) / S + w_cls Σ_rows ℓ(ĉ, c), c = mean_n Y."""
         grid = self.encoder.grid(clean)
+        content = self._content(valid, grid)
         ids_keep, ids_masked, ids_restore = self._masks(clean.shape[0], grid, generator, clean.device)
         predictions, cls_predictions = self._student(clean, ids_keep, ids_restore, grid)
 
         with torch.no_grad():
             _, ffn_outputs = self.teacher(clean.float())
-            patch_targets = make_targets([f[:, 1:] for f in ffn_outputs], self.cfg.top_k_layers)
-            utterance_targets = cls_target(patch_targets)
+            patch_targets = make_targets([f[:, 1:] for f in ffn_outputs], self.cfg.top_k_layers, content)
+            utterance_targets = cls_target(patch_targets, content)
             del ffn_outputs
 
         clip_of_row = self._clip_of_row(ids_masked.shape[0], clean.device)
-        sample_size = ids_masked.numel()
+        scored, sample_size = self._scored(content, ids_masked, clip_of_row)
         masked_predictions = self._masked(predictions, ids_masked)
         masked_targets = self._masked(patch_targets, ids_masked, clip_of_row)
-        patch = self._token_loss(masked_predictions, masked_targets).sum() / sample_size
+        patch = self._patch_sum(masked_predictions, masked_targets, scored) / sample_size
         cls = self.cfg.cls_loss_weight * self._token_loss(cls_predictions, utterance_targets[clip_of_row]).sum()
         loss = patch + cls
         parts = {"eat_patch": patch.detach(), "eat_cls": cls.detach()}
-        return loss, parts, self._stats(masked_predictions, masked_targets, ids_keep, ids_restore, sample_size)
+        return loss, parts, self._stats(masked_predictions, masked_targets, ids_keep, ids_restore, sample_size, scored)
 
     def _check_stage2_batch(self, batch: dict[str, Tensor], time_patches: int) -> None:
         missing = [key for key in ("mixed", "partner", "nomix") if key not in batch]
@@ -233,7 +276,7 @@ class SSLAM(nn.Module):
                 f"nomix must be a bool ({num_clips}, {time_patches}) tensor, got {nomix.dtype} {tuple(nomix.shape)}"
             )
 
-    def _forward_stage2(self, batch: dict[str, Tensor], generator: torch.Generator):
+    def _forward_stage2(self, batch: dict[str, Tensor], generator: torch.Generator, valid: Tensor | None = None):
         """SSLAM (§9.4): eat_patch over all rows, mix_weight x source retention over mixture rows (same S),
         w_cls x Σ_rows ℓ(ĉ, c) with the last-layer CLS target."""
         clean = batch["clean"]
@@ -241,6 +284,10 @@ class SSLAM(nn.Module):
         self._check_stage2_batch(batch, grid[0])
         partner, nomix = batch["partner"].to(clean.device), batch["nomix"].to(clean.device)
         num_clips = clean.shape[0]
+        content = self._content(valid, grid)
+        # A mixture row's content is its primary's; the partner's, row-aligned, decides where it is present.
+        row_content = None if content is None else torch.cat([content, content])
+        partner_content = None if content is None else content[partner]
         clean_ids = self._masks(num_clips, grid, generator, clean.device)
         ids_keep, ids_masked, ids_restore = (torch.cat([ids, ids]) for ids in clean_ids)
         clips = torch.cat([clean, batch["mixed"]])
@@ -250,29 +297,37 @@ class SSLAM(nn.Module):
             tokens = self.teacher.embed(clips.float())
             _, ffn_outputs = self.teacher.contextualize(tokens)
             ffn_outputs = [f[:, 1:] for f in ffn_outputs]
-            patch_targets = make_targets(ffn_outputs, self.cfg.top_k_layers)
-            utterance_targets = cls_target(make_targets(ffn_outputs, 1))
+            patch_targets = make_targets(ffn_outputs, self.cfg.top_k_layers, row_content)
+            utterance_targets = cls_target(make_targets(ffn_outputs, 1, row_content), row_content)
             del ffn_outputs
             partner_tokens = drop_time_rows(tokens[:num_clips][partner], nomix, grid[1])
+            kept_partner_content = None
+            if partner_content is not None:
+                kept_partner_content = drop_time_rows(partner_content.unsqueeze(-1), nomix, grid[1]).squeeze(-1)
             _, partner_ffn = self.teacher.contextualize(partner_tokens)
-            partner_targets = make_targets([f[:, 1:] for f in partner_ffn], self.cfg.top_k_layers)
+            partner_targets = make_targets(
+                [f[:, 1:] for f in partner_ffn], self.cfg.top_k_layers, kept_partner_content
+            )
             del partner_ffn
-            retention_targets = source_retention_target(patch_targets[:num_clips], partner_targets, nomix, grid[1])
+            retention_targets = source_retention_target(
+                patch_targets[:num_clips], partner_targets, nomix, grid[1], partner_content
+            )
 
         rows = ids_masked.shape[0]
         clean_rows = rows // 2
         clip_of_row = self._clip_of_row(rows, clean.device)
-        sample_size = ids_masked.numel()
+        scored, sample_size = self._scored(row_content, ids_masked, clip_of_row)
         masked_predictions = self._masked(predictions, ids_masked)
         masked_targets = self._masked(patch_targets, ids_masked, clip_of_row)
-        eat_patch = self._token_loss(masked_predictions, masked_targets).sum() / sample_size
+        eat_patch = self._patch_sum(masked_predictions, masked_targets, scored) / sample_size
         masked_retention = self._masked(retention_targets, ids_masked[clean_rows:], clip_of_row[:clean_rows])
+        mixture_scored = None if scored is None else scored[clean_rows:]
         mix_patch = (
             self.cfg.mix_loss_weight
-            * self._token_loss(masked_predictions[clean_rows:], masked_retention).sum()
+            * self._patch_sum(masked_predictions[clean_rows:], masked_retention, mixture_scored)
             / sample_size
         )
         eat_cls = self.cfg.cls_loss_weight * self._token_loss(cls_predictions, utterance_targets[clip_of_row]).sum()
         loss = eat_patch + mix_patch + eat_cls
         parts = {"eat_patch": eat_patch.detach(), "mix_patch": mix_patch.detach(), "eat_cls": eat_cls.detach()}
-        return loss, parts, self._stats(masked_predictions, masked_targets, ids_keep, ids_restore, sample_size)
+        return loss, parts, self._stats(masked_predictions, masked_targets, ids_keep, ids_restore, sample_size, scored)

@@ -1,9 +1,11 @@
 """WebDataset input for training and evaluation: the shard set, the (rank, worker) split, the batches.
 
 `TrainLoader` reads mixture epoch `epoch mod K` of a split and yields the batch contract of DESIGN.md
-("Training batch"): {clean, mixed, partner, nomix}, tensors only; `loader.last_keys` holds the sample keys
-of the last batch. `EvalLoader` yields {clean, labels, index} in shard order. `ShardSource` resolves
-where the shards and `dataset.json` are.
+("Training batch"): {clean, mixed, partner, nomix, valid_frames}, tensors only; `loader.last_keys` holds the
+sample keys of the last batch. `EvalLoader` yields {clean, labels, index, valid_frames} in shard order.
+`valid_frames` (N,) long is each clip's frame count before its zero padding (the samples' json "frames"); a
+shard written without it counts its clips as full length (T), and the loader logs that once per process.
+`ShardSource` resolves where the shards and `dataset.json` are.
 
 How a training epoch is split. Every rank computes the same plan up front from `dataset.json` and the
 per-shard sample counts (`index.parquet`, or a scan of the tar headers when there is no index):
@@ -41,6 +43,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import glob as globbing
 import itertools
 import io
@@ -470,6 +473,22 @@ def _decode_group(sample: dict, geometry: _Geometry) -> dict:
     return decoded
 
 
+@functools.lru_cache(maxsize=1)
+def _log_full_length_once() -> None:
+    logger.warning(
+        "samples without a 'frames' field (shards written before valid lengths were recorded): their clips count "
+        "as full length in valid_frames, so model.padding=aware treats their padding as content"
+    )
+
+
+def valid_frame_counts(meta: dict, count: int, frames: int) -> list[int]:
+    """The json's "frames" (valid frame count per clip), or `frames` for every clip of an older sample."""
+    if "frames" in meta:
+        return [int(value) for value in meta["frames"]]
+    _log_full_length_once()
+    return [frames] * count
+
+
 def _collate_groups(groups: Sequence[dict], geometry: _Geometry) -> dict[str, torch.Tensor]:
     """The training batch contract of a list of decoded groups (partner indices offset by group position).
 
@@ -484,9 +503,11 @@ def _collate_groups(groups: Sequence[dict], geometry: _Geometry) -> dict[str, to
         mixed.share_memory_()
     nomix = torch.zeros(count, geometry.time_patches, dtype=torch.bool)
     partner = torch.empty(count, dtype=torch.long)
+    valid_frames = torch.empty(count, dtype=torch.long)
     for g, group in enumerate(groups):
         rows = slice(g * size, (g + 1) * size)
         meta = group["meta"]
+        valid_frames[rows] = torch.tensor(valid_frame_counts(meta, size, geometry.target_length))
         for i, mixture in enumerate(meta["mixtures"]):
             partner[g * size + i] = g * size + mixture["partner"]
             for start, end in mixture["nomix"]:
@@ -496,11 +517,11 @@ def _collate_groups(groups: Sequence[dict], geometry: _Geometry) -> dict[str, to
                 mixed[g * size + i, 0].copy_(torch.from_numpy(group["mixtures"][i]))
         if not group["mixtures"]:
             local_partner = partner[rows] - g * size
-            frames = torch.tensor(meta["frames"], dtype=torch.long) if "frames" in meta else None
+            frames = valid_frames[rows] if "frames" in meta else None
             mixed[rows, 0] = logmel_max_batch(
                 clean[rows, 0], local_partner, nomix[rows], geometry.patch_size, geometry.mix_padding, frames
             )
-    return {"clean": clean, "mixed": mixed, "partner": partner, "nomix": nomix}
+    return {"clean": clean, "mixed": mixed, "partner": partner, "nomix": nomix, "valid_frames": valid_frames}
 
 
 @dataclasses.dataclass
@@ -914,19 +935,22 @@ class _EvalStream(IterableDataset):
             meta = decoded["meta"]
             filler = meta.get("filler", [False] * len(decoded["clips"]))
             group = len(decoded["clips"])
+            valid = valid_frame_counts(meta, group, geometry.target_length)
             for i, clip in enumerate(decoded["clips"]):
                 if filler[i]:
                     continue
                 samples, shards = skips.take()
                 clip_index = index if group == 1 else index * group + i
-                item = {"clean": torch.from_numpy(clip), "labels": labels[i], "index": clip_index, "key": key}
+                item = {"clean": torch.from_numpy(clip), "labels": labels[i], "index": clip_index, "key": key,
+                        "valid_frames": valid[i]}
                 yield item, {"skipped_samples": samples, "skipped_shards": shards}
         samples, shards = skips.take()
         yield None, {"skipped_samples": samples, "skipped_shards": shards}
 
 
 class EvalLoader:
-    """Evaluation batches {clean (N, 1, T, F) float32, labels (N, C) float32 multi-hot, index (N,) long}.
+    """Evaluation batches {clean (N, 1, T, F) float32, labels (N, C) float32 multi-hot, index (N,) long,
+    valid_frames (N,) long}.
 
     No shuffle and no drop: the last batch is smaller. `index` is the sample's running index in the split
     (shards in dataset.json order; in a mix split, clip i of sample s has index s * G + i and filler clips
@@ -994,4 +1018,5 @@ class EvalLoader:
             "clean": torch.stack([item["clean"] for item in items]).float().unsqueeze(1),
             "labels": labels,
             "index": torch.tensor([item["index"] for item in items], dtype=torch.long),
+            "valid_frames": torch.tensor([item["valid_frames"] for item in items], dtype=torch.long),
         }

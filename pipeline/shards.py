@@ -9,8 +9,8 @@ A mixture-group sample (DESIGN.md, "Mixture groups") has the WebDataset key
 * `json` (UTF-8): {"clips": [clip keys], "labels": [[class index, ...] per clip], "filler": [bool per clip],
   "mixtures": [{"primary": i, "partner": (i - 1) % G, "nomix": [[i1, i1 + r], [i2, i2 + r]],
   "domain": "logmel_max" | "waveform_sum"} per clip], "seed": int, "r": int}, plus optionally
-  "frames": [valid frame count per clip] (the rows before a short clip's zero padding; the loader needs
-  them for `mix_padding: silence`).
+  "frames": [valid frame count per clip] (the rows before a short clip's zero padding; the loader serves
+  them as the batch key `valid_frames`, for `mix_padding: silence` and `model.padding: aware`).
 
 An evaluation sample has `c0.npy` and `json` {"clips": [key], "labels": [[...]]} (optionally "frames").
 `decode_sample` checks all of this and raises `ShardFormatError`, which the loader counts and skips.

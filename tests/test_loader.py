@@ -170,7 +170,8 @@ def test_batch_contract_matches_the_stored_samples(shard_set) -> None:
     batches = _run(loader)
     assert len(batches) == loader.num_batches == 7 and loader.dropped_samples == 1
     for keys, batch in batches:
-        assert set(batch) == {"clean", "mixed", "partner", "nomix"}
+        assert set(batch) == {"clean", "mixed", "partner", "nomix", "valid_frames"}
+        assert batch["valid_frames"].tolist() == [T] * MICRO_BATCH  # these shards predate "frames": full length
         assert batch["clean"].shape == batch["mixed"].shape == (MICRO_BATCH, 1, T, F)
         assert batch["clean"].dtype == batch["mixed"].dtype == torch.float32
         assert batch["partner"].dtype == torch.long and batch["partner"].shape == (MICRO_BATCH,)
@@ -289,7 +290,8 @@ def test_eval_loader_labels_and_index(shard_set) -> None:
     index = torch.cat([b["index"] for b in batches])
     assert index.tolist() == list(range(sum(EVAL_SHARDS)))
     for batch in batches:
-        assert set(batch) == {"clean", "labels", "index"} and batch["labels"].shape[1] == CLASSES
+        assert set(batch) == {"clean", "labels", "index", "valid_frames"} and batch["labels"].shape[1] == CLASSES
+        assert batch["valid_frames"].tolist() == [T] * len(batch["index"])
         for row, i in enumerate(batch["index"].tolist()):
             assert torch.equal(batch["clean"][row, 0], torch.from_numpy(evaluation[i]["clip"]).float())
             assert torch.nonzero(batch["labels"][row]).flatten().tolist() == evaluation[i]["labels"]

@@ -151,6 +151,19 @@ def test_shard_members_are_the_fbank_of_their_clips(logmel):
     assert checked == logmel.summary["primaries"] + logmel.summary["fillers"]
 
 
+def test_every_sample_records_each_clips_valid_frames_before_its_zero_padding(logmel):
+    """The json's "frames" (the loader's `valid_frames`, model.padding: aware) of train groups and eval clips."""
+    paths = _manifest_paths(logmel.output)
+    cfg = logmel.config.data.audio
+    short = 0
+    for _, _, sample in _samples(logmel.output):
+        for key, clip, valid in zip(sample["meta"]["clips"], sample["clips"], sample["meta"]["frames"]):
+            assert valid == min(audio.frame_count(audio.load_waveform(paths[key], cfg).numel(), cfg), T), key
+            assert not clip[valid:].any() and clip[valid - 1].any(), key
+            short += valid < T
+    assert short > 0  # the sample dataset has clips shorter than the input
+
+
 def test_mixtures_are_the_logmel_max_with_the_partner_blanked_in_the_windows(logmel):
     groups = [s for _, _, s in _samples(logmel.output) if "mixtures" in s["meta"]]
     assert groups
