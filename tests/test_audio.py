@@ -154,6 +154,18 @@ def test_stereo_is_averaged_before_resampling(tmp_path: Path) -> None:
     assert torch.equal(load_waveform(path, CFG), expected)
 
 
+@pytest.mark.parametrize("channels", range(1, 10))
+def test_down_mix_is_numpys_channel_mean_bit_for_bit(channels: int) -> None:
+    samples = np.random.default_rng(channels).standard_normal((5000, channels)).astype(np.float32)
+    samples[:100] = -0.0  # the sum starts from +0.0 in numpy: -0.0 channels average to +0.0
+    samples[100:200] = np.float32(3e38)  # overflow to inf, as numpy's float32 sum does
+    with np.errstate(over="ignore"):
+        mixed = audio.down_mix(samples)
+        expected = samples[:, 0] if channels == 1 else samples.mean(axis=1, dtype=np.float32)
+    assert mixed.dtype == np.float32 and mixed.flags.c_contiguous
+    np.testing.assert_array_equal(mixed.view(np.uint32), expected.view(np.uint32))
+
+
 @pytest.mark.parametrize("rate", [8000, 22050, 44100, 48000])
 def test_resampled_lengths(tmp_path: Path, rate: int) -> None:
     path = tmp_path / f"clip_{rate}.wav"

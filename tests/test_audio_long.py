@@ -149,7 +149,7 @@ def test_an_end_that_does_not_decode_after_a_seek_is_counted_frame_by_frame(
     """Seeking is not sample-exact in every decoder (a valid 2.4 s stereo Vorbis file of the sample dataset read
     256 frames short after its seek): then the frames are counted by a full decode, and only a real shortfall
     is corruption."""
-    monkeypatch.setattr(audio, "_tail_decodes", lambda sound, required: False)
+    monkeypatch.setattr(audio, "_read_tail", lambda sound, required: None)
     for fmt in ("OGG", "FLAC"):
         path = tmp_path / f"long.{fmt.lower()}"
         soundfile.write(path, signal(25.0, RATE, seed=8), RATE, format=fmt)
@@ -159,6 +159,30 @@ def test_an_end_that_does_not_decode_after_a_seek_is_counted_frame_by_frame(
     with pytest.raises(AudioError) as caught:
         load_waveform(path, CFG)
     assert caught.value.reason == "corrupt"
+
+
+def test_non_finite_samples_are_looked_for_in_the_frames_decoded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The head and the last frames (read for the truncation check) are checked; the middle of a long file is
+    never decoded, so a NaN there cannot reach the features and is not seen, unless the end had to be
+    decoded block by block."""
+    samples = signal(25.0, RATE, seed=9)
+    cases = {"head": 1000, "end": samples.size - 10, "middle": samples.size // 2}
+    reasons = {}
+    for where, index in cases.items():
+        path = tmp_path / f"nan_{where}.wav"
+        bad = samples.copy()
+        bad[index] = np.nan
+        soundfile.write(path, bad, RATE, subtype="FLOAT")
+        try:
+            reasons[where] = load_waveform(path, CFG).numel()
+        except AudioError as error:
+            reasons[where] = error.reason
+    assert reasons == {"head": "non_finite", "end": "non_finite", "middle": KEEP}
+    monkeypatch.setattr(audio, "_read_tail", lambda sound, required: None)
+    with pytest.raises(AudioError, match="non_finite"):
+        load_waveform(tmp_path / "nan_middle.wav", CFG)
 
 
 def _hour_flac(path: Path) -> None:
