@@ -17,6 +17,10 @@ timings hold no worker start-up. Then, in this process on one torch thread and t
   .npy, json and the round-trip check, clean and mixture arrays), tar + sha256; beside it the task's own time
   per clip (the difference is records, file writes, fsync and Ray, when the load stayed the same).
 
+Wall-clock figures depend on the load of a shared machine; the CPU-time figures (time.process_time) of the plain
+path and of the profile much less: `profile_cpu_vs_plain_cpu` compares the task's work without file writes and
+Ray with the plain path, per CPU second.
+
 Prints one JSON line: per kind, clips/s over the whole job (manifest, plan, tasks, index, ledger) and over the
 task phase alone, each also per CPU; the plain path's clips/s; `task_vs_plain` = task clips/s per CPU over the
 plain path's clips/s; the profile; and the load average before and after (the machine may be shared).
@@ -76,9 +80,10 @@ def preprocess(audio_root: Path, output: Path, cpus: int) -> dict:
     return run_pipeline(data, PATCH_SIZE, progress=False)
 
 
-def plain_clips_per_second(paths: list[Path], cfg: AudioConfig) -> float:
-    """The per-clip path without this project's front-end: soundfile, torchaudio resample, kaldi.fbank."""
-    started = time.perf_counter()
+def plain_path(paths: list[Path], cfg: AudioConfig) -> tuple[float, float]:
+    """(clips per wall second, clips per CPU second) of the per-clip path without this project's front-end:
+    soundfile, channel mean, torchaudio resample, kaldi.fbank."""
+    wall, cpu = time.perf_counter(), time.process_time()
     for path in paths:
         samples, rate = soundfile.read(path, dtype="float32", always_2d=True)
         wave = torch.from_numpy(samples.mean(axis=1, dtype=np.float32))
@@ -86,20 +91,22 @@ def plain_clips_per_second(paths: list[Path], cfg: AudioConfig) -> float:
             wave = torchaudio.functional.resample(wave, rate, cfg.sample_rate)
         features = audio.kaldi_reference(wave, cfg)[: cfg.target_length]
         torch.nn.functional.pad(features, (0, 0, 0, cfg.target_length - features.shape[0]))
-    return len(paths) / (time.perf_counter() - started)
+    return len(paths) / (time.perf_counter() - wall), len(paths) / (time.process_time() - cpu)
 
 
-def stage_profile(paths: list[Path], data: DataConfig) -> dict[str, float]:
-    """ms per clip of each stage of a shard task, run here on one thread over `paths`."""
+def stage_profile(paths: list[Path], data: DataConfig) -> dict[str, dict[str, float]]:
+    """Wall and CPU ms per clip of each stage of a shard task, run here on one thread over `paths`."""
     cfg, group = data.audio, data.mixing.group_size
     time_patches = cfg.target_length // PATCH_SIZE
     rows = mixing.nomix_rows(time_patches)
-    seconds: dict[str, float] = dict.fromkeys(["decode", "resample", "fbank", "mixtures", "encode", "tar_sha256"], 0.0)
+    stages = ["decode", "resample", "fbank", "mixtures", "encode", "tar_sha256"]
+    wall, cpu = dict.fromkeys(stages, 0.0), dict.fromkeys(stages, 0.0)
 
     def timed(stage: str, run: Callable[[], object]) -> object:
-        started = time.perf_counter()
+        started_wall, started_cpu = time.perf_counter(), time.process_time()
         result = run()
-        seconds[stage] += time.perf_counter() - started
+        wall[stage] += time.perf_counter() - started_wall
+        cpu[stage] += time.process_time() - started_cpu
         return result
 
     decoded = [timed("decode", lambda path=path: audio.decode(path, cfg)) for path in paths]
@@ -121,7 +128,8 @@ def stage_profile(paths: list[Path], data: DataConfig) -> dict[str, float]:
             frames=frames[first : first + group]))
         samples.append((f"s{first:06d}", members))
     timed("tar_sha256", lambda: hashlib.sha256(shards.shard_bytes(samples)).hexdigest())
-    return {stage: round(1000 * total / len(paths), 3) for stage, total in seconds.items()}
+    return {name: {stage: round(1000 * total / len(paths), 3) for stage, total in totals.items()}
+            for name, totals in (("wall", wall), ("cpu", cpu))}
 
 
 def main() -> None:
@@ -151,7 +159,7 @@ def main() -> None:
             summary = preprocess(audio_root, workdir / kind / "shards", cpus)
             elapsed = time.perf_counter() - started
             paths = sorted(audio_root.glob("*.flac"))[: args.profile_clips]
-            plain = plain_clips_per_second(paths, DataConfig().audio)
+            plain, plain_cpu = plain_path(paths, DataConfig().audio)
             profile = stage_profile(paths, DataConfig())
             results[kind] = {
                 "clips_per_s": round(args.clips / elapsed, 2),
@@ -160,8 +168,12 @@ def main() -> None:
                 "task_clips_per_s_per_cpu": round(summary["clips_per_s"] / cpus, 2),
                 "plain_per_clip_clips_per_s": round(plain, 2),
                 "task_vs_plain": round(summary["clips_per_s"] / cpus / plain, 2),
-                "profile_ms_per_clip": profile,
-                "profile_sum_ms": round(sum(profile.values()), 3),
+                "plain_per_clip_clips_per_cpu_s": round(plain_cpu, 2),
+                "profile_ms_per_clip": profile["wall"],
+                "profile_sum_ms": round(sum(profile["wall"].values()), 3),
+                "profile_cpu_ms_per_clip": profile["cpu"],
+                "profile_cpu_clips_per_s": round(1000 / sum(profile["cpu"].values()), 2),
+                "profile_cpu_vs_plain_cpu": round(1000 / sum(profile["cpu"].values()) / plain_cpu, 2),
                 "task_ms_per_clip_per_cpu": round(1000 * cpus / summary["clips_per_s"], 3),
                 "seconds": round(elapsed, 2),
                 "shards": summary["shards"]["total"],
