@@ -72,8 +72,6 @@ _OGG_MAX_PAGE_BYTES = 27 + 255 + 255 * 255
 _SF_UNRECOGNISED_FORMAT = 1
 # File extensions of formats the installed libsndfile decodes (mp3 needs libsndfile >= 1.1).
 _DECODABLE_EXTENSIONS = {name.lower() for name in soundfile.available_formats()} | {"aif", "aifc", "oga", "opus"}
-# Subtypes stored as integers: their decoded floats are always finite, so the NaN/inf scan is skipped.
-_INTEGER_SUBTYPES = {"PCM_S8", "PCM_U8", "PCM_16", "PCM_24", "PCM_32", "ULAW", "ALAW"}
 
 
 class AudioErrorReason(StrEnum):
@@ -163,7 +161,7 @@ def _decode_open_file(
     except soundfile.SoundFileError as error:
         raise AudioError(path, AudioErrorReason.CORRUPT, str(error)) from error
     with sound:
-        sample_rate, declared, container, subtype = sound.samplerate, sound.frames, sound.format, sound.subtype
+        sample_rate, declared, container = sound.samplerate, sound.frames, sound.format
         problem = _sample_rate_problem(sample_rate, cfg)
         if problem:
             raise AudioError(path, AudioErrorReason.BAD_SAMPLE_RATE, problem)
@@ -177,15 +175,14 @@ def _decode_open_file(
         except soundfile.SoundFileError as error:
             raise AudioError(path, AudioErrorReason.CORRUPT, f"decoding failed: {error}") from error
 
-    check_finite = subtype not in _INTEGER_SUBTYPES
     wanted, decoded = (required if whole else budget), samples.shape[0]
-    non_finite = _non_finite_count(samples) if check_finite else 0
+    non_finite = _non_finite_count(samples)
     if tail is not None:
-        non_finite += _non_finite_count(tail) if check_finite else 0
+        non_finite += _non_finite_count(tail)
     elif not whole and decoded == wanted:
         # The end did not decode after a seek, which is not sample-exact in every decoder (libsndfile's Vorbis
         # can land late): decode the whole file block by block, as a whole-file read would.
-        decoded, non_finite = _decode_blocks(path, descriptor, check_finite)
+        decoded, non_finite = _decode_blocks(path, descriptor)
         wanted = required
     truncation = _truncation(handle, size, container, wanted, declared, decoded)
     if truncation:
@@ -224,7 +221,7 @@ def _read_tail(sound: soundfile.SoundFile, required: int) -> np.ndarray | None:
     return tail if tail.shape[0] == required - start else None
 
 
-def _decode_blocks(path: str | os.PathLike, descriptor: int, check_finite: bool) -> tuple[int, int]:
+def _decode_blocks(path: str | os.PathLike, descriptor: int) -> tuple[int, int]:
     """(frames, NaN/inf samples) of the whole open file, decoded in blocks of bounded size."""
     os.lseek(descriptor, 0, os.SEEK_SET)
     frames = non_finite = 0
@@ -234,7 +231,7 @@ def _decode_blocks(path: str | os.PathLike, descriptor: int, check_finite: bool)
             while True:
                 decoded = sound.read(out=block)
                 frames += decoded.shape[0]
-                non_finite += _non_finite_count(decoded) if check_finite else 0
+                non_finite += _non_finite_count(decoded)
                 if decoded.shape[0] < _DECODE_BLOCK_FRAMES:
                     return frames, non_finite
     except soundfile.SoundFileError as error:

@@ -256,4 +256,4 @@ def _compare_ten_seconds_and_a_minute(tmp_path: Path) -> None:
         return best
 
     # A whole decode of the minute costs ~6x the 10 s clip; the head costs about the same as the clip.
-    assert best_seconds(minute) < 2.0 * best_seconds(ten)
+    assert best_seconds(minute) < 3.0 * best_seconds(ten)
