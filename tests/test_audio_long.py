@@ -28,6 +28,15 @@ KEEP = head_samples(CFG)  # 164,080 samples: the 1024 frames of a 10.255 s head
 CHECKOUT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """As in the preprocessing tasks; multi-threaded small ops stall on a loaded shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def signal(seconds: float, rate: int, seed: int, dc: float = 0.05) -> np.ndarray:
     """Tones that change over time, noise and a DC offset that drifts, so head and whole-file means differ."""
     rng = np.random.default_rng(seed)
@@ -234,15 +243,6 @@ def test_peak_memory_of_a_one_hour_file_is_that_of_a_ten_second_clip(tmp_path: P
 
 
 def test_head_decoding_time_does_not_grow_with_the_file(tmp_path: Path) -> None:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in the preprocessing tasks; multi-threaded ops stall on a loaded machine
-    try:
-        _compare_ten_seconds_and_a_minute(tmp_path)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _compare_ten_seconds_and_a_minute(tmp_path: Path) -> None:
     ten, minute = tmp_path / "ten.flac", tmp_path / "minute.flac"
     soundfile.write(ten, signal(10.0, 44100, seed=6), 44100)
     soundfile.write(minute, signal(60.0, 44100, seed=7), 44100)
