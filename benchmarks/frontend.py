@@ -1,11 +1,14 @@
 """Benchmark of the feature front-end on one CPU thread: `kaldi.fbank` called per clip (what the reference does)
-against `pipeline.audio.fbank_batch` at several batch sizes, on random 10 s clips at the model rate.
+against `pipeline.audio.fbank_batch` at several batch sizes, on random 10 s clips at the model rate; and the cost
+of `load_waveform` (decode, down-mix, resample) against file length, which head decoding keeps flat.
 
     python -m benchmarks.frontend                       # 256 clips, batch sizes 1, 16, 64
     python -m benchmarks.frontend --clips 64 --batch-sizes 16
 
 Prints one JSON line: clips/s of each method (best of --repeats interleaved passes over all clips), the speed-up over the
-per-clip baseline, and the largest difference from Kaldi on the valid frames.
+per-clip baseline, and the largest difference from Kaldi on the valid frames; then `load_waveform_ms`, best of
+--repeats, per FLAC file of 10 s, 60 s and 1 h (16 kHz mono) and 10 s and 60 s (44.1 kHz stereo), beside
+`whole_file_ms`, the cost of decoding and resampling the whole file (what the front-end did before).
 """
 
 from __future__ import annotations
@@ -14,13 +17,20 @@ import argparse
 import json
 import math
 import platform
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
+import numpy as np
+import soundfile
 import torch
 
-from pipeline.audio import fbank_batch, frame_count, kaldi_reference
+from pipeline.audio import decode, fbank_batch, frame_count, kaldi_reference, load_waveform, to_model_rate
 from pipeline.config import AudioConfig
+
+LONG_FILES = {"10s_16k_mono": (10, 16000, 1), "60s_16k_mono": (60, 16000, 1), "3600s_16k_mono": (3600, 16000, 1),
+              "10s_44k1_stereo": (10, 44100, 2), "60s_44k1_stereo": (60, 44100, 2)}
 
 
 def kaldi_per_clip(wave: torch.Tensor, cfg: AudioConfig) -> torch.Tensor:
@@ -39,6 +49,41 @@ def best_clips_per_second(runs: dict[str, Callable[[], None]], clips: int, repea
             run()
             best[name] = min(best[name], time.perf_counter() - started)
     return {name: clips / seconds for name, seconds in best.items()}
+
+
+def write_flac(path: Path, seconds: int, rate: int, channels: int, seed: int) -> None:
+    """Tones over noise, written 10 s at a time (an hour never sits in memory)."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(10 * rate) / rate
+    block = 0.3 * np.sin(2 * np.pi * 440 * t) + 0.02 * rng.standard_normal(t.size)
+    with soundfile.SoundFile(path, "w", rate, channels, subtype="PCM_16", format="FLAC") as sound:
+        for _ in range(seconds // 10):
+            sound.write(np.stack([block] * channels, axis=1).astype(np.float32))
+
+
+def best_ms(run: Callable[[], object], repeats: int) -> float:
+    best = math.inf
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - started)
+    return round(1000 * best, 2)
+
+
+def file_length_costs(cfg: AudioConfig, repeats: int) -> dict[str, dict[str, float]]:
+    def whole_file(path: Path) -> None:
+        samples, rate = decode(path, cfg)
+        to_model_rate(samples, rate, cfg)
+
+    costs: dict[str, dict[str, float]] = {"load_waveform_ms": {}, "whole_file_ms": {}}
+    with tempfile.TemporaryDirectory(prefix="sslam-bench-frontend-") as directory:
+        for seed, (name, (seconds, rate, channels)) in enumerate(LONG_FILES.items()):
+            path = Path(directory) / f"{name}.flac"
+            write_flac(path, seconds, rate, channels, seed)
+            costs["load_waveform_ms"][name] = best_ms(lambda: load_waveform(path, cfg), repeats)
+            costs["whole_file_ms"][name] = best_ms(lambda: whole_file(path), min(repeats, 2))
+            path.unlink()
+    return costs
 
 
 def main() -> None:
@@ -88,6 +133,7 @@ def main() -> None:
         "fbank_batch_clips_per_s": {size: round(rate, 1) for size, rate in batched_rates.items()},
         "speedup": {size: round(rate / baseline, 2) for size, rate in batched_rates.items()},
         "max_abs_diff_vs_kaldi": max_abs_diff,
+        **file_length_costs(cfg, args.repeats),
         "torch": torch.__version__,
         "machine": platform.machine(),
     }

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
+import socket
 import struct
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -151,6 +154,18 @@ def test_stereo_is_averaged_before_resampling(tmp_path: Path) -> None:
     assert torch.equal(load_waveform(path, CFG), expected)
 
 
+@pytest.mark.parametrize("channels", range(1, 10))
+def test_down_mix_is_numpys_channel_mean_bit_for_bit(channels: int) -> None:
+    samples = np.random.default_rng(channels).standard_normal((5000, channels)).astype(np.float32)
+    samples[:100] = -0.0  # the sum starts from +0.0 in numpy: -0.0 channels average to +0.0
+    samples[100:200] = np.float32(3e38)  # overflow to inf, as numpy's float32 sum does
+    with np.errstate(over="ignore"):
+        mixed = audio.down_mix(samples)
+        expected = samples[:, 0] if channels == 1 else samples.mean(axis=1, dtype=np.float32)
+    assert mixed.dtype == np.float32 and mixed.flags.c_contiguous
+    np.testing.assert_array_equal(mixed.view(np.uint32), expected.view(np.uint32))
+
+
 @pytest.mark.parametrize("rate", [8000, 22050, 44100, 48000])
 def test_resampled_lengths(tmp_path: Path, rate: int) -> None:
     path = tmp_path / f"clip_{rate}.wav"
@@ -168,8 +183,8 @@ def test_model_rate_is_the_identity(tmp_path: Path) -> None:
     assert rate == RATE
     np.testing.assert_array_equal(load_waveform(path, CFG).numpy(), samples)
     assert torch.equal(to_model_rate(torch.ones(5), RATE, CFG), torch.ones(5))
-    with pytest.raises(ValueError, match="resampling ratio"):
-        to_model_rate(np.zeros(100, np.float32), 44099, CFG)
+    with pytest.raises(ValueError, match="outside"):
+        to_model_rate(np.zeros(100, np.float32), 500, CFG)
 
 
 def test_extension_that_lies_is_decoded_from_content(tmp_path: Path) -> None:
@@ -262,9 +277,19 @@ def make_bad_file(tmp_path: Path, case: str) -> Path:
         case "rate_10_mhz":
             path = tmp_path / "ten_mhz.wav"
             write_wav_with_rate(path, 10_000_000)
-        case "rate_without_resampling_ratio":
-            path = tmp_path / "odd_rate.wav"
-            write_wav_with_rate(path, 44099)
+        case "rate_0_hz":
+            path = tmp_path / "zero_hz.wav"
+            write_wav_with_rate(path, 0)  # libsndfile refuses to open it; the fmt chunk says why
+        case "rate_0_hz_flac":
+            path = tmp_path / "zero_hz.flac"
+            soundfile.write(path, noise, RATE)
+            header = bytearray(path.read_bytes())
+            header[18:21] = bytes([0, 0, header[20] & 0x0F])  # STREAMINFO's 20-bit sample rate
+            path.write_bytes(bytes(header))
+        case "truncated_long_flac":
+            path = tmp_path / "cut_long.flac"  # cut after the head that load_waveform decodes
+            soundfile.write(path, np.tile(noise, 10), RATE)
+            truncated(path, 0.6)
         case _:
             raise AssertionError(case)
     return path
@@ -286,7 +311,9 @@ BAD_FILES = {
     "inf_samples": "non_finite",
     "rate_1_hz": "bad_sample_rate",
     "rate_10_mhz": "bad_sample_rate",
-    "rate_without_resampling_ratio": "bad_sample_rate",
+    "rate_0_hz": "bad_sample_rate",
+    "rate_0_hz_flac": "bad_sample_rate",
+    "truncated_long_flac": "corrupt",
 }
 
 
@@ -331,3 +358,69 @@ def test_truncated_mp3_is_corrupt(tmp_path: Path) -> None:
     with pytest.raises(AudioError) as caught:
         decode(truncated(path, 0.6), CFG)
     assert caught.value.reason == "corrupt"
+
+
+# ------------------------------------------------------------------------------------ non-regular files
+
+
+def _decode_in_thread(path: Path) -> AudioError | BaseException | None:
+    """decode(path) in a thread; a decode that blocks (opening a FIFO waits for a writer) fails the test."""
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            decode(path, CFG)
+            outcome.append(None)
+        except BaseException as error:  # noqa: BLE001 - handed to the test
+            outcome.append(error)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(timeout=20)
+    if worker.is_alive():
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))  # release the blocked reader
+        pytest.fail(f"decode blocked on {path}")
+    return outcome[0]
+
+
+def test_non_regular_files_are_refused_without_opening(tmp_path: Path) -> None:
+    fifo = tmp_path / "clip.wav"
+    os.mkfifo(fifo)
+    directory = tmp_path / "folder.flac"
+    directory.mkdir()
+    link_to_directory = tmp_path / "link.flac"
+    link_to_directory.symlink_to(directory)
+    socket_path = tmp_path / "s.wav"
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(socket_path))
+    cases = {fifo: "a FIFO", directory: "a directory", link_to_directory: "a directory", socket_path: "a socket",
+             Path("/dev/null"): "a character device"}
+    try:
+        for path, kind in cases.items():
+            error = _decode_in_thread(path)
+            assert isinstance(error, AudioError), (path, error)
+            assert (error.reason, error.detail) == ("not_a_file", f"{kind}, not a regular file")
+            with pytest.raises(AudioError, match="not_a_file"):
+                load_waveform(path, CFG)
+    finally:
+        listener.close()
+    dangling = tmp_path / "dangling.wav"
+    dangling.symlink_to(tmp_path / "nowhere.wav")
+    with pytest.raises(AudioError) as caught:
+        decode(dangling, CFG)
+    assert caught.value.reason == "missing"
+
+
+def test_a_path_that_turns_into_a_fifo_after_the_check_does_not_block(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kind is checked again on the opened descriptor (opened non-blocking), so swapping a checked file for
+    a FIFO cannot hang the task."""
+    regular = tmp_path / "regular.wav"
+    soundfile.write(regular, tone(1.0, RATE), RATE)
+    fifo = tmp_path / "swapped.wav"
+    os.mkfifo(fifo)
+    real_stat = os.stat
+    monkeypatch.setattr(audio.os, "stat", lambda path, *a, **k: real_stat(regular if path == fifo else path, *a, **k))
+    error = _decode_in_thread(fifo)
+    assert isinstance(error, AudioError) and error.reason == "not_a_file", error
