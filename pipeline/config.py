@@ -77,6 +77,9 @@ class ShardConfig:
     # Resume redoes a shard when a source file's size or mtime differs from its record; true also records and
     # compares each source file's sha256, i.e. reads every audio file again on resume.
     hash_sources_on_resume: bool = False
+    # A class of a split that loses more than this share of its manifest clips to quarantine is a warning
+    # (preprocessing summary, dataset.json `class_coverage`, `sslam inspect`).
+    warn_class_loss_share: float = field(default=0.5, metadata={"ge": 0, "le": 1})
 
 
 @dataclass

@@ -30,7 +30,14 @@ import torch
 
 from pipeline import mixing, shards
 from pipeline.loader import read_dataset_info
-from pipeline.preprocess import FINGERPRINT_RECORD, INDEX_TABLE, MANIFEST_STAGE, QUARANTINE_TABLE, RECORDS_DIR
+from pipeline.preprocess import (
+    FINGERPRINT_RECORD,
+    INDEX_TABLE,
+    MANIFEST_STAGE,
+    QUARANTINE_TABLE,
+    RECORDS_DIR,
+    coverage_lines,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +106,10 @@ def summarize(shards_dir: str) -> str:
             )
         if index is not None:
             lines.append(f"  top labels: {_top_labels(index, split, classes)}")
+    if "class_coverage" in info:
+        lines += coverage_lines(info["class_coverage"])
+    else:
+        lines.append("classes        coverage not recorded (dataset.json of an earlier version)")
     if quarantine is not None and quarantine.num_rows:
         lines.append("quarantine")
         rows = quarantine.to_pylist()

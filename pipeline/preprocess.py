@@ -87,6 +87,8 @@ FEATURES_STAGE = "features"
 # Test-only fault injection (JSON): {"delay_s": seconds before each task, "kill_once": {"shard": name,
 # "marker": path}} makes the task of that shard SIGKILL its own worker the first time (the marker records it).
 FAULTS_ENV = "SSLAM_PREPROCESS_FAULTS"
+# How many class names one line of the class coverage names.
+PROBLEMS_NAMED = 10
 
 QUARANTINE_SCHEMA = pa.schema(
     list(MANIFEST_QUARANTINE_SCHEMA) + [pa.field("epoch", pa.int32()), pa.field("shard", pa.string())]
@@ -660,6 +662,7 @@ def _dataset_info(
     names: list[str],
     records: dict[str, dict],
     ledger: dict,
+    coverage: dict,
 ) -> dict:
     """The contents of dataset.json (no timestamps: equal inputs give equal files).
 
@@ -717,6 +720,7 @@ def _dataset_info(
             "over": "every T x F value of the primary clips of mixture epoch 0 (mix splits), padding included",
         },
         "classes": _class_list(manifest),
+        "class_coverage": coverage,
         "splits": dict(sorted(splits.items())),
         "checksums": {name: records[name]["sha256"] for name in names},
         "bytes": sum(records[name]["bytes"] for name in names),
@@ -738,6 +742,78 @@ def _quarantine_summary(quarantine: pa.Table) -> dict[str, dict[str, int]]:
     for (stage, reason), count in sorted(rows.items()):
         summary.setdefault(stage, {})[reason] = count if stage == MANIFEST_STAGE else len(seen[(stage, reason)])
     return summary
+
+
+def class_coverage(manifest: pa.Table, quarantine: pa.Table, max_loss_share: float) -> dict:
+    """Clips per class before and after quarantine, per split, and a warning for every class that loses more
+    than `max_loss_share` of them.
+
+    "before" counts the split's manifest clips carrying the class, "after" those of them no later stage
+    (decode, features) quarantined in any mixture epoch, and "lost" the lost clips per quarantine reason.
+    Manifest-stage rows are not counted here: their clips never reached the manifest (and may have no labels).
+    Classes of the class list with no manifest clip in any split are listed under "absent".
+    """
+    classes = manifest_classes(manifest)
+    failed: dict[tuple[str, str], str] = {}
+    for key, split, stage, reason in zip(
+        *(quarantine.column(name).to_pylist() for name in ("key", "split", "stage", "reason"))
+    ):
+        if stage != MANIFEST_STAGE:
+            failed.setdefault((split, key), reason)
+    counts: dict[str, dict[int, dict]] = {}
+    for key, split, indices in zip(
+        *(manifest.column(name).to_pylist() for name in ("key", "split", "label_indices"))
+    ):
+        reason = failed.get((split, key))
+        for index in indices:
+            entry = counts.setdefault(split, {}).setdefault(index, {"before": 0, "after": 0, "lost": Counter()})
+            entry["before"] += 1
+            if reason is None:
+                entry["after"] += 1
+            else:
+                entry["lost"][reason] += 1
+    splits: dict[str, list[dict]] = {}
+    warnings: list[str] = []
+    for split in sorted(counts):
+        rows = splits.setdefault(split, [])
+        for index, entry in sorted(counts[split].items()):
+            lost = dict(sorted(entry["lost"].items()))
+            rows.append({"index": index, "name": classes[index].display_name, "before": entry["before"],
+                         "after": entry["after"], "lost": lost})
+            share = 1.0 - entry["after"] / entry["before"]
+            if share > max_loss_share:
+                reasons = ", ".join(f"{reason} {count}" for reason, count in lost.items())
+                warnings.append(
+                    f"class {classes[index].display_name!r} of split {split!r} lost {entry['before'] - entry['after']} "
+                    f"of its {entry['before']} clips ({share:.0%}) to quarantine: {reasons}"
+                )
+    present = {index for per_split in counts.values() for index in per_split}
+    absent = [label.display_name for label in classes if label.index not in present]
+    return {"warn_loss_share": max_loss_share, "splits": splits, "warnings": warnings, "absent": absent}
+
+
+def coverage_lines(coverage: dict) -> list[str]:
+    """Text lines of a `class_coverage` record (the summary and `sslam inspect` print them)."""
+    lines = []
+    for split, rows in coverage["splits"].items():
+        before, after = sum(row["before"] for row in rows), sum(row["after"] for row in rows)
+        emptied = [row["name"] for row in rows if row["after"] == 0]
+        lines.append(
+            f"classes       {split}: {len(rows)} classes, {before} -> {after} clips per class (summed) after quarantine, "
+            f"{len(emptied)} classes left without clips{': ' + ', '.join(emptied[:PROBLEMS_NAMED]) if emptied else ''}"
+        )
+        losing = sorted((row for row in rows if row["after"] < row["before"]),
+                        key=lambda row: (row["after"] / row["before"], row["index"]))
+        if losing:
+            shown = ", ".join(f"{row['name']} {row['before']}->{row['after']}" for row in losing[:PROBLEMS_NAMED])
+            lines.append(f"  most lost: {shown}{', ...' if len(losing) > PROBLEMS_NAMED else ''}")
+    if coverage["absent"]:
+        names = coverage["absent"]
+        shown = ", ".join(names[:PROBLEMS_NAMED]) + (", ..." if len(names) > PROBLEMS_NAMED else "")
+        lines.append(f"classes       {len(names)} classes of the class list have no manifest clip: {shown}")
+    share = coverage["warn_loss_share"]
+    lines += [f"WARNING       {warning} (more than {share:.0%})" for warning in coverage["warnings"]]
+    return lines
 
 
 def format_summary(summary: dict) -> str:
@@ -768,6 +844,8 @@ def format_summary(summary: dict) -> str:
                 f"ledger        {split} e{int(epoch):02d}: {counts['manifest']} = {counts['primaries']} written "
                 f"+ {counts['quarantined']} quarantined ({counts['fillers']} fillers)"
             )
+    if "class_coverage" in summary:
+        lines += coverage_lines(summary["class_coverage"])
     return "\n".join(lines)
 
 
@@ -1074,6 +1152,9 @@ def _run_locked(
     written_index = shards.read_table(location.directory, INDEX_TABLE, location.filesystem)
     written_quarantine = shards.read_table(location.directory, QUARANTINE_TABLE, location.filesystem)
     ledger = check_ledger(planned.manifest, written_index, written_quarantine, data.mixing.mixture_epochs)
+    coverage = class_coverage(planned.manifest, written_quarantine, data.shards.warn_class_loss_share)
+    for warning in coverage["warnings"]:
+        logger.warning("%s", warning)
     if not up_to_date:
         lock.check()
         info = _dataset_info(
@@ -1088,6 +1169,7 @@ def _run_locked(
             names=names,
             records=records,
             ledger=ledger,
+            coverage=coverage,
         )
         payload = json.dumps(info, indent=2).encode("utf-8")
         shards.publish_bytes(payload, location.directory, DATASET_INFO, False, location.filesystem)
@@ -1117,6 +1199,7 @@ def _run_locked(
         "elapsed_s": time.perf_counter() - started,
         "quarantined": _quarantine_summary(written_quarantine),
         "ledger": ledger,
+        "class_coverage": coverage,
     }
     logger.info(
         "preprocessing done in %.1f s: %d shards (%d written now), %d samples",

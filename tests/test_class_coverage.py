@@ -1,0 +1,100 @@
+"""Class coverage: clips per class before and after quarantine, per split, and a warning for a class that loses
+more than `data.shards.warn_class_loss_share` of them (summary, dataset.json, `sslam inspect`).
+
+One preprocessing run over a tiny folder source (tests/folder_set.py) whose "Dog" clips are all too short.
+"""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pyarrow as pa
+import pytest
+import ray
+from folder_set import write_folder_set
+
+from jobs.config import ConfigError, load_config
+from jobs.preprocess import run_preprocess
+from pipeline.inspect import summarize
+from pipeline.manifest import CLASSES_METADATA_KEY, MANIFEST_SCHEMA
+from pipeline.preprocess import QUARANTINE_SCHEMA, class_coverage, format_summary
+
+
+@pytest.fixture(scope="module")
+def folder_run(tmp_path_factory) -> SimpleNamespace:
+    root = tmp_path_factory.mktemp("coverage")
+    config = load_config(str(write_folder_set(root)))
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        summary = run_preprocess(config, progress=False)
+    finally:
+        ray.shutdown()
+    return SimpleNamespace(output=root / "shards", summary=summary)
+
+
+def _by_name(rows: list[dict]) -> dict[str, dict]:
+    return {row["name"]: row for row in rows}
+
+
+def test_dataset_json_counts_clips_per_class_before_and_after_quarantine_per_split(folder_run):
+    coverage = json.loads((folder_run.output / "dataset.json").read_text())["class_coverage"]
+    train, evaluation = _by_name(coverage["splits"]["train"]), _by_name(coverage["splits"]["eval"])
+    assert train["Dog"] == {"index": 0, "name": "Dog", "before": 4, "after": 0, "lost": {"too_short": 4}}
+    assert train["Cat"] == {"index": 1, "name": "Cat", "before": 5, "after": 5, "lost": {}}
+    assert train["Bird"] == {"index": 2, "name": "Bird", "before": 4, "after": 3, "lost": {"too_short": 1}}
+    assert evaluation["Dog"]["after"] == 0 and evaluation["Cat"]["after"] == 1
+    assert coverage["warn_loss_share"] == 0.5 and coverage["absent"] == []
+    assert coverage == folder_run.summary["class_coverage"]
+
+
+def test_a_class_that_vanishes_is_a_warning_naming_it_and_its_reasons(folder_run):
+    warnings = folder_run.summary["class_coverage"]["warnings"]
+    assert warnings == [
+        "class 'Dog' of split 'eval' lost 1 of its 1 clips (100%) to quarantine: too_short 1",
+        "class 'Dog' of split 'train' lost 4 of its 4 clips (100%) to quarantine: too_short 4",
+    ]
+    text = format_summary(folder_run.summary)
+    assert "WARNING       class 'Dog' of split 'train' lost 4 of its 4 clips (100%)" in text
+    assert "train: 3 classes, 13 -> 8 clips per class (summed) after quarantine, 1 classes left without clips: Dog" in text
+    assert "most lost: Dog 4->0, Bird 4->3" in text
+
+
+def test_inspect_shows_the_same_coverage(folder_run):
+    text = summarize(str(folder_run.output))
+    assert "WARNING       class 'Dog' of split 'train' lost 4 of its 4 clips (100%) to quarantine: too_short 4" in text
+    assert "1 classes left without clips: Dog" in text and "Bird 4->3" in text
+
+
+def _tables(rows: list[tuple[str, str, list[int]]], failed: list[tuple[str, str, str, str]]) -> tuple[pa.Table, pa.Table]:
+    manifest = pa.Table.from_pylist(
+        [{"key": key, "path": f"/a/{key}.wav", "split": split, "mix": True, "label_mids": [], "label_indices": labels}
+         for key, split, labels in rows],
+        schema=MANIFEST_SCHEMA,
+    ).replace_schema_metadata({CLASSES_METADATA_KEY: json.dumps([[0, "/m/a", "A"], [1, "/m/b", "B"], [2, "/m/c", "C"]])})
+    quarantine = pa.Table.from_pylist(
+        [{"key": key, "split": split, "stage": stage, "reason": reason, "epoch": 0} for key, split, stage, reason in failed],
+        schema=QUARANTINE_SCHEMA,
+    )
+    return manifest, quarantine
+
+
+def test_the_share_is_a_strict_bound_and_configurable():
+    rows = [("a1", "train", [0]), ("a2", "train", [0]), ("b1", "train", [1]), ("b2", "train", [1]), ("b3", "train", [1])]
+    failed = [("a1", "train", "decode", "corrupt"), ("b1", "train", "decode", "too_short"),
+              ("b1", "train", "decode", "too_short"),  # a second mixture epoch's row: one clip lost, not two
+              ("x", None, "manifest", "missing_file")]
+    manifest, quarantine = _tables(rows, failed)
+    half = class_coverage(manifest, quarantine, 0.5)
+    assert half["warnings"] == []  # A lost exactly half: not more than 50%
+    assert _by_name(half["splits"]["train"])["B"]["lost"] == {"too_short": 1}
+    assert half["absent"] == ["C"]
+    third = class_coverage(manifest, quarantine, 0.3)
+    assert [warning.split(" of split")[0] for warning in third["warnings"]] == ["class 'A'", "class 'B'"]
+    assert class_coverage(manifest, quarantine, 1.0)["warnings"] == []
+
+
+def test_the_share_is_a_checked_config_field():
+    assert load_config("sample", ["data.shards.warn_class_loss_share=0.2"]).data.shards.warn_class_loss_share == 0.2
+    with pytest.raises(ConfigError, match="'data.shards.warn_class_loss_share' must be >= 0 and <= 1, got 1.5"):
+        load_config("sample", ["data.shards.warn_class_loss_share=1.5"])
