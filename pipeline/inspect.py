@@ -6,8 +6,9 @@ with another fingerprint than dataset.json, or a record whose sha256 is not the 
 (the shard was rewritten after dataset.json), and prints the class coverage dataset.json records (clips per class
 before and after quarantine, warnings). `render_groups` draws the clips and mixtures of the first groups of the
 first mix split, with each mixture's no-mix windows outlined (where only the primary is present), on one colour
-scale, padding hatched, time in seconds and class names in the titles. Mixtures that were not materialised are formed here exactly as the loader forms them (log-mel max). Rendering
-uses matplotlib's Agg canvas directly, without touching the global backend.
+scale, padding hatched, time in seconds and class names in the titles. Mixtures that were not materialised
+are formed here exactly as the loader forms them (log-mel max). Rendering uses matplotlib's Agg canvas
+directly, without touching the global backend.
 
 A damaged or missing shard, or a sample that does not decode, is skipped with a warning (and counted in the
 preview's title), so the preview comes from the next good samples. Errors: those of `pipeline.loader.read_dataset_info`

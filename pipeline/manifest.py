@@ -6,6 +6,7 @@ and the parquet I/O of the manifest. It never decodes audio; decoding errors bel
 
 Every CSV data row and every audio-named entry of a folder ends up either as a manifest row or as a
 quarantine row (stage "manifest") with one of the reasons below (`REASONS`); nothing is dropped silently.
+A quarantine row of a parsed CSV row carries the row's labels (so class coverage can count the loss).
 
 * `bad_csv_row`: a line that is not a well-formed CSV record (a quote that does not close on its line, text
   after a closing quote, bytes that are not UTF-8, every field empty), the wrong column count, an empty
@@ -143,6 +144,8 @@ QUARANTINE_SCHEMA = pa.schema(
         pa.field("stage", pa.string(), nullable=False),
         pa.field("reason", pa.string(), nullable=False),
         pa.field("detail", pa.string()),
+        # The labels the CSV gave the clip (as written), null where none are known (unlisted files, bad rows).
+        pa.field("labels", pa.list_(pa.string())),
     ]
 )
 
@@ -735,7 +738,8 @@ def _locate_listed_file(clip: _Clip, bases: list[str], extensions: list[str]) ->
     accepted extension, else with each extension added); failing that, to the first that exists as something
     else, with its problem; failing that, say what was tried."""
     names = [base for base in bases if _has_extension(base, extensions)]
-    names += [f"{base}.{extension}" for base in bases if not _has_extension(base, extensions) for extension in extensions]
+    bare = [base for base in bases if not _has_extension(base, extensions)]
+    names += [f"{base}.{extension}" for base in bare for extension in extensions]
     unusable: tuple[str, _FileProblem] | None = None
     for name in names:
         found, problem = _path_problem(name)
@@ -815,8 +819,13 @@ def _check_leaks(clips: list[_Clip]) -> None:
         )
 
 
-def _quarantine_row(key: str | None, path: str | None, split: str | None, reason: str, detail: str) -> dict:
-    return {"key": key, "path": path, "split": split, "stage": STAGE, "reason": reason, "detail": detail}
+def _quarantine_row(
+    key: str | None, path: str | None, split: str | None, reason: str, detail: str, labels: Iterable[str] | None = None
+) -> dict:
+    return {
+        "key": key, "path": path, "split": split, "stage": STAGE, "reason": reason, "detail": detail,
+        "labels": None if labels is None else list(labels),
+    }
 
 
 def _probe(path: str) -> tuple[float | None, int | None]:
@@ -895,15 +904,15 @@ def build_manifest(
         unknown = unknown_labels[id(clip)]
         if unknown:
             detail = f"{clip.origin}: labels not in the class list: {unknown}"
-            quarantine.append(_quarantine_row(clip.key, clip.path, clip.split.name, UNKNOWN_LABEL, detail))
+            quarantine.append(_quarantine_row(clip.key, clip.path, clip.split.name, UNKNOWN_LABEL, detail, clip.labels))
             continue
         if clip.key in withheld:
             detail = f"{clip.origin}: key also on the quarantined row {withheld[clip.key]}, so no row of it is written"
-            quarantine.append(_quarantine_row(clip.key, clip.path, clip.split.name, DUPLICATE_KEY, detail))
+            quarantine.append(_quarantine_row(clip.key, clip.path, clip.split.name, DUPLICATE_KEY, detail, clip.labels))
             continue
         if clip.key in seen_keys:
             detail = f"{clip.origin}: key already taken by {seen_keys[clip.key]}"
-            quarantine.append(_quarantine_row(clip.key, clip.path, clip.split.name, DUPLICATE_KEY, detail))
+            quarantine.append(_quarantine_row(clip.key, clip.path, clip.split.name, DUPLICATE_KEY, detail, clip.labels))
             continue
         seen_keys[clip.key] = clip.origin
         kept.append((clip, list(dict.fromkeys(lookup[label] for label in clip.labels))))
@@ -916,10 +925,11 @@ def build_manifest(
             else:
                 detail = f"{clip.origin}: no file under {source.audio_root} among: {', '.join(clip.candidates)}"
             path = os.path.join(os.path.abspath(source.audio_root), clip.candidates[0])
-            quarantine.append(_quarantine_row(clip.key, path, clip.split.name, MISSING_FILE, detail))
+            quarantine.append(_quarantine_row(clip.key, path, clip.split.name, MISSING_FILE, detail, clip.labels))
         elif clip.file_problem is not None:
             detail = f"{clip.origin}: {clip.path} is {clip.file_problem.what}"
-            quarantine.append(_quarantine_row(clip.key, clip.path, clip.split.name, clip.file_problem.reason, detail))
+            reason = clip.file_problem.reason
+            quarantine.append(_quarantine_row(clip.key, clip.path, clip.split.name, reason, detail, clip.labels))
         else:
             present.append((clip, indices))
 

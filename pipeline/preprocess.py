@@ -748,23 +748,30 @@ def class_coverage(manifest: pa.Table, quarantine: pa.Table, max_loss_share: flo
     """Clips per class before and after quarantine, per split, and a warning for every class that loses more
     than `max_loss_share` of them.
 
-    "before" counts the split's manifest clips carrying the class, "after" those of them no later stage
-    (decode, features) quarantined in any mixture epoch, and "lost" the lost clips per quarantine reason.
-    Manifest-stage rows are not counted here: their clips never reached the manifest (and may have no labels).
-    Classes of the class list with no manifest clip in any split are listed under "absent".
+    "before" counts the split's clips carrying the class: its manifest clips and the clips the manifest stage
+    quarantined with their CSV labels (a missing file, an unknown label, ...; not a duplicate_key row, whose
+    key is kept or counted by its other row). "after" counts those of the manifest clips that no later stage
+    (decode, features) quarantined in any mixture epoch; "lost" the lost clips per quarantine reason. Classes of
+    the class list without a clip in any split, before quarantine, are listed under "absent".
     """
     classes = manifest_classes(manifest)
+    lookup = {label.display_name: label.index for label in classes} | {label.mid: label.index for label in classes}
     failed: dict[tuple[str, str], str] = {}
-    for key, split, stage, reason in zip(
-        *(quarantine.column(name).to_pylist() for name in ("key", "split", "stage", "reason"))
+    labelled: dict[tuple[str, str], tuple[str, list[int]]] = {}  # manifest-stage losses with known labels
+    # quarantine.parquet of an earlier version has no labels column.
+    labels_column = quarantine.column("labels").to_pylist() if "labels" in quarantine.column_names else None
+    for key, split, stage, reason, labels in zip(
+        *(quarantine.column(name).to_pylist() for name in ("key", "split", "stage", "reason")),
+        labels_column or [None] * quarantine.num_rows,
     ):
         if stage != MANIFEST_STAGE:
             failed.setdefault((split, key), reason)
+        elif labels and split is not None and key is not None and reason != "duplicate_key":
+            indices = list(dict.fromkeys(lookup[label] for label in labels if label in lookup))
+            labelled.setdefault((split, key), (reason, indices))
     counts: dict[str, dict[int, dict]] = {}
-    for key, split, indices in zip(
-        *(manifest.column(name).to_pylist() for name in ("key", "split", "label_indices"))
-    ):
-        reason = failed.get((split, key))
+
+    def count(split: str, indices: list[int], reason: str | None) -> None:
         for index in indices:
             entry = counts.setdefault(split, {}).setdefault(index, {"before": 0, "after": 0, "lost": Counter()})
             entry["before"] += 1
@@ -772,6 +779,11 @@ def class_coverage(manifest: pa.Table, quarantine: pa.Table, max_loss_share: flo
                 entry["after"] += 1
             else:
                 entry["lost"][reason] += 1
+
+    for key, split, indices in zip(*(manifest.column(name).to_pylist() for name in ("key", "split", "label_indices"))):
+        count(split, indices, failed.get((split, key)))
+    for (split, _), (reason, indices) in labelled.items():
+        count(split, indices, reason)
     splits: dict[str, list[dict]] = {}
     warnings: list[str] = []
     for split in sorted(counts):
@@ -782,7 +794,7 @@ def class_coverage(manifest: pa.Table, quarantine: pa.Table, max_loss_share: flo
                          "after": entry["after"], "lost": lost})
             share = 1.0 - entry["after"] / entry["before"]
             if share > max_loss_share:
-                reasons = ", ".join(f"{reason} {count}" for reason, count in lost.items())
+                reasons = ", ".join(f"{reason} {n}" for reason, n in lost.items())
                 warnings.append(
                     f"class {classes[index].display_name!r} of split {split!r} lost {entry['before'] - entry['after']} "
                     f"of its {entry['before']} clips ({share:.0%}) to quarantine: {reasons}"
@@ -792,27 +804,33 @@ def class_coverage(manifest: pa.Table, quarantine: pa.Table, max_loss_share: flo
     return {"warn_loss_share": max_loss_share, "splits": splits, "warnings": warnings, "absent": absent}
 
 
+def _named(names: list[str]) -> str:
+    return ", ".join(names[:PROBLEMS_NAMED]) + (", ..." if len(names) > PROBLEMS_NAMED else "")
+
+
 def coverage_lines(coverage: dict) -> list[str]:
-    """Text lines of a `class_coverage` record (the summary and `sslam inspect` print them)."""
+    """Text lines of a `class_coverage` record (the summary and `sslam inspect` print them); at most
+    PROBLEMS_NAMED names or warnings a line kind, the rest are in dataset.json."""
     lines = []
     for split, rows in coverage["splits"].items():
         before, after = sum(row["before"] for row in rows), sum(row["after"] for row in rows)
         emptied = [row["name"] for row in rows if row["after"] == 0]
         lines.append(
-            f"classes       {split}: {len(rows)} classes, {before} -> {after} clips per class (summed) after quarantine, "
-            f"{len(emptied)} classes left without clips{': ' + ', '.join(emptied[:PROBLEMS_NAMED]) if emptied else ''}"
+            f"classes       {split}: {len(rows)} classes, {before} -> {after} clips per class (summed) after "
+            f"quarantine, {len(emptied)} classes left without clips{': ' + _named(emptied) if emptied else ''}"
         )
         losing = sorted((row for row in rows if row["after"] < row["before"]),
                         key=lambda row: (row["after"] / row["before"], row["index"]))
         if losing:
-            shown = ", ".join(f"{row['name']} {row['before']}->{row['after']}" for row in losing[:PROBLEMS_NAMED])
-            lines.append(f"  most lost: {shown}{', ...' if len(losing) > PROBLEMS_NAMED else ''}")
+            lines.append("  most lost: " + _named([f"{row['name']} {row['before']}->{row['after']}" for row in losing]))
     if coverage["absent"]:
         names = coverage["absent"]
-        shown = ", ".join(names[:PROBLEMS_NAMED]) + (", ..." if len(names) > PROBLEMS_NAMED else "")
-        lines.append(f"classes       {len(names)} classes of the class list have no manifest clip: {shown}")
-    share = coverage["warn_loss_share"]
-    lines += [f"WARNING       {warning} (more than {share:.0%})" for warning in coverage["warnings"]]
+        lines.append(f"classes       {len(names)} classes of the class list have no clip in any split: {_named(names)}")
+    share, warnings = coverage["warn_loss_share"], coverage["warnings"]
+    lines += [f"WARNING       {warning} (more than {share:.0%})" for warning in warnings[:PROBLEMS_NAMED]]
+    if len(warnings) > PROBLEMS_NAMED:
+        more = len(warnings) - PROBLEMS_NAMED
+        lines.append(f"WARNING       ... and {more} more classes (dataset.json class_coverage)")
     return lines
 
 

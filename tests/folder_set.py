@@ -1,8 +1,10 @@
 """A tiny folder source of clips of varied length (`path,labels` CSVs, a class list) and its preprocessing config.
 
-Quiet noise (every raw log-mel value below 0, so padding zeros stand out). Durations are chosen against the tiny front-end (16 kHz, T = 128 frames of 10 ms, min_duration_s 0.625): "Dog"
-clips are all too short (quarantined), one "Bird" clip of four is, and the written "Bird" clips are shorter than T
-(zero-padded), so the set shows a vanished class, a class that lost a little, and padding.
+Quiet noise (every raw log-mel value below 0, so padding zeros stand out). Durations are chosen against the tiny
+front-end (16 kHz, T = 128 frames of 10 ms, min_duration_s 0.625): "Dog" clips are all too short (quarantined),
+one "Bird" clip of four is, and the written "Bird" clips are shorter than T (zero-padded); the one "Owl" file the
+train CSV lists does not exist. So the set shows classes that vanish at the decode and at the manifest stage, a
+class that lost a little, and padding.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import yaml
 
 T, F, PATCH = 128, 32, 16
 RATE = 16000
-CLASSES = [("/m/dog", "Dog"), ("/m/cat", "Cat"), ("/m/bird", "Bird")]
+CLASSES = [("/m/dog", "Dog"), ("/m/cat", "Cat"), ("/m/bird", "Bird"), ("/m/owl", "Owl")]
 # split -> (file stem, display label, seconds)
 CLIPS = {
     "train": [(f"dog{i}", "Dog", 0.3) for i in range(4)]
@@ -40,6 +42,8 @@ def write_folder_set(root: Path) -> Path:
             wave = (0.001 * rng.standard_normal(int(seconds * RATE))).astype(np.float32)
             soundfile.write(audio / f"{stem}.wav", wave, RATE)
             lines.append(f"{stem}.wav,{label}")
+        if split == "train":
+            lines.append("owl_gone.wav,Owl")
         (root / f"{split}.csv").write_text("\n".join(lines) + "\n")
     document = {
         "name": "folder-set",

@@ -43,7 +43,8 @@ def test_dataset_json_counts_clips_per_class_before_and_after_quarantine_per_spl
     assert train["Dog"] == {"index": 0, "name": "Dog", "before": 4, "after": 0, "lost": {"too_short": 4}}
     assert train["Cat"] == {"index": 1, "name": "Cat", "before": 5, "after": 5, "lost": {}}
     assert train["Bird"] == {"index": 2, "name": "Bird", "before": 4, "after": 3, "lost": {"too_short": 1}}
-    assert evaluation["Dog"]["after"] == 0 and evaluation["Cat"]["after"] == 1
+    assert train["Owl"] == {"index": 3, "name": "Owl", "before": 1, "after": 0, "lost": {"missing_file": 1}}
+    assert evaluation["Dog"]["after"] == 0 and evaluation["Cat"]["after"] == 1 and "Owl" not in evaluation
     assert coverage["warn_loss_share"] == 0.5 and coverage["absent"] == []
     assert coverage == folder_run.summary["class_coverage"]
 
@@ -53,37 +54,45 @@ def test_a_class_that_vanishes_is_a_warning_naming_it_and_its_reasons(folder_run
     assert warnings == [
         "class 'Dog' of split 'eval' lost 1 of its 1 clips (100%) to quarantine: too_short 1",
         "class 'Dog' of split 'train' lost 4 of its 4 clips (100%) to quarantine: too_short 4",
+        "class 'Owl' of split 'train' lost 1 of its 1 clips (100%) to quarantine: missing_file 1",
     ]
     text = format_summary(folder_run.summary)
     assert "WARNING       class 'Dog' of split 'train' lost 4 of its 4 clips (100%)" in text
-    assert "train: 3 classes, 13 -> 8 clips per class (summed) after quarantine, 1 classes left without clips: Dog" in text
-    assert "most lost: Dog 4->0, Bird 4->3" in text
+    assert ("train: 4 classes, 14 -> 8 clips per class (summed) after quarantine, 2 classes left without clips: "
+            "Dog, Owl") in text
+    assert "most lost: Dog 4->0, Owl 1->0, Bird 4->3" in text
 
 
 def test_inspect_shows_the_same_coverage(folder_run):
     text = summarize(str(folder_run.output))
-    assert "WARNING       class 'Dog' of split 'train' lost 4 of its 4 clips (100%) to quarantine: too_short 4" in text
-    assert "1 classes left without clips: Dog" in text and "Bird 4->3" in text
+    expected = "WARNING       class 'Dog' of split 'train' lost 4 of its 4 clips (100%) to quarantine: too_short 4"
+    assert expected in text
+    assert "2 classes left without clips: Dog, Owl" in text and "Bird 4->3" in text
 
 
-def _tables(rows: list[tuple[str, str, list[int]]], failed: list[tuple[str, str, str, str]]) -> tuple[pa.Table, pa.Table]:
+def _tables(rows: list[tuple], failed: list[tuple]) -> tuple[pa.Table, pa.Table]:
+    """A manifest of (key, split, label indices) rows over classes A, B, C and quarantine rows of
+    (key, split, stage, reason[, labels])."""
+    classes = json.dumps([[0, "/m/a", "A"], [1, "/m/b", "B"], [2, "/m/c", "C"]])
     manifest = pa.Table.from_pylist(
         [{"key": key, "path": f"/a/{key}.wav", "split": split, "mix": True, "label_mids": [], "label_indices": labels}
          for key, split, labels in rows],
         schema=MANIFEST_SCHEMA,
-    ).replace_schema_metadata({CLASSES_METADATA_KEY: json.dumps([[0, "/m/a", "A"], [1, "/m/b", "B"], [2, "/m/c", "C"]])})
+    ).replace_schema_metadata({CLASSES_METADATA_KEY: classes})
     quarantine = pa.Table.from_pylist(
-        [{"key": key, "split": split, "stage": stage, "reason": reason, "epoch": 0} for key, split, stage, reason in failed],
+        [{"key": row[0], "split": row[1], "stage": row[2], "reason": row[3], "labels": row[4] if len(row) > 4 else None}
+         for row in failed],
         schema=QUARANTINE_SCHEMA,
     )
     return manifest, quarantine
 
 
 def test_the_share_is_a_strict_bound_and_configurable():
-    rows = [("a1", "train", [0]), ("a2", "train", [0]), ("b1", "train", [1]), ("b2", "train", [1]), ("b3", "train", [1])]
+    rows = [("a1", "train", [0]), ("a2", "train", [0]), ("b1", "train", [1]), ("b2", "train", [1]),
+            ("b3", "train", [1])]
     failed = [("a1", "train", "decode", "corrupt"), ("b1", "train", "decode", "too_short"),
               ("b1", "train", "decode", "too_short"),  # a second mixture epoch's row: one clip lost, not two
-              ("x", None, "manifest", "missing_file")]
+              ("x", None, "manifest", "unlisted_file")]
     manifest, quarantine = _tables(rows, failed)
     half = class_coverage(manifest, quarantine, 0.5)
     assert half["warnings"] == []  # A lost exactly half: not more than 50%
@@ -92,6 +101,30 @@ def test_the_share_is_a_strict_bound_and_configurable():
     third = class_coverage(manifest, quarantine, 0.3)
     assert [warning.split(" of split")[0] for warning in third["warnings"]] == ["class 'A'", "class 'B'"]
     assert class_coverage(manifest, quarantine, 1.0)["warnings"] == []
+
+
+def test_clips_the_manifest_stage_quarantined_with_their_labels_count_as_lost():
+    """A class whose every file is missing (e.g. an extension the source did not accept) never reaches the
+    manifest: it is still counted, by its CSV labels (MID or display name)."""
+    rows = [("a1", "train", [0])]
+    failed = [("c1", "train", "manifest", "missing_file", ["C"]), ("c2", "train", "manifest", "missing_file", ["/m/c"]),
+              ("c3", "train", "manifest", "unknown_label", ["C", "/m/nope"]),
+              ("a1", "train", "manifest", "duplicate_key", ["A"]),  # the key's other row is the manifest's: no loss
+              ("u", "train", "manifest", "unlisted_file", None)]
+    coverage = class_coverage(*_tables(rows, failed), 0.5)
+    classes = _by_name(coverage["splits"]["train"])
+    assert classes["C"] == {"index": 2, "name": "C", "before": 3, "after": 0,
+                            "lost": {"missing_file": 2, "unknown_label": 1}}
+    assert classes["A"]["before"] == 1 and classes["A"]["after"] == 1
+    assert coverage["absent"] == ["B"]
+    assert coverage["warnings"] == [
+        "class 'C' of split 'train' lost 3 of its 3 clips (100%) to quarantine: missing_file 2, unknown_label 1"]
+
+
+def test_a_quarantine_table_without_labels_from_an_earlier_version_is_read():
+    manifest, quarantine = _tables([("a1", "train", [0])], [("a1", "train", "decode", "corrupt")])
+    coverage = class_coverage(manifest, quarantine.drop_columns(["labels"]), 0.5)
+    assert _by_name(coverage["splits"]["train"])["A"]["lost"] == {"corrupt": 1}
 
 
 def test_the_share_is_a_checked_config_field():
