@@ -114,7 +114,7 @@ def summarize(shards_dir: str) -> str:
         if index is not None:
             lines.append(f"  top labels: {_top_labels(index, split, classes)}")
     if "class_coverage" in info:
-        lines += coverage_lines(info["class_coverage"])
+        lines += coverage_lines(info["class_coverage"], width=15)
     else:
         lines.append("classes        coverage not recorded (dataset.json of an earlier version)")
     if quarantine is not None and quarantine.num_rows:

@@ -808,15 +808,16 @@ def _named(names: list[str]) -> str:
     return ", ".join(names[:PROBLEMS_NAMED]) + (", ..." if len(names) > PROBLEMS_NAMED else "")
 
 
-def coverage_lines(coverage: dict) -> list[str]:
-    """Text lines of a `class_coverage` record (the summary and `sslam inspect` print them); at most
-    PROBLEMS_NAMED names or warnings a line kind, the rest are in dataset.json."""
+def coverage_lines(coverage: dict, width: int = 14) -> list[str]:
+    """Text lines of a `class_coverage` record (the summary and `sslam inspect` print them, their line titles
+    `width` wide); at most PROBLEMS_NAMED names or warnings a line kind, the rest are in dataset.json."""
+    classes, warning = "classes".ljust(width), "WARNING".ljust(width)
     lines = []
     for split, rows in coverage["splits"].items():
         before, after = sum(row["before"] for row in rows), sum(row["after"] for row in rows)
         emptied = [row["name"] for row in rows if row["after"] == 0]
         lines.append(
-            f"classes       {split}: {len(rows)} classes, {before} -> {after} clips per class (summed) after "
+            f"{classes}{split}: {len(rows)} classes, {before} -> {after} clips per class (summed) after "
             f"quarantine, {len(emptied)} classes left without clips{': ' + _named(emptied) if emptied else ''}"
         )
         losing = sorted((row for row in rows if row["after"] < row["before"]),
@@ -825,12 +826,12 @@ def coverage_lines(coverage: dict) -> list[str]:
             lines.append("  most lost: " + _named([f"{row['name']} {row['before']}->{row['after']}" for row in losing]))
     if coverage["absent"]:
         names = coverage["absent"]
-        lines.append(f"classes       {len(names)} classes of the class list have no clip in any split: {_named(names)}")
+        lines.append(f"{classes}{len(names)} classes of the class list have no clip in any split: {_named(names)}")
     share, warnings = coverage["warn_loss_share"], coverage["warnings"]
-    lines += [f"WARNING       {warning} (more than {share:.0%})" for warning in warnings[:PROBLEMS_NAMED]]
+    lines += [f"{warning}{text} (more than {share:.0%})" for text in warnings[:PROBLEMS_NAMED]]
     if len(warnings) > PROBLEMS_NAMED:
         more = len(warnings) - PROBLEMS_NAMED
-        lines.append(f"WARNING       ... and {more} more classes (dataset.json class_coverage)")
+        lines.append(f"{warning}... and {more} more classes (dataset.json class_coverage)")
     return lines
 
 

@@ -18,7 +18,7 @@ from jobs.config import ConfigError, load_config
 from jobs.preprocess import run_preprocess
 from pipeline.inspect import summarize
 from pipeline.manifest import CLASSES_METADATA_KEY, MANIFEST_SCHEMA
-from pipeline.preprocess import QUARANTINE_SCHEMA, class_coverage, format_summary
+from pipeline.preprocess import QUARANTINE_SCHEMA, class_coverage, coverage_lines, format_summary
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def test_a_class_that_vanishes_is_a_warning_naming_it_and_its_reasons(folder_run
 
 def test_inspect_shows_the_same_coverage(folder_run):
     text = summarize(str(folder_run.output))
-    expected = "WARNING       class 'Dog' of split 'train' lost 4 of its 4 clips (100%) to quarantine: too_short 4"
+    expected = "WARNING        class 'Dog' of split 'train' lost 4 of its 4 clips (100%) to quarantine: too_short 4"
     assert expected in text
     assert "2 classes left without clips: Dog, Owl" in text and "Bird 4->3" in text
 
@@ -131,3 +131,12 @@ def test_the_share_is_a_checked_config_field():
     assert load_config("sample", ["data.shards.warn_class_loss_share=0.2"]).data.shards.warn_class_loss_share == 0.2
     with pytest.raises(ConfigError, match="'data.shards.warn_class_loss_share' must be >= 0 and <= 1, got 1.5"):
         load_config("sample", ["data.shards.warn_class_loss_share=1.5"])
+
+
+def test_the_text_names_at_most_ten_classes_and_warnings_a_kind():
+    rows = [{"index": i, "name": f"k{i}", "before": 2, "after": 0, "lost": {"corrupt": 2}} for i in range(12)]
+    warnings = [f"class 'k{i}' of split 'train' lost 2 of its 2 clips (100%) to quarantine: corrupt 2" for i in range(12)]
+    lines = coverage_lines({"warn_loss_share": 0.5, "splits": {"train": rows}, "warnings": warnings, "absent": []})
+    assert lines[0].endswith("12 classes left without clips: k0, k1, k2, k3, k4, k5, k6, k7, k8, k9, ...")
+    assert sum(line.startswith("WARNING       class") for line in lines) == 10
+    assert lines[-1] == "WARNING       ... and 2 more classes (dataset.json class_coverage)"
