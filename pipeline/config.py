@@ -41,11 +41,16 @@ class SourceConfig:
     """Where clips come from: AudioSet CSVs + an audio root, or a plain folder of audio."""
 
     kind: Literal["audioset", "folder"] = "audioset"
+    # Folder sources: set, every audio file under it is scanned; empty, only the files the splits' CSVs list
+    # are read, by absolute path or relative to `audio_roots` (in order), then the CSV's folder.
     audio_root: str = ""
+    audio_roots: list[str] = field(default_factory=list)
     class_labels_csv: str = ""
     # File name of a segment below audio_root; {ext} is discovered among `extensions`.
     filename_pattern: str = "{ytid}.{ext}"
-    extensions: list[str] = field(default_factory=lambda: ["wav", "flac", "ogg", "mp3"])
+    # Empty: every extension of a format the installed decoder reads (pipeline.manifest.decodable_extensions:
+    # wav, flac, ogg, mp3 first, then aiff, au, caf, opus, w64, ...).
+    extensions: list[str] = field(default_factory=list)
     splits: list[SplitConfig] = field(default_factory=list)
 
 
@@ -77,6 +82,9 @@ class ShardConfig:
     # Resume redoes a shard when a source file's size or mtime differs from its record; true also records and
     # compares each source file's sha256, i.e. reads every audio file again on resume.
     hash_sources_on_resume: bool = False
+    # A class of a split that loses more than this share of its manifest clips to quarantine is a warning
+    # (preprocessing summary, dataset.json `class_coverage`, `sslam inspect`).
+    warn_class_loss_share: float = field(default=0.5, metadata={"ge": 0, "le": 1})
 
 
 @dataclass

@@ -3,10 +3,12 @@
 `summarize` reads `dataset.json`, `index.parquet` and `quarantine.parquet` (and checks that the listed shards
 exist), and flags every listed shard that another plan wrote: index rows, or a resume record (`_records/`),
 with another fingerprint than dataset.json, or a record whose sha256 is not the checksum dataset.json lists
-(the shard was rewritten after dataset.json). `render_groups` draws the clips and mixtures of the first groups
-of the first mix split, with each mixture's no-mix windows outlined (where only the primary is present).
-Mixtures that were not materialised are formed here exactly as the loader forms them (log-mel max). Rendering
-uses matplotlib's Agg canvas directly, without touching the global backend.
+(the shard was rewritten after dataset.json), and prints the class coverage dataset.json records (clips per class
+before and after quarantine, warnings). `render_groups` draws the clips and mixtures of the first groups of the
+first mix split, with each mixture's no-mix windows outlined (where only the primary is present), on one colour
+scale, padding hatched, time in seconds and class names in the titles. Mixtures that were not materialised
+are formed here exactly as the loader forms them (log-mel max). Rendering uses matplotlib's Agg canvas
+directly, without touching the global backend.
 
 A damaged or missing shard, or a sample that does not decode, is skipped with a warning (and counted in the
 preview's title), so the preview comes from the next good samples. Errors: those of `pipeline.loader.read_dataset_info`
@@ -30,11 +32,23 @@ import torch
 
 from pipeline import mixing, shards
 from pipeline.loader import read_dataset_info
-from pipeline.preprocess import FINGERPRINT_RECORD, INDEX_TABLE, MANIFEST_STAGE, QUARANTINE_TABLE, RECORDS_DIR
+from pipeline.preprocess import (
+    FINGERPRINT_RECORD,
+    INDEX_TABLE,
+    MANIFEST_STAGE,
+    QUARANTINE_TABLE,
+    RECORDS_DIR,
+    coverage_lines,
+)
 
 logger = logging.getLogger(__name__)
 
 WINDOW_COLOUR = "#00e5ff"
+PADDING_COLOUR = "0.6"
+HATCH_COLOUR = "0.3"
+# gids of the preview's patches, so a test (or a viewer of the SVG) can tell them apart.
+PADDING_GID = "padding"
+WINDOW_GID = "nomix-window"
 # How many shards or skipped samples an InspectError names.
 PROBLEMS_SHOWN = 5
 # How many mismatching shards the summary lists.
@@ -99,6 +113,10 @@ def summarize(shards_dir: str) -> str:
             )
         if index is not None:
             lines.append(f"  top labels: {_top_labels(index, split, classes)}")
+    if "class_coverage" in info:
+        lines += coverage_lines(info["class_coverage"], width=15)
+    else:
+        lines.append("classes        coverage not recorded (dataset.json of an earlier version)")
     if quarantine is not None and quarantine.num_rows:
         lines.append("quarantine")
         rows = quarantine.to_pylist()
@@ -246,12 +264,27 @@ def _first_few(items: list[str], separator: str = ", ") -> str:
 
 
 def render_groups(shards_dir: str, out_png: str | os.PathLike, n_groups: int = 2) -> str:
-    """Draw the first `n_groups` samples of the first mix split (clips above, mixtures below); returns the path.
+    """Draw the first `n_groups` samples of the first mix split (clips above, mixtures below) as a PNG; returns
+    the path. The drawing is `preview_figure`'s."""
+    figure = preview_figure(shards_dir, n_groups)
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=80)
+    return str(out)
 
-    Each mixture panel outlines its two no-mix windows. Without a mix split, the first evaluation clips are drawn.
-    Unreadable shards and bad samples are skipped (logged, and counted in the title); InspectError when none is left.
+
+def preview_figure(shards_dir: str, n_groups: int = 2):
+    """The preview of the first `n_groups` samples of the first mix split (clips above, mixtures below), a
+    matplotlib Figure on an Agg canvas.
+
+    Every panel shares one colour scale (the range of the unpadded frames of all panels, shown by one colour bar);
+    padding is masked grey and covered by a hatched patch (gid "padding"); time is in seconds (frame shift of
+    dataset.json); titles carry the clip's class names. Each mixture panel outlines its two no-mix windows.
+    Without a mix split, the first evaluation clips are drawn. Unreadable shards and bad samples are skipped
+    (logged, and counted in the title); InspectError when none is left.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
 
@@ -266,48 +299,104 @@ def render_groups(shards_dir: str, out_png: str | os.PathLike, n_groups: int = 2
             f"{shards_dir}: split {split!r} has no sample to draw in its epoch-0 shards {_first_few(names)}"
             + (f"; {skipped.describe()}: {_first_few(problems, '; ')}" if problems else "")
         )
-    patch = int(info["patch_size"])
+    class_names = {c["index"]: c["name"] for c in info.get("classes", [])}
+    panels = _panels(samples, info, bool(mix_splits), class_names)
+    unpadded = [panel.values[~panel.padded] for panel in panels if not panel.padded.all()]
+    low = min((float(values.min()) for values in unpadded), default=0.0)
+    high = max((float(values.max()) for values in unpadded), default=1.0)
+    norm = Normalize(vmin=low, vmax=high if high > low else low + 1.0)
+    shift_s = float(info.get("frame_shift_ms", 10.0)) / 1000.0
+    patch_s = int(info["patch_size"]) * shift_s
+
     columns = max(len(sample["clips"]) for sample in samples)
     rows_per_sample = 2 if mix_splits else 1
-    figure = Figure(figsize=(3.2 * columns, 2.4 * rows_per_sample * len(samples)), layout="constrained")
+    figure = Figure(figsize=(3.2 * columns + 0.8, 2.4 * rows_per_sample * len(samples)), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.subplots(rows_per_sample * len(samples), columns, squeeze=False)
+    for axis in axes.flat:
+        axis.set_visible(False)
+    image = None
+    for panel in panels:
+        axis = axes[rows_per_sample * panel.sample + panel.row, panel.column]
+        axis.set_visible(True)
+        image = _draw(axis, panel, norm, shift_s)
+        for start, end in _runs(panel.padded):
+            axis.add_patch(Rectangle(
+                (start * shift_s, 0), (end - start) * shift_s, panel.values.shape[1], facecolor="none",
+                edgecolor=HATCH_COLOUR, hatch="//", linewidth=0, gid=PADDING_GID,
+            ))
+        for start, end in panel.nomix:
+            axis.add_patch(Rectangle(
+                (start * patch_s, 0), (end - start) * patch_s, panel.values.shape[1], fill=False,
+                edgecolor=WINDOW_COLOUR, linewidth=1.5, gid=WINDOW_GID,
+            ))
+    figure.colorbar(image, ax=axes.ravel().tolist(), label="raw log-mel (one scale for every panel)", shrink=0.8)
+    skips = f"; {skipped.describe()}" if skipped.shards or skipped.samples else ""
+    figure.suptitle(
+        f"{shards_dir}: {split}, first {len(samples)} good samples (no-mix windows outlined, padding hatched){skips}",
+        fontsize=9,
+    )
+    return figure
+
+
+@dataclass
+class _Panel:
+    """One spectrogram of the preview: where it goes, its values (T, F), which frames are padding, its windows."""
+
+    sample: int
+    row: int  # 0: clips, 1: mixtures
+    column: int
+    values: np.ndarray
+    padded: np.ndarray  # (T,) bool
+    title: str
+    nomix: list = field(default_factory=list)
+
+
+def _panels(samples: list[dict], info: dict, mix: bool, class_names: dict[int, str]) -> list[_Panel]:
+    panels = []
     for position, sample in enumerate(samples):
         meta = sample["meta"]
-        clips = sample["clips"]
+        clips = [np.asarray(clip, dtype=np.float32) for clip in sample["clips"]]
         fillers = meta.get("filler", [False] * len(clips))
+        declared = meta.get("valid_frames", meta.get("frames"))
+        valid = [_valid_frames(clip, declared[i] if isinstance(declared, list) and i < len(declared) else None)
+                 for i, clip in enumerate(clips)]
         for i, clip in enumerate(clips):
+            names = ", ".join(class_names.get(label, str(label)) for label in meta["labels"][i]) or "no label"
             role = "filler" if fillers[i] else "primary"
-            _draw(axes[rows_per_sample * position, i], clip, f"c{i} {meta['clips'][i]} ({role})")
-        if not mix_splits:
+            title = f"c{i} {meta['clips'][i]} ({role})\n{names}"
+            padded = np.arange(clip.shape[0]) >= valid[i]
+            panels.append(_Panel(position, 0, i, clip, padded, title))
+        if not mix:
             continue
         mixtures = sample["mixtures"] or _loader_mixtures(sample, info)
         formed = "" if sample["mixtures"] else " [loader]"
         for i, mixture in enumerate(mixtures):
             spec = meta["mixtures"][i]
-            axis = axes[rows_per_sample * position + 1, i]
-            _draw(axis, mixture, f"m{i} = c{i} + c{spec['partner']} ({spec['domain']}){formed}")
-            for start, end in spec["nomix"]:
-                axis.add_patch(
-                    Rectangle(
-                        (start * patch - 0.5, -0.5),
-                        (end - start) * patch,
-                        mixture.shape[1],
-                        fill=False,
-                        edgecolor=WINDOW_COLOUR,
-                        linewidth=1.5,
-                    )
-                )
-        for axis in axes[rows_per_sample * position : rows_per_sample * (position + 1), len(clips) :].flat:
-            axis.set_visible(False)
-    skips = f"; {skipped.describe()}" if skipped.shards or skipped.samples else ""
-    figure.suptitle(
-        f"{shards_dir}: {split}, first {len(samples)} good samples (no-mix windows outlined){skips}", fontsize=9
-    )
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out, dpi=80)
-    return str(out)
+            values = np.asarray(mixture, dtype=np.float32)
+            # Past both clips' frames a mixture is padding; so is a frame that is exactly zero in every bin (a
+            # padded primary inside its no-mix windows; with mix_padding "zero", a clip's padding winning the max).
+            present = max(valid[spec["primary"]], valid[spec["partner"]])
+            padded = (np.arange(values.shape[0]) >= present) | ~np.any(values != 0, axis=1)
+            title = f"m{i} = c{i} + c{spec['partner']} ({spec['domain']}){formed}"
+            panels.append(_Panel(position, 1, i, values, padded, title, [tuple(w) for w in spec["nomix"]]))
+    return panels
+
+
+def _runs(flags: np.ndarray) -> list[tuple[int, int]]:
+    """[start, end) of every run of True in a 1-D bool array."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[False], flags, [False]]).astype(np.int8)))
+    return [(int(start), int(end)) for start, end in zip(edges[::2], edges[1::2])]
+
+
+def _valid_frames(clip: np.ndarray, declared) -> int:
+    """A clip's unpadded frame count: the sample json's count when it is a valid one, else the reference padding
+    rule (padding in raw log-mel is trailing frames that are exactly zero in every mel bin)."""
+    frames = clip.shape[0]
+    if isinstance(declared, int) and not isinstance(declared, bool) and 0 < declared <= frames:
+        return declared
+    nonzero = np.flatnonzero(np.any(clip != 0, axis=1))
+    return int(nonzero[-1]) + 1 if nonzero.size else 0
 
 
 def _loader_mixtures(sample: dict, info: dict) -> list[np.ndarray]:
@@ -326,9 +415,17 @@ def _loader_mixtures(sample: dict, info: dict) -> list[np.ndarray]:
     return [mixture.numpy() for mixture in mixed]
 
 
-def _draw(axis, spectrogram: np.ndarray, title: str) -> None:
-    axis.imshow(np.asarray(spectrogram, dtype=np.float32).T, origin="lower", aspect="auto", cmap="magma")
-    axis.set_title(title, fontsize=7)
-    axis.set_xlabel("frame", fontsize=6)
+def _draw(axis, panel: _Panel, norm, shift_s: float):
+    """The panel's spectrogram with time in seconds; padding frames masked (drawn grey). Returns the image."""
+    from matplotlib import colormaps
+
+    frames, bins = panel.values.shape
+    masked = np.ma.masked_array(panel.values.T, mask=np.broadcast_to(panel.padded, panel.values.T.shape))
+    colours = colormaps["magma"].with_extremes(bad=PADDING_COLOUR)
+    image = axis.imshow(masked, origin="lower", aspect="auto", cmap=colours, norm=norm,
+                        extent=(0.0, frames * shift_s, 0.0, bins), interpolation="nearest")
+    axis.set_title(panel.title, fontsize=7)
+    axis.set_xlabel("time (s)", fontsize=6)
     axis.set_ylabel("mel bin", fontsize=6)
     axis.tick_params(labelsize=5)
+    return image

@@ -6,6 +6,7 @@ and the parquet I/O of the manifest. It never decodes audio; decoding errors bel
 
 Every CSV data row and every audio-named entry of a folder ends up either as a manifest row or as a
 quarantine row (stage "manifest") with one of the reasons below (`REASONS`); nothing is dropped silently.
+A quarantine row of a parsed CSV row carries the row's labels (so class coverage can count the loss).
 
 * `bad_csv_row`: a line that is not a well-formed CSV record (a quote that does not close on its line, text
   after a closing quote, bytes that are not UTF-8, every field empty), the wrong column count, an empty
@@ -14,7 +15,8 @@ quarantine row (stage "manifest") with one of the reasons below (`REASONS`); not
 * `duplicate_key`: the second and later occurrences of a key (in split order, then CSV order), and every
   other row of a key that has a `bad_csv_row` or `unknown_label` row anywhere: a key with a quarantined row
   is never written, not even from another row, split, or (folders) as an unlisted file.
-* `missing_file`: no audio file for the row.
+* `missing_file`: no audio file for the row (the detail names the paths and extensions looked for, and a
+  file that is there under an extension `extensions` does not accept).
 * `not_regular_file`: the clip's entry is a directory, FIFO, socket, device or a symlink that leads nowhere
   (or to one of those). Decided by `os.scandir`/`stat` before anything opens it (opening a FIFO blocks).
 * `unreadable_file`: a regular file without read permission for this process (`os.access`), or (folders)
@@ -39,14 +41,23 @@ first candidate that is a readable regular file wins (failing that, the first th
 gives the reason). The audio root is listed once (top level and one level of subfolders); a name not found
 at the top level is looked up by base name in the subfolders (first in sorted order wins).
 
-Folder sources: every entry under `audio_root` (recursive; symlinked directories are not followed) whose
-extension is in `extensions`; the key is the relative path without extension; of a key's entries, the
-regular files come first (sorted), then the rest. A split's CSV (optional) has rows `path,labels` (an
-optional header row `path,labels`, `#` comments) where `path` is relative to `audio_root` (the extension
-may be omitted) and `labels` is one field holding labels separated by `;` (or `,` inside quotes). Files
-listed in a split's CSV belong to that split; unlisted files go to the catch-all split: the one split
-without a CSV, or the only split when there is just one (no splits configured means one split "train",
-mix=True).
+`extensions` empty (the default) means every extension of a format the installed libsndfile decodes
+(`decodable_extensions`, derived from `soundfile.available_formats()` through `FORMAT_EXTENSIONS`).
+
+Folder sources, scanned (`audio_root` set): every entry under `audio_root` (recursive; symlinked directories
+are not followed) whose extension is in `extensions`; the key is the relative path without extension; of a
+key's entries, the regular files come first (sorted), then the rest. A split's CSV (optional) has rows
+`path,labels` (an optional header row `path,labels`, `#` comments) where `path` is relative to `audio_root`
+(the extension may be omitted) and `labels` is one field holding labels separated by `;` (or `,` inside
+quotes). Files listed in a split's CSV belong to that split; unlisted files go to the catch-all split: the
+one split without a CSV, or the only split when there is just one (no splits configured means one split
+"train", mix=True).
+
+Folder sources, listed (`audio_root` empty): only the files the splits' CSVs list are read, nothing is
+scanned, and every split needs a CSV. A `path` is absolute, or relative to the first of `audio_roots` (in
+order), then the CSV's own folder, that holds it; without an accepted extension each extension is tried. The
+key is the normalised `path` without its extension, an absolute path under one of those folders made relative
+to it (so one file spelled two ways is one key for the leak check and the duplicate rule).
 
 Labels are MIDs of the class list (`class_labels_csv`); folder labels may also be display names. Without a
 class list, the classes are the sorted distinct labels seen in the CSVs (mid = display name = the label).
@@ -67,7 +78,7 @@ import stat
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -98,6 +109,17 @@ _SURROGATES = re.compile("[\udc80-\udcff]")
 CLASSES_METADATA_KEY = b"sslam.classes"
 # How many leaked keys a ManifestError names.
 LEAK_EXAMPLES = 5
+# File extensions of each libsndfile format (soundfile.available_formats() names). RAW is headerless (it cannot
+# be decoded without being told its layout) and MPC2K has no extension of its own, so neither is listed.
+FORMAT_EXTENSIONS = {
+    "WAV": ("wav", "wave"), "WAVEX": ("wav",), "FLAC": ("flac",), "OGG": ("ogg", "oga", "opus"), "MP3": ("mp3",),
+    "AIFF": ("aiff", "aif", "aifc"), "AU": ("au", "snd"), "AVR": ("avr",), "CAF": ("caf",), "HTK": ("htk",),
+    "SVX": ("iff", "svx", "8svx"), "MAT4": ("mat",), "MAT5": ("mat",), "PAF": ("paf",), "PVF": ("pvf",),
+    "RF64": ("rf64",), "SD2": ("sd2",), "SDS": ("sds",), "IRCAM": ("sf", "ircam"), "VOC": ("voc",),
+    "W64": ("w64",), "NIST": ("nist", "sph"), "WVE": ("wve",), "XI": ("xi",),
+}
+# Tried first (AudioSet `{ext}` lookup order): the formats AudioSet downloads come in.
+PREFERRED_EXTENSIONS = ("wav", "flac", "ogg", "mp3")
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -122,6 +144,8 @@ QUARANTINE_SCHEMA = pa.schema(
         pa.field("stage", pa.string(), nullable=False),
         pa.field("reason", pa.string(), nullable=False),
         pa.field("detail", pa.string()),
+        # The labels the CSV gave the clip (as written), null where none are known (unlisted files, bad rows).
+        pa.field("labels", pa.list_(pa.string())),
     ]
 )
 
@@ -168,6 +192,7 @@ class _Clip:
     path: str | None = None  # absolute path when known
     candidates: list[str] = field(default_factory=list)  # relative names tried when path is None
     file_problem: _FileProblem | None = None  # set when path is an entry that cannot be decoded
+    tried: str = ""  # (folders) the paths and extensions looked for, for a missing_file detail
 
 
 class _Record(NamedTuple):
@@ -213,6 +238,14 @@ class _LineParser:
             return self._fields(self._lenient, text.replace('"', "")), problem
         except csv.Error:  # a field over csv.field_size_limit()
             return [text.strip()], problem
+
+
+def decodable_extensions() -> list[str]:
+    """Every file extension of a format the installed libsndfile decodes (`data.source.extensions: []`):
+    PREFERRED_EXTENSIONS first, then the others in sorted order."""
+    available = {extension for name in soundfile.available_formats() for extension in FORMAT_EXTENSIONS.get(name, ())}
+    preferred = [extension for extension in PREFERRED_EXTENSIONS if extension in available]
+    return preferred + sorted(available - set(preferred))
 
 
 def _csv_records(path: str | os.PathLike) -> Iterator[_Record]:
@@ -530,18 +563,27 @@ def _folder_key(path_field: str, root: str, extensions: list[str]) -> tuple[str 
     return _strip_extension(relative, extensions), None
 
 
+class _LabelRow(NamedTuple):
+    """A good row of a folder split's `path,labels` CSV."""
+
+    key: str
+    labels: tuple[str, ...]
+    line: int
+    path: str  # the `path` field as written
+
+
 def _read_folder_labels(
-    split: SplitConfig, root: str, extensions: list[str]
-) -> tuple[list[tuple[str, tuple[str, ...], int]], list[dict], dict[str, str]]:
-    """(key, labels, line) for each good row of a folder split's `path,labels` CSV, its bad rows, and the
-    keys of the bad rows (key -> "csv:line") to withhold."""
-    rows: list[tuple[str, tuple[str, ...], int]] = []
+    split: SplitConfig, key_of: Callable[[str], tuple[str | None, str | None]]
+) -> tuple[list[_LabelRow], list[dict], dict[str, str]]:
+    """The good rows of a folder split's `path,labels` CSV, its bad rows, and the keys of the bad rows
+    (key -> "csv:line") to withhold. `key_of` gives a `path` field's key, or why it names no file."""
+    rows: list[_LabelRow] = []
     quarantine: list[dict] = []
     withheld: dict[str, str] = {}
     for line, fields, error, text in _csv_records(split.csv):
         if not rows and not quarantine and error is None and [value.lower() for value in fields] == ["path", "labels"]:
             continue
-        key, reason = _folder_key(fields[0], root, extensions)
+        key, reason = key_of(fields[0])
         if error is not None:
             reason = error
         elif len(fields) not in (1, 2):
@@ -553,7 +595,7 @@ def _read_folder_labels(
                 withheld.setdefault(key, f"{split.csv}:{line}")
             continue
         labels = _split_labels(fields[1]) if len(fields) == 2 else ()
-        rows.append((key, labels, line))
+        rows.append(_LabelRow(key, labels, line, fields[0]))
     return rows, quarantine, withheld
 
 
@@ -563,6 +605,13 @@ def _folder_clips(
     """Clips, quarantine rows, and the keys of bad CSV rows to withhold. A key's entries are its regular
     files in sorted order, then its other entries; the first is the clip's file (taken by the CSV rows that
     list the key, bad ones included), each further one is a quarantine row."""
+    if not source.audio_root:
+        return _listed_folder_clips(source, splits)
+    if source.audio_roots:
+        raise ManifestError(
+            "a folder source takes data.source.audio_root (scanned) or data.source.audio_roots (only the CSVs' "
+            f"files are read), not both: got audio_root {source.audio_root!r} and audio_roots {source.audio_roots}"
+        )
     root = os.path.abspath(source.audio_root)
     if not os.path.isdir(root):
         raise ManifestError(f"audio_root {root} is not a directory")
@@ -583,17 +632,20 @@ def _folder_clips(
     for split in splits:
         if not split.csv:
             continue
-        rows, bad_rows, bad_keys = _read_folder_labels(split, root, source.extensions)
+        rows, bad_rows, bad_keys = _read_folder_labels(
+            split, lambda path_field: _folder_key(path_field, root, source.extensions)
+        )
         quarantine.extend(bad_rows)
         for key, origin in bad_keys.items():
             withheld.setdefault(key, origin)
             listed.setdefault(key, split.name)
-        for key, labels, line in rows:
+        for key, labels, line, _ in rows:
             clip = _Clip(key, split, labels, f"{split.csv}:{line}")
             if key in entries_by_key:
                 first = entries_by_key[key][0]
                 clip.path, clip.file_problem = os.path.join(root, first.relative), first.problem
             clip.candidates.append(key)
+            clip.tried = _tried([os.path.join(root, key)], source.extensions)
             listed.setdefault(key, split.name)
             clips.append(clip)
 
@@ -623,6 +675,113 @@ def _folder_clips(
         clip.path, clip.file_problem = path, first.problem
         clips.append(clip)
     return clips, quarantine, withheld
+
+
+def _listed_folder_clips(
+    source: SourceConfig, splits: list[SplitConfig]
+) -> tuple[list[_Clip], list[dict], dict[str, str]]:
+    """A folder source without audio_root: only the files the splits' CSVs list are read (nothing is scanned).
+
+    A row's `path` is absolute, or relative to the first of `audio_roots` (in order), then the CSV's own
+    folder, that holds it. Its key is the `path` normalised, without an accepted extension, and (an absolute
+    path under one of those folders) relative to the first that holds it, so one file under two spellings is
+    one key (the leak check and duplicate rule see it)."""
+    without_csv = [split.name for split in splits if not split.csv]
+    if without_csv:
+        raise ManifestError(
+            f"folder source without data.source.audio_root: every split needs a csv listing its files (splits "
+            f"{without_csv} have none); set audio_root to scan a folder instead"
+        )
+    roots = [os.path.abspath(root) for root in source.audio_roots]
+    not_folders = [root for root in roots if not os.path.isdir(root)]
+    if not_folders:
+        raise ManifestError(f"data.source.audio_roots: {not_folders} are not directories")
+    clips: list[_Clip] = []
+    quarantine: list[dict] = []
+    withheld: dict[str, str] = {}
+    for split in splits:
+        csv_folder = os.path.dirname(os.path.abspath(split.csv))
+        rows, bad_rows, bad_keys = _read_folder_labels(
+            split, lambda path_field: _listed_key(path_field, [*roots, csv_folder], source.extensions)
+        )
+        quarantine.extend(bad_rows)
+        for key, origin in bad_keys.items():
+            withheld.setdefault(key, origin)
+        for key, labels, line, path_field in rows:
+            clip = _Clip(key, split, labels, f"{split.csv}:{line}")
+            if os.path.isabs(path_field):
+                bases = [os.path.normpath(path_field)]
+            else:
+                bases = [os.path.normpath(os.path.join(root, path_field)) for root in [*roots, csv_folder]]
+            _locate_listed_file(clip, list(dict.fromkeys(bases)), source.extensions)
+            clips.append(clip)
+    return clips, quarantine, withheld
+
+
+def _listed_key(path_field: str, roots: list[str], extensions: list[str]) -> tuple[str | None, str | None]:
+    if not path_field:
+        return None, "empty path"
+    normalized = os.path.normpath(path_field)
+    if os.path.isabs(normalized):
+        root = next((root for root in roots if normalized.startswith(os.path.join(root, ""))), None)
+        if root is not None:
+            normalized = os.path.relpath(normalized, root)
+    return _strip_extension(Path(normalized).as_posix(), extensions), None
+
+
+def _has_extension(path: str, extensions: Iterable[str]) -> bool:
+    return _strip_extension(path, extensions) != path
+
+
+def _locate_listed_file(clip: _Clip, bases: list[str], extensions: list[str]) -> None:
+    """Set the clip's path to the first readable regular file among `bases` (each as written when it has an
+    accepted extension, else with each extension added); failing that, to the first that exists as something
+    else, with its problem; failing that, say what was tried."""
+    names = [base for base in bases if _has_extension(base, extensions)]
+    bare = [base for base in bases if not _has_extension(base, extensions)]
+    names += [f"{base}.{extension}" for base in bare for extension in extensions]
+    unusable: tuple[str, _FileProblem] | None = None
+    for name in names:
+        found, problem = _path_problem(name)
+        if found and problem is None:
+            clip.path = name
+            return
+        if found and unusable is None:
+            unusable = (name, problem)
+    if unusable is not None:
+        clip.path, clip.file_problem = unusable
+        return
+    clip.candidates.append(names[0])
+    exact = [base for base in bases if _has_extension(base, extensions)]
+    clip.tried = "; ".join(exact) if exact else _tried(bases, extensions)
+
+
+def _path_problem(path: str) -> tuple[bool, _FileProblem | None]:
+    """(whether anything is at path, why it is not a readable regular file or None). Decided by stat alone:
+    nothing is opened, since opening a FIFO blocks."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as error:
+        if os.path.lexists(path):
+            return True, _FileProblem(NOT_REGULAR_FILE, f"a symlink whose target cannot be reached ({error.strerror})")
+        return False, None
+    if stat.S_ISREG(mode):
+        return True, _readability(path)
+    what = next((name for is_kind, name in _FILE_KINDS if is_kind(mode)), f"an entry of mode {stat.filemode(mode)}")
+    link = "a symlink to " if os.path.islink(path) else ""
+    return True, _FileProblem(NOT_REGULAR_FILE, f"{link}{what}, not a regular file")
+
+
+def _tried(stems: list[str], extensions: list[str]) -> str:
+    """`/root/a.{wav,flac,...}` per stem looked for, and a note when a stem is itself a file whose extension
+    is not accepted (the usual cause: a format left out of data.source.extensions)."""
+    looked = "; ".join(f"{stem}.{{{','.join(extensions)}}}" for stem in stems)
+    present = next((stem for stem in stems if os.path.isfile(stem)), None)
+    if present is None:
+        return looked
+    extension = Path(present).suffix.lstrip(".")
+    why = f"its extension {extension!r} is not" if extension else "it has no extension, which is not"
+    return f"{looked} ({present} exists, but {why} among data.source.extensions)"
 
 
 def _resolve_classes(
@@ -660,8 +819,13 @@ def _check_leaks(clips: list[_Clip]) -> None:
         )
 
 
-def _quarantine_row(key: str | None, path: str | None, split: str | None, reason: str, detail: str) -> dict:
-    return {"key": key, "path": path, "split": split, "stage": STAGE, "reason": reason, "detail": detail}
+def _quarantine_row(
+    key: str | None, path: str | None, split: str | None, reason: str, detail: str, labels: Iterable[str] | None = None
+) -> dict:
+    return {
+        "key": key, "path": path, "split": split, "stage": STAGE, "reason": reason, "detail": detail,
+        "labels": None if labels is None else list(labels),
+    }
 
 
 def _probe(path: str) -> tuple[float | None, int | None]:
@@ -717,6 +881,7 @@ def build_manifest(
     order, then key. Raises `ManifestError` for configuration errors and evaluation/training leaks.
     """
     splits = _resolved_splits(source)
+    source = replace(source, extensions=list(source.extensions) or decodable_extensions())
     if source.kind == "audioset":
         _check_audioset_root(source)
         clips, quarantine, withheld = _audioset_clips(source, splits)
@@ -739,15 +904,15 @@ def build_manifest(
         unknown = unknown_labels[id(clip)]
         if unknown:
             detail = f"{clip.origin}: labels not in the class list: {unknown}"
-            quarantine.append(_quarantine_row(clip.key, clip.path, clip.split.name, UNKNOWN_LABEL, detail))
+            quarantine.append(_quarantine_row(clip.key, clip.path, clip.split.name, UNKNOWN_LABEL, detail, clip.labels))
             continue
         if clip.key in withheld:
             detail = f"{clip.origin}: key also on the quarantined row {withheld[clip.key]}, so no row of it is written"
-            quarantine.append(_quarantine_row(clip.key, clip.path, clip.split.name, DUPLICATE_KEY, detail))
+            quarantine.append(_quarantine_row(clip.key, clip.path, clip.split.name, DUPLICATE_KEY, detail, clip.labels))
             continue
         if clip.key in seen_keys:
             detail = f"{clip.origin}: key already taken by {seen_keys[clip.key]}"
-            quarantine.append(_quarantine_row(clip.key, clip.path, clip.split.name, DUPLICATE_KEY, detail))
+            quarantine.append(_quarantine_row(clip.key, clip.path, clip.split.name, DUPLICATE_KEY, detail, clip.labels))
             continue
         seen_keys[clip.key] = clip.origin
         kept.append((clip, list(dict.fromkeys(lookup[label] for label in clip.labels))))
@@ -755,13 +920,16 @@ def build_manifest(
     present: list[tuple[_Clip, list[int]]] = []
     for clip, indices in kept:
         if clip.path is None:
-            tried = ", ".join(clip.candidates)
-            detail = f"{clip.origin}: no file under {source.audio_root} among: {tried}"
+            if clip.tried:
+                detail = f"{clip.origin}: no audio file {clip.tried}"
+            else:
+                detail = f"{clip.origin}: no file under {source.audio_root} among: {', '.join(clip.candidates)}"
             path = os.path.join(os.path.abspath(source.audio_root), clip.candidates[0])
-            quarantine.append(_quarantine_row(clip.key, path, clip.split.name, MISSING_FILE, detail))
+            quarantine.append(_quarantine_row(clip.key, path, clip.split.name, MISSING_FILE, detail, clip.labels))
         elif clip.file_problem is not None:
             detail = f"{clip.origin}: {clip.path} is {clip.file_problem.what}"
-            quarantine.append(_quarantine_row(clip.key, clip.path, clip.split.name, clip.file_problem.reason, detail))
+            reason = clip.file_problem.reason
+            quarantine.append(_quarantine_row(clip.key, clip.path, clip.split.name, reason, detail, clip.labels))
         else:
             present.append((clip, indices))
 

@@ -87,6 +87,8 @@ FEATURES_STAGE = "features"
 # Test-only fault injection (JSON): {"delay_s": seconds before each task, "kill_once": {"shard": name,
 # "marker": path}} makes the task of that shard SIGKILL its own worker the first time (the marker records it).
 FAULTS_ENV = "SSLAM_PREPROCESS_FAULTS"
+# How many class names one line of the class coverage names.
+PROBLEMS_NAMED = 10
 
 QUARANTINE_SCHEMA = pa.schema(
     list(MANIFEST_QUARANTINE_SCHEMA) + [pa.field("epoch", pa.int32()), pa.field("shard", pa.string())]
@@ -660,6 +662,7 @@ def _dataset_info(
     names: list[str],
     records: dict[str, dict],
     ledger: dict,
+    coverage: dict,
 ) -> dict:
     """The contents of dataset.json (no timestamps: equal inputs give equal files).
 
@@ -717,6 +720,7 @@ def _dataset_info(
             "over": "every T x F value of the primary clips of mixture epoch 0 (mix splits), padding included",
         },
         "classes": _class_list(manifest),
+        "class_coverage": coverage,
         "splits": dict(sorted(splits.items())),
         "checksums": {name: records[name]["sha256"] for name in names},
         "bytes": sum(records[name]["bytes"] for name in names),
@@ -738,6 +742,97 @@ def _quarantine_summary(quarantine: pa.Table) -> dict[str, dict[str, int]]:
     for (stage, reason), count in sorted(rows.items()):
         summary.setdefault(stage, {})[reason] = count if stage == MANIFEST_STAGE else len(seen[(stage, reason)])
     return summary
+
+
+def class_coverage(manifest: pa.Table, quarantine: pa.Table, max_loss_share: float) -> dict:
+    """Clips per class before and after quarantine, per split, and a warning for every class that loses more
+    than `max_loss_share` of them.
+
+    "before" counts the split's clips carrying the class: its manifest clips and the clips the manifest stage
+    quarantined with their CSV labels (a missing file, an unknown label, ...; not a duplicate_key row, whose
+    key is kept or counted by its other row). "after" counts those of the manifest clips that no later stage
+    (decode, features) quarantined in any mixture epoch; "lost" the lost clips per quarantine reason. Classes of
+    the class list without a clip in any split, before quarantine, are listed under "absent".
+    """
+    classes = manifest_classes(manifest)
+    lookup = {label.display_name: label.index for label in classes} | {label.mid: label.index for label in classes}
+    failed: dict[tuple[str, str], str] = {}
+    labelled: dict[tuple[str, str], tuple[str, list[int]]] = {}  # manifest-stage losses with known labels
+    # quarantine.parquet of an earlier version has no labels column.
+    labels_column = quarantine.column("labels").to_pylist() if "labels" in quarantine.column_names else None
+    for key, split, stage, reason, labels in zip(
+        *(quarantine.column(name).to_pylist() for name in ("key", "split", "stage", "reason")),
+        labels_column or [None] * quarantine.num_rows,
+    ):
+        if stage != MANIFEST_STAGE:
+            failed.setdefault((split, key), reason)
+        elif labels and split is not None and key is not None and reason != "duplicate_key":
+            indices = list(dict.fromkeys(lookup[label] for label in labels if label in lookup))
+            labelled.setdefault((split, key), (reason, indices))
+    counts: dict[str, dict[int, dict]] = {}
+
+    def count(split: str, indices: list[int], reason: str | None) -> None:
+        for index in indices:
+            entry = counts.setdefault(split, {}).setdefault(index, {"before": 0, "after": 0, "lost": Counter()})
+            entry["before"] += 1
+            if reason is None:
+                entry["after"] += 1
+            else:
+                entry["lost"][reason] += 1
+
+    for key, split, indices in zip(*(manifest.column(name).to_pylist() for name in ("key", "split", "label_indices"))):
+        count(split, indices, failed.get((split, key)))
+    for (split, _), (reason, indices) in labelled.items():
+        count(split, indices, reason)
+    splits: dict[str, list[dict]] = {}
+    warnings: list[str] = []
+    for split in sorted(counts):
+        rows = splits.setdefault(split, [])
+        for index, entry in sorted(counts[split].items()):
+            lost = dict(sorted(entry["lost"].items()))
+            rows.append({"index": index, "name": classes[index].display_name, "before": entry["before"],
+                         "after": entry["after"], "lost": lost})
+            share = 1.0 - entry["after"] / entry["before"]
+            if share > max_loss_share:
+                reasons = ", ".join(f"{reason} {n}" for reason, n in lost.items())
+                warnings.append(
+                    f"class {classes[index].display_name!r} of split {split!r} lost {entry['before'] - entry['after']} "
+                    f"of its {entry['before']} clips ({share:.0%}) to quarantine: {reasons}"
+                )
+    present = {index for per_split in counts.values() for index in per_split}
+    absent = [label.display_name for label in classes if label.index not in present]
+    return {"warn_loss_share": max_loss_share, "splits": splits, "warnings": warnings, "absent": absent}
+
+
+def _named(names: list[str]) -> str:
+    return ", ".join(names[:PROBLEMS_NAMED]) + (", ..." if len(names) > PROBLEMS_NAMED else "")
+
+
+def coverage_lines(coverage: dict, width: int = 14) -> list[str]:
+    """Text lines of a `class_coverage` record (the summary and `sslam inspect` print them, their line titles
+    `width` wide); at most PROBLEMS_NAMED names or warnings a line kind, the rest are in dataset.json."""
+    classes, warning = "classes".ljust(width), "WARNING".ljust(width)
+    lines = []
+    for split, rows in coverage["splits"].items():
+        before, after = sum(row["before"] for row in rows), sum(row["after"] for row in rows)
+        emptied = [row["name"] for row in rows if row["after"] == 0]
+        lines.append(
+            f"{classes}{split}: {len(rows)} classes, {before} -> {after} clips per class (summed) after "
+            f"quarantine, {len(emptied)} classes left without clips{': ' + _named(emptied) if emptied else ''}"
+        )
+        losing = sorted((row for row in rows if row["after"] < row["before"]),
+                        key=lambda row: (row["after"] / row["before"], row["index"]))
+        if losing:
+            lines.append("  most lost: " + _named([f"{row['name']} {row['before']}->{row['after']}" for row in losing]))
+    if coverage["absent"]:
+        names = coverage["absent"]
+        lines.append(f"{classes}{len(names)} classes of the class list have no clip in any split: {_named(names)}")
+    share, warnings = coverage["warn_loss_share"], coverage["warnings"]
+    lines += [f"{warning}{text} (more than {share:.0%})" for text in warnings[:PROBLEMS_NAMED]]
+    if len(warnings) > PROBLEMS_NAMED:
+        more = len(warnings) - PROBLEMS_NAMED
+        lines.append(f"{warning}... and {more} more classes (dataset.json class_coverage)")
+    return lines
 
 
 def format_summary(summary: dict) -> str:
@@ -768,6 +863,8 @@ def format_summary(summary: dict) -> str:
                 f"ledger        {split} e{int(epoch):02d}: {counts['manifest']} = {counts['primaries']} written "
                 f"+ {counts['quarantined']} quarantined ({counts['fillers']} fillers)"
             )
+    if "class_coverage" in summary:
+        lines += coverage_lines(summary["class_coverage"])
     return "\n".join(lines)
 
 
@@ -1074,6 +1171,9 @@ def _run_locked(
     written_index = shards.read_table(location.directory, INDEX_TABLE, location.filesystem)
     written_quarantine = shards.read_table(location.directory, QUARANTINE_TABLE, location.filesystem)
     ledger = check_ledger(planned.manifest, written_index, written_quarantine, data.mixing.mixture_epochs)
+    coverage = class_coverage(planned.manifest, written_quarantine, data.shards.warn_class_loss_share)
+    for warning in coverage["warnings"]:
+        logger.warning("%s", warning)
     if not up_to_date:
         lock.check()
         info = _dataset_info(
@@ -1088,6 +1188,7 @@ def _run_locked(
             names=names,
             records=records,
             ledger=ledger,
+            coverage=coverage,
         )
         payload = json.dumps(info, indent=2).encode("utf-8")
         shards.publish_bytes(payload, location.directory, DATASET_INFO, False, location.filesystem)
@@ -1117,6 +1218,7 @@ def _run_locked(
         "elapsed_s": time.perf_counter() - started,
         "quarantined": _quarantine_summary(written_quarantine),
         "ledger": ledger,
+        "class_coverage": coverage,
     }
     logger.info(
         "preprocessing done in %.1f s: %d shards (%d written now), %d samples",

@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Fields whose values are paths, names, patterns or free numbers: nothing to check beyond the type.
 FREE_FORM = {
     "name",
-    "data.source.audio_root", "data.source.class_labels_csv", "data.source.filename_pattern",
+    "data.source.audio_root", "data.source.audio_roots", "data.source.class_labels_csv", "data.source.filename_pattern",
     "data.source.extensions", "data.source.splits[].name", "data.source.splits[].csv",
     "data.shards.output", "data.loader.shards", "data.loader.split",
     "model.norm_mean",
