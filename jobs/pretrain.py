@@ -596,6 +596,8 @@ class Pretrainer:
             self.tracker.log_metrics(metrics, self.state.updates)
 
 FAILED_EXIT_DEADLINE_S = 20.0
+# How gloo reports a collective whose peer process is gone (a plain RuntimeError; NCCL raises a DistError).
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer")
 
 
 def train(config: Config) -> int:
@@ -635,11 +637,14 @@ def _report_failure(error: BaseException) -> None:
     """Name the error and this rank once. A collective that broke because a peer died is that peer's error,
     reported by it (and by the launcher): here a one-line note without a traceback."""
     rank = os.environ.get("RANK", "0")
-    if isinstance(error, dist.DistError):
+    if isinstance(error, dist.DistError) or any(marker in str(error) for marker in PEER_LOST):
         log.error("rank %s stopping: a collective failed, a peer rank is gone (%s)", rank,
                   str(error).splitlines()[0] if str(error) else type(error).__name__)
     else:
-        log.error("rank %s failed: %s: %s", rank, type(error).__name__, error, exc_info=error)
+        # A DataLoader worker's error arrives as several lines, the worker's own error last.
+        lines = [line for line in str(error).splitlines() if line.strip()] or [""]
+        summary = lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1].strip()}"
+        log.error("rank %s failed: %s: %s", rank, type(error).__name__, summary, exc_info=error)
 
 
 def main(argv: list[str] | None = None, exit_deadline_s: float | None = None) -> int:
