@@ -4,8 +4,14 @@
     sslam pretrain --config tiny_stage1            # one machine: launches `deepspeed` for you
 
 The DeepSpeed engine wraps the student (encoder + decoder). The teacher is an fp32 encoder on every rank,
-updated from the fp32 master weights after every applied optimizer step (jobs.ema). One loop:
-batch -> forward -> backward -> step -> EMA -> logs -> checkpoint (SSLAM_SPEC §10, DESIGN.md).
+updated from the fp32 master weights after every applied optimizer step (jobs.ema). One loop, one
+`train_step` per update: its micro-batches forward and backward -> one all-reduce of the control flags (stop,
+data exhausted, non-finite, collapse) -> optimizer step -> EMA -> logs -> checkpoint (SSLAM_SPEC §10, DESIGN.md).
+Losses and stats stay on the device between log intervals.
+
+Lifecycle: rank 0 locks the run folder (jobs.run_lock); SIGTERM/SIGINT checkpoint at the next update boundary
+and exit 0 (StopSignal); an error on a rank is logged once, its DataLoader workers are stopped and the process
+exits non-zero within FAILED_EXIT_DEADLINE_S, so the launcher ends the other ranks.
 """
 
 from __future__ import annotations
