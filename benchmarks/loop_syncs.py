@@ -32,31 +32,35 @@ HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__")
 
 
 class Counts:
-    """Counters of collectives and host reads, keyed by (kind, issued by the loop)."""
+    """Counters of collectives and host reads, keyed by (kind, issued by the loop). The wrappers are installed
+    once and count into the active Counts: DeepSpeed keeps references to collectives it looked up at init."""
+
+    active: "Counts | None" = None
 
     def __init__(self, loop_file: str):
-        self.loop_file, self.counts, self.snapshots, self.wrapped = loop_file, Counter(), [], []
+        self.loop_file, self.counts, self.snapshots = loop_file, Counter(), []
 
     def _caller_is_loop(self) -> bool:
-        frame = sys._getframe(2)
+        frame = sys._getframe(3)
         while frame is not None and "torch/distributed" in frame.f_code.co_filename:
             frame = frame.f_back
         return frame is not None and frame.f_code.co_filename == self.loop_file
 
-    def wrap(self, owner, name: str, kind: str) -> None:
+    @staticmethod
+    def install(owner, name: str, kind: str) -> None:
         original = getattr(owner, name)
-        counts = self
 
         def counted(*args, **kwargs):
-            counts.counts[kind, counts._caller_is_loop()] += 1
+            Counts.count(kind)
             return original(*args, **kwargs)
 
         setattr(owner, name, counted)
-        self.wrapped.append((owner, name, original))
 
-    def restore(self) -> None:
-        for owner, name, original in reversed(self.wrapped):
-            setattr(owner, name, original)
+    @staticmethod
+    def count(kind: str) -> None:
+        counts = Counts.active
+        if counts is not None:
+            counts.counts[kind, counts._caller_is_loop()] += 1
 
     def snapshot(self) -> None:
         self.snapshots.append(Counter(self.counts))
@@ -95,22 +99,22 @@ def rank_main(args) -> None:
     from jobs.config import load_config
     from jobs.ema import MasterWeightEMA
 
+    for name in COLLECTIVES:
+        if hasattr(dist, name):
+            Counts.install(dist, name, "collective")
+    for name in HOST_READS:
+        Counts.install(torch.Tensor, name, "host_sync")
+    original_update = MasterWeightEMA.update
+
+    def update(self, decay):
+        Counts.active.snapshot()
+        return original_update(self, decay)
+
+    MasterWeightEMA.update = update
     results = {}
     for which in ("before", "after"):
         module = _module(which)
-        counts = Counts(module.__file__)
-        for name in COLLECTIVES:
-            if hasattr(dist, name):
-                counts.wrap(dist, name, "collective")
-        for name in HOST_READS:
-            counts.wrap(torch.Tensor, name, "host_sync")
-        original_update = MasterWeightEMA.update
-
-        def update(self, decay, original_update=original_update, counts=counts):
-            counts.snapshot()
-            return original_update(self, decay)
-
-        MasterWeightEMA.update = update
+        Counts.active = counts = Counts(module.__file__)
         config = load_config("tiny_stage1", [
             f"data.loader.shards={args.shards}", f"train.output_dir={args.out}/{which}", "data.loader.num_workers=0",
             "tracking.enabled=false", "data.audio.target_length=128", "data.audio.mel_bins=32",
@@ -118,11 +122,8 @@ def rank_main(args) -> None:
             f"train.gradient_accumulation={args.accumulation}", "train.log_interval=5",
             "train.checkpoint_interval=100000",
         ])
-        try:
-            module.train(config)
-        finally:
-            MasterWeightEMA.update = original_update
-            counts.restore()
+        module.train(config)
+        Counts.active = None
         results[which] = counts.per_update()
     if dist.get_rank() == 0:
         Path(args.result).write_text(json.dumps(results))
