@@ -86,10 +86,9 @@ def finish(process: subprocess.Popen, timeout: float) -> str:
             os.killpg(process.pid, signal.SIGKILL)
             process.communicate()
     time.sleep(1)
-    left = session(process.pid)
-    for leftover in left:
-        leftover.kill()
-    assert not left, [p.cmdline() for p in left]
+    left = [p.cmdline() for p in session(process.pid)]
+    kill_session(process.pid)
+    assert not left, left
     return out
 
 
@@ -98,16 +97,35 @@ def consumed(output: Path, rank: int = 0) -> int:
     return path.read_text().count("\n") if path.exists() else 0
 
 
+def kill_session(leader: int) -> None:
+    for process in session(leader):
+        try:
+            process.kill()
+        except psutil.Error:
+            continue
+
+
 def wait_for_micro_batches(process: subprocess.Popen, output: Path, count: int) -> None:
     deadline = time.monotonic() + 240
-    while consumed(output) < count:
-        assert process.poll() is None, process.communicate()[0][-4000:]
-        assert time.monotonic() < deadline, "the run made no progress"
-        time.sleep(0.1)
+    try:
+        while consumed(output) < count:
+            assert process.poll() is None, process.communicate()[0][-4000:]
+            assert time.monotonic() < deadline, "the run made no progress"
+            time.sleep(0.1)
+    except BaseException:
+        kill_session(process.pid)
+        raise
 
 
-def shm_buffers() -> set[Path]:
-    return set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
+def launch_port(cli: subprocess.Popen) -> str:
+    """The master port `sslam pretrain` gave its launcher (the /dev/shm buffers are named after it)."""
+    command = psutil.Process(cli.pid).children()[0].cmdline()
+    return command[command.index("--master_port") + 1]
+
+
+def shm_buffers(port: str) -> list[Path]:
+    """This launch's buffers (other launches on the machine have their own ports)."""
+    return list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
 
 
 def logged_at(line: str) -> float:
@@ -168,10 +186,11 @@ def test_sigterm_to_sslam_pretrain_checkpoints_and_a_second_job_is_refused(shard
         shutil.copytree(built, op_dir)
     op_dir.mkdir(parents=True, exist_ok=True)
     (op_dir / "lock").touch()
-    buffers = shm_buffers()
     output = tmp_path / "run"
     process = start(cli_launch(shards, output), tmp_path, TORCH_EXTENSIONS_DIR=str(extensions))
     wait_for_micro_batches(process, output, 4)
+    port = launch_port(process)
+    assert shm_buffers(port)  # the ranks have theirs
 
     second = subprocess.run(cli_launch(shards, output), cwd=tmp_path, env=env(), capture_output=True, text=True,
                             timeout=120)
@@ -189,7 +208,7 @@ def test_sigterm_to_sslam_pretrain_checkpoints_and_a_second_job_is_refused(shard
     assert len(list((output / "checkpoints" / tag).glob("*zero_pp_rank_*_optim_states.pt"))) == 2
     assert consumed(output, 0) == consumed(output, 1) == 2 * update
     assert run_lock.read_holder(output)["state"] == "preempted"
-    assert shm_buffers() == buffers
+    assert shm_buffers(port) == []
 
 
 def test_a_killed_launcher_under_sslam_pretrain_still_checkpoints_and_a_second_signal_kills(shards, tmp_path):
@@ -207,10 +226,10 @@ def test_a_killed_launcher_under_sslam_pretrain_still_checkpoints_and_a_second_s
     assert checkpointing.latest_tag(checkpointing.checkpoint_root(output)) is not None
     assert run_lock.read_holder(output)["state"] == "preempted"
 
-    buffers = shm_buffers()
     output = tmp_path / "again"
     process = start(cli_launch(shards, output), tmp_path)
     wait_for_micro_batches(process, output, 4)
+    port = launch_port(process)
     process.send_signal(signal.SIGINT)
     time.sleep(0.2)
     process.send_signal(signal.SIGINT)
@@ -218,4 +237,4 @@ def test_a_killed_launcher_under_sslam_pretrain_still_checkpoints_and_a_second_s
     out = finish(process, timeout=60)
     assert time.monotonic() - began < 20
     assert process.returncode == 130, out[-4000:]
-    assert shm_buffers() == buffers
+    assert shm_buffers(port) == []
