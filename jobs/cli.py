@@ -42,17 +42,27 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    """One rank runs in this process; several ranks go through the `deepspeed` launcher on this machine."""
+    """One rank runs in this process; several ranks go through the `deepspeed` launcher on this machine, in a
+    session this process owns (jobs.launch). Refused before any launch: a run folder in use (exit 2, naming
+    the job holding it) and an op-build lock held too long (jobs.op_builds)."""
     import os
     import shutil
     import socket
-    import subprocess
+    import uuid
 
     import torch
 
+    from jobs import op_builds, run_lock
+
     if args.ranks < 1:
         raise ConfigError(f"--ranks must be at least 1, got {args.ranks}")
-    config_from_args(args)  # fail fast on a bad config, before starting ranks
+    config = config_from_args(args)  # fail fast on a bad config, before starting ranks
+    try:
+        run_lock.check_free(config.train.output_dir)
+        op_builds.clear_stale_locks(op_builds.configure())
+    except (run_lock.RunFolderBusy, op_builds.OpBuildLocked) as error:
+        print(f"sslam pretrain: {error}", file=sys.stderr)
+        return 2
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     job_args = ["--config", args.config, *[f"--set={o}" for o in args.overrides]] + (["--resume"] if args.resume else [])
@@ -66,11 +76,15 @@ def _pretrain(args: argparse.Namespace) -> int:
         from jobs.pretrain import main as pretrain_main
 
         return pretrain_main(job_args)
+    from jobs.launch import Launch
+
+    launch_id = uuid.uuid4().hex
+    os.environ[run_lock.LAUNCH_ID_ENV] = launch_id
     launcher = shutil.which("deepspeed") or os.path.join(os.path.dirname(sys.executable), "deepspeed")
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrain.py")
     command = [launcher, "--num_gpus", str(args.ranks), "--master_port", str(port), script, *job_args]
     try:
-        return subprocess.call(command)
+        return Launch(command, config.train.output_dir, launch_id).run()
     finally:
         _remove_shared_memory_buffers(port)
 

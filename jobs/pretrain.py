@@ -4,8 +4,14 @@
     sslam pretrain --config tiny_stage1            # one machine: launches `deepspeed` for you
 
 The DeepSpeed engine wraps the student (encoder + decoder). The teacher is an fp32 encoder on every rank,
-updated from the fp32 master weights after every applied optimizer step (jobs.ema). One loop:
-batch -> forward -> backward -> step -> EMA -> logs -> checkpoint (SSLAM_SPEC §10, DESIGN.md).
+updated from the fp32 master weights after every applied optimizer step (jobs.ema). One loop, one
+`train_step` per update: its micro-batches forward and backward -> one all-reduce of the control flags (stop,
+data exhausted, non-finite, collapse) -> optimizer step -> EMA -> logs -> checkpoint (SSLAM_SPEC §10, DESIGN.md).
+Losses and stats stay on the device between log intervals.
+
+Lifecycle: rank 0 locks the run folder (jobs.run_lock); SIGTERM/SIGINT checkpoint at the next update boundary
+and exit 0 (StopSignal); an error on a rank is logged once, its DataLoader workers are stopped and the process
+exits non-zero within FAILED_EXIT_DEADLINE_S, so the launcher ends the other ranks.
 """
 
 from __future__ import annotations
@@ -19,7 +25,10 @@ import os
 import random
 import signal
 import sys
+import threading
 import time
+from collections import deque
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -29,7 +38,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from jobs import checkpointing
+from jobs import checkpointing, op_builds, run_lock
 from jobs.config import Config, ConfigError, add_config_arguments, config_from_args, dump_yaml, merge_deepspeed_passthrough
 from jobs.ema import MasterWeightEMA
 from jobs.tracking import NullTracker, Tracker
@@ -139,46 +148,93 @@ class RunState:
 
 class RunTrace:
     """`metrics.jsonl` (rank 0: update, lr used, EMA decay, loss) and, with `train.record_samples`,
-    `samples_rank{r}.jsonl` (the sample keys each rank consumed per update): what resume tests compare."""
+    `samples_rank{r}.jsonl` (the sample keys each rank consumed per update): what resume tests compare.
+    Losses stay on the device until `flush()` (log intervals, checkpoints, the end): one host read for many."""
 
     def __init__(self, output_dir: Path, rank: int, record_samples: bool):
         output_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = open(output_dir / "metrics.jsonl", "a") if rank == 0 else None
         self.samples = open(output_dir / f"samples_rank{rank}.jsonl", "a") if record_samples else None
+        self._updates: list[tuple[int, float, float, torch.Tensor]] = []
 
-    def record_update(self, update: int, lr: float, ema_decay: float, loss: float) -> None:
+    def record_update(self, update: int, lr: float, ema_decay: float, loss: torch.Tensor) -> None:
         if self.metrics is not None:
-            self.metrics.write(json.dumps({"update": update, "lr": lr, "ema_decay": ema_decay, "loss": loss}) + "\n")
-            self.metrics.flush()
+            self._updates.append((update, lr, ema_decay, loss.detach()))
 
     def record_keys(self, update: int, keys: list[str]) -> None:
         if self.samples is not None:
             self.samples.write(json.dumps({"update": update, "keys": keys}) + "\n")
             self.samples.flush()
 
+    def flush(self) -> None:
+        if not self._updates:
+            return
+        losses = torch.stack([loss for *_, loss in self._updates]).tolist()
+        for (update, lr, decay, _), loss in zip(self._updates, losses):
+            self.metrics.write(json.dumps({"update": update, "lr": lr, "ema_decay": decay, "loss": loss}) + "\n")
+        self.metrics.flush()
+        self._updates = []
+
     def close(self) -> None:
+        self.flush()
         for handle in (self.metrics, self.samples):
             if handle is not None:
                 handle.close()
 
 
 class StopSignal:
-    """SIGTERM (preemption) sets a flag; the loop checkpoints and exits 0 at the next step."""
+    """SIGTERM or SIGINT (preemption, Ctrl-C) sets a flag: every rank checkpoints at the next update boundary and
+    exits 0. A second signal ends the process at once, exit 128 + signal number, without a checkpoint."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
-        self.requested = False
-        signal.signal(signal.SIGTERM, self._handle)
+        self.requested: str | None = None
+        self._previous = {number: signal.signal(number, self._handle) for number in self.SIGNALS}
 
     def _handle(self, signum, frame) -> None:
-        self.requested = True
+        name = signal.Signals(signum).name
+        if self.requested:
+            log.error("second signal (%s after %s): exiting now, without a checkpoint", name, self.requested)
+            logging.shutdown()
+            os._exit(128 + signum)
+        self.requested = name
+        log.warning("%s: checkpointing at the next update boundary, then exiting (a second signal exits at once)",
+                    name)
+
+    def close(self) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
 
 
-def _any_rank(flags: list[float], device) -> list[bool]:
-    """Max over ranks of a few flags in one all-reduce (stop, exhausted, non-finite)."""
-    tensor = torch.tensor(flags, dtype=torch.float32, device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return [bool(v) for v in tensor.tolist()]
+@dataclass
+class Agreement:
+    """The control flags of one update, agreed by every rank in one all-reduce (`Pretrainer._agree`)."""
+
+    stop: bool
+    nonfinite: bool
+    collapsed: bool
+    batches: int  # the fewest micro-batches any rank has ready
+
+
+@dataclass
+class Meter:
+    start: float = field(default_factory=time.perf_counter)
+    wait: float = 0.0
+    clips: int = 0
+
+
+@dataclass
+class Step:
+    """One update's last loss, parts and stats (device tensors) and what it needs to explain a stop."""
+
+    lr: float
+    loss: torch.Tensor
+    parts: dict
+    stats: dict
+    nonfinite: torch.Tensor
+    collapsed: torch.Tensor
+    finite: list  # per micro-batch: (device bool, sample keys), read only when a stop needs the keys
 
 
 class Pretrainer:
@@ -234,8 +290,8 @@ class Pretrainer:
         if resume_tag is not None:
             self._resume(resume_tag)
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(train.precision)
-        self.stop = StopSignal()
         self.trace = RunTrace(Path(train.output_dir), self.rank, train.record_samples)
+        self.stop = StopSignal()
         self.preempted = False
         # Rank 0 alone talks to MLflow, on a background thread (jobs.tracking).
         self.tracker = (
@@ -419,29 +475,151 @@ class Pretrainer:
             start_position=position,
         )
 
-    def _forward_backward(self, batch: dict) -> tuple[torch.Tensor, dict, dict, bool]:
-        seed = step_seed(self.config.train.seed, self.state.updates, self.state.micro_steps, self.rank)
+    def _open_epoch(self) -> None:
+        position = self.state.loader_positions[self.rank] if self.state.loader_positions else None
+        self.loader = self._loader(self.state.epoch, position)
+        self._batches = iter(self.loader)
+
+    def _close_epoch(self) -> None:
+        """Ends the loader's iteration, which stops its DataLoader workers (also on the way out of an error)."""
+        if self._batches is not None:
+            self._batches.close()
+            self._batches = None
+
+    def _next_epoch(self) -> bool:
+        """Every rank ran out of this epoch's batches: open the next epoch, unless `train.epochs` are done."""
+        self._close_epoch()
+        if self.rank == 0 and self.loader.dropped_samples:
+            log.info(
+                "epoch %d: dropped a tail of %d samples so every rank serves the same number of batches",
+                self.state.epoch, self.loader.dropped_samples,
+            )
+        self.state.epoch += 1
+        self.state.loader_positions = []
+        if self.config.train.epochs and self.state.epoch >= self.config.train.epochs:
+            return False
+        self._open_epoch()
+        return True
+
+    def _fetch(self, queue: deque, want: int) -> None:
+        """Take batches (with their sample keys) from this rank's loader until `queue` holds `want` or it ends."""
+        start = time.perf_counter()
+        while len(queue) < want:
+            batch = next(self._batches, None)
+            if batch is None:
+                break
+            queue.append((batch, list(self.loader.last_keys)))
+        self.meter.wait += time.perf_counter() - start
+
+    def _agree(self, batches: int, nonfinite=None, collapsed=None) -> Agreement:
+        """Max over ranks of (stop, non-finite, collapse, -batches ready): the one all-reduce, and the one host
+        read, of an update. The device flags are copied on the device; only the reduced result is read."""
+        flags = torch.zeros(4, dtype=torch.float32, device=self.device)
+        flags[0] = float(self.stop.requested is not None)
+        if nonfinite is not None:
+            flags[1] = nonfinite
+        if collapsed is not None:
+            flags[2] = collapsed
+        flags[3] = -float(batches)
+        if self.world_size > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        stop, bad, collapse, fewest = flags.tolist()
+        return Agreement(bool(stop), bool(bad), bool(collapse), int(-fewest))
+
+    def _fill(self, queue: deque, want: int) -> tuple[Agreement, bool]:
+        """Fill `queue` to `want` micro-batches on every rank, across epochs: (agreement, data is over)."""
+        while True:
+            self._fetch(queue, want)
+            agreement = self._agree(len(queue))
+            if agreement.batches == want:
+                return agreement, False
+            # Some rank ran out: this epoch ends for everyone at the same micro-batch.
+            while len(queue) > agreement.batches:
+                queue.pop()
+            if not self._next_epoch():
+                return agreement, True
+
+    def _forward(self, batch: dict, micro_step: int):
+        seed = step_seed(self.config.train.seed, self.state.updates, micro_step, self.rank)
         torch.manual_seed(seed)
         generator = torch.Generator().manual_seed(seed)
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
-            loss, parts, stats = self.engine(batch, generator=generator)
-        finite = bool(torch.isfinite(loss.detach()).item())
-        return loss, parts, stats, finite
+            return self.engine(batch, generator=generator)
 
-    def _check_guards(self, stats: dict) -> None:
+    def _collapse_flag(self, stats: dict) -> torch.Tensor:
         train = self.config.train
-        target_var, pred_var = float(stats["target_var"]), float(stats["pred_var"])
+        flag = torch.zeros((), dtype=torch.bool, device=self.device)
+        if train.min_target_var:
+            flag = flag | (stats["target_var"] < train.min_target_var)
+        if train.min_pred_var:
+            flag = flag | (stats["pred_var"] < train.min_pred_var)
+        return flag
+
+    def train_step(self, queue: deque) -> Step | None:
+        """Forward and backward over one update's gradient-accumulation micro-batches, taken from `queue`;
+        the optimizer step waits for the agreement (`run`). Non-finite losses and the collapse guards stay
+        device flags. With `train.on_nonfinite_loss=skip` a non-finite micro-batch is dropped on every rank
+        before its backward, which needs a flag all-reduce per micro-batch; it is replaced by the next one.
+        None: the data ended before the update was complete."""
+        train = self.config.train
+        accumulation = self.engine.gradient_accumulation_steps()
+        lr = self.scheduler.get_last_lr()[0]
+        nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+        finite_flags = []
+        micro_step = 0
+        while micro_step < accumulation:
+            if not queue:
+                agreement, over = self._fill(queue, accumulation - micro_step)
+                if over:
+                    return None
+            batch, keys = queue.popleft()
+            if self.state.updates == 0 and micro_step == 0:
+                self.tracker.log_preview(batch)
+            self.state.micro_steps = micro_step
+            loss, parts, stats = self._forward(batch, micro_step)
+            finite = torch.isfinite(loss.detach())
+            if train.on_nonfinite_loss == "skip":
+                if self._agree(accumulation, nonfinite=~finite).nonfinite:
+                    log.error(
+                        "non-finite loss at update %d (this rank's loss finite: %s); sample keys on rank %d: %s: "
+                        "skipping the micro-batch on every rank", self.state.updates, bool(finite), self.rank, keys,
+                    )
+                    continue
+            else:
+                nonfinite = nonfinite | ~finite
+                finite_flags.append((finite, keys))
+            self.engine.backward(loss)
+            if micro_step < accumulation - 1:
+                self.engine.step()  # inside the accumulation: DeepSpeed only counts the micro-step
+            self.meter.clips += batch["clean"].shape[0]
+            self.trace.record_keys(self.state.updates, keys)
+            micro_step += 1
+        self.state.micro_steps = 0
+        return Step(lr, loss, parts, stats, nonfinite, self._collapse_flag(stats), finite_flags)
+
+    def _stop_reason(self, step: Step, agreement: Agreement) -> str:
+        """The message of a guard stop (read from the device only now)."""
+        train = self.config.train
+        if agreement.nonfinite:
+            flags = [(bool(finite), keys) for finite, keys in step.finite]
+            keys = next((keys for finite, keys in flags if not finite), flags[-1][1] if flags else [])
+            return (
+                f"non-finite loss at update {self.state.updates} (this rank's losses finite: "
+                f"{all(f for f, _ in flags)}); sample keys on rank {self.rank}: {keys}"
+            )
+        if not bool(step.collapsed):
+            return f"collapse guard: tripped on another rank at update {self.state.updates + 1}"
+        target_var, pred_var = float(step.stats["target_var"]), float(step.stats["pred_var"])
         if train.min_target_var and target_var < train.min_target_var:
-            raise TrainingStopped(
+            return (
                 f"collapse guard: target variance {target_var:.3g} < train.min_target_var {train.min_target_var} "
-                f"at update {self.state.updates}"
+                f"at update {self.state.updates + 1}"
             )
-        if train.min_pred_var and pred_var < train.min_pred_var:
-            raise TrainingStopped(
-                f"collapse guard: prediction variance {pred_var:.3g} < train.min_pred_var {train.min_pred_var} "
-                f"at update {self.state.updates}"
-            )
+        return (
+            f"collapse guard: prediction variance {pred_var:.3g} < train.min_pred_var {train.min_pred_var} "
+            f"at update {self.state.updates + 1}"
+        )
 
     def _save(self, loader) -> None:
         position = loader.state_dict() if loader is not None else None
@@ -462,111 +640,158 @@ class Pretrainer:
         )
         self.tracker.on_checkpoint(self.root / checkpointing.tag_for(self.state.updates), self.state.updates)
 
+    def _checkpoint_due(self, updates: int) -> bool:
+        return updates % self.config.train.checkpoint_interval == 0
+
+    def _log_due(self, updates: int) -> bool:
+        return updates % self.config.train.log_interval == 0 or updates == self.config.train.max_updates
+
+    def _checkpoint(self, loader) -> None:
+        self.trace.flush()  # metrics.jsonl holds every update the checkpoint holds
+        self._save(loader)
+
     def run(self) -> int:
+        """One `train_step` per update, then one agreement: while the last micro-batch's gradients are
+        reduced the next update's micro-batches are already fetched, unless a checkpoint follows (its loader
+        position must not include them). A stop agreed with the next batches in hand trains that update first.
+        """
         train = self.config.train
-        meter = {"start": time.perf_counter(), "wait": 0.0, "clips": 0}
+        self.meter = Meter()
         saved_at = self.state.updates if self.state.updates else -1  # a resumed run's checkpoint exists already
-        loader = None
-        while self.state.updates < train.max_updates and (not train.epochs or self.state.epoch < train.epochs):
-            position = self.state.loader_positions[self.rank] if self.state.loader_positions else None
-            loader = self._loader(self.state.epoch, position)
-            batches = iter(loader)
-            while self.state.updates < train.max_updates:
-                (stop,) = _any_rank([float(self.stop.requested)], self.device)
-                # Only between updates (no half-accumulated gradients to lose) and before fetching (the saved
-                # loader position has not consumed a batch), so a resume replays exactly.
-                if stop and self.state.micro_steps == 0:
-                    log.warning("SIGTERM: writing a checkpoint at update %d, then exiting", self.state.updates)
-                    self._save(loader)
+        accumulation = self.engine.gradient_accumulation_steps()
+        queue: deque = deque()
+        stopping = False
+        self._batches = None
+        if train.epochs and self.state.epoch >= train.epochs:
+            self.loader = None
+        else:
+            self._open_epoch()
+        try:
+            while self.loader is not None and self.state.updates < train.max_updates:
+                if not queue:
+                    agreement, over = self._fill(queue, accumulation)
+                    stopping = stopping or agreement.stop
+                    if over:
+                        break
+                step = self.train_step(queue)
+                if step is None:
+                    break
+                last = stopping or self._checkpoint_due(self.state.updates + 1) or (
+                    self.state.updates + 1 >= train.max_updates)
+                if not last:
+                    self._fetch(queue, accumulation)
+                agreement = self._agree(len(queue) if not last else accumulation, step.nonfinite, step.collapsed)
+                if agreement.nonfinite or agreement.collapsed:
+                    raise TrainingStopped(self._stop_reason(step, agreement))
+                self.engine.step()
+                if self.engine.was_step_applied():
+                    self.state.updates += 1
+                    decay = self.model.ema_decay(self.state.updates)
+                    self.ema.update(decay)
+                    self.trace.record_update(self.state.updates, step.lr, decay, step.loss)
+                    if self._log_due(self.state.updates):
+                        self._log(step)
+                    if self._checkpoint_due(self.state.updates):
+                        self._checkpoint(self.loader)
+                        saved_at = self.state.updates
+                else:
+                    log.warning("optimizer step skipped (loss-scale overflow) at update %d", self.state.updates)
+                if stopping or (agreement.stop and not queue):
+                    log.warning("%s: writing a checkpoint at update %d, then exiting",
+                                self.stop.requested or "a signal on another rank", self.state.updates)
+                    if saved_at != self.state.updates:
+                        self._checkpoint(self.loader)
                     self.preempted = True
                     return 0
-                fetch_start = time.perf_counter()
-                batch = next(batches, None)
-                meter["wait"] += time.perf_counter() - fetch_start
-                (exhausted,) = _any_rank([float(batch is None)], self.device)
-                if exhausted:
-                    break
-                if self.state.updates == 0 and self.state.micro_steps == 0:
-                    self.tracker.log_preview(batch)
-                lr = self.scheduler.get_last_lr()[0]
-                loss, parts, stats, finite = self._forward_backward(batch)
-                (nonfinite,) = _any_rank([float(not finite)], self.device)
-                if nonfinite:
-                    message = (
-                        f"non-finite loss at update {self.state.updates} (this rank's loss finite: {finite}); "
-                        f"sample keys on rank {self.rank}: {loader.last_keys}"
-                    )
-                    if train.on_nonfinite_loss == "stop":
-                        raise TrainingStopped(message)
-                    log.error("%s: skipping the micro-batch on every rank", message)
-                    continue
-                boundary = self.engine.is_gradient_accumulation_boundary()
-                self.engine.backward(loss)
-                self.engine.step()
-                meter["clips"] += batch["clean"].shape[0]
-                self.state.micro_steps += 1
-                self.trace.record_keys(self.state.updates, loader.last_keys)
-                if not boundary:
-                    continue
-                self.state.micro_steps = 0
-                if not self.engine.was_step_applied():
-                    log.warning("optimizer step skipped (loss-scale overflow) at update %d", self.state.updates)
-                    continue
-                self.state.updates += 1
-                decay = self.model.ema_decay(self.state.updates)
-                self.ema.update(decay)
-                self._check_guards(stats)
-                self.trace.record_update(self.state.updates, lr, decay, float(loss.detach()))
-                if self.state.updates % train.log_interval == 0 or self.state.updates == train.max_updates:
-                    self._log(loss, parts, stats, meter)
-                    meter = {"start": time.perf_counter(), "wait": 0.0, "clips": 0}
-                if self.state.updates % train.checkpoint_interval == 0:
-                    self._save(loader)
-                    saved_at = self.state.updates
-            if self.rank == 0 and loader.dropped_samples:
-                log.info(
-                    "epoch %d: dropped a tail of %d samples so every rank serves the same number of batches",
-                    self.state.epoch, loader.dropped_samples,
-                )
-            if self.state.updates < train.max_updates:
-                self.state.epoch += 1
-                self.state.loader_positions = []
-        if saved_at != self.state.updates:
-            self._save(loader if self.state.updates < train.max_updates else None)
+                stopping = agreement.stop
+                if queue and agreement.batches < accumulation:  # an epoch ended inside the prefetch
+                    while len(queue) > agreement.batches:
+                        queue.pop()
+                    if not self._next_epoch():
+                        break
+            if saved_at != self.state.updates:
+                self._checkpoint(self.loader if self.state.updates < train.max_updates else None)
+        finally:
+            self._close_epoch()
         log.info("finished at update %d (epoch %d)", self.state.updates, self.state.epoch)
         return 0
 
-    def _log(self, loss, parts, stats, meter) -> None:
-        elapsed = max(1e-9, time.perf_counter() - meter["start"])
+    def _log(self, step: Step) -> None:
+        """The log interval's host reads: losses, stats, the gradient norm."""
+        self.trace.flush()
+        elapsed = max(1e-9, time.perf_counter() - self.meter.start)
         metrics = {
-            "loss": float(loss.detach()),
-            **{f"loss_{k}": float(v) for k, v in parts.items()},
+            "loss": float(step.loss.detach()),
+            **{f"loss_{k}": float(v) for k, v in step.parts.items()},
             "lr": self.scheduler.get_last_lr()[0],
             "ema_decay": self.model.ema_decay(self.state.updates),
             "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
-            "clips_per_s": meter["clips"] * self.world_size / elapsed,
-            "data_wait_fraction": meter["wait"] / elapsed,
-            "target_var": float(stats["target_var"]),
-            "pred_var": float(stats["pred_var"]),
+            "clips_per_s": self.meter.clips * self.world_size / elapsed,
+            "data_wait_fraction": self.meter.wait / elapsed,
+            "target_var": float(step.stats["target_var"]),
+            "pred_var": float(step.stats["pred_var"]),
         }
+        self.meter = Meter()
         if self.rank == 0:
             log.info("update %d %s", self.state.updates, " ".join(f"{k}={v:.5g}" for k, v in metrics.items()))
             self.tracker.log_metrics(metrics, self.state.updates)
 
+FAILED_EXIT_DEADLINE_S = 20.0
+# How gloo reports a collective whose peer process is gone (a plain RuntimeError; NCCL raises a DistError).
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer")
+
+
 def train(config: Config) -> int:
-    """Run one pre-training job in this process (one rank); the process group stays up for the caller."""
-    trainer = Pretrainer(config)
-    status = "FAILED"
-    try:
-        code = trainer.run()
-        status = "KILLED" if trainer.preempted else "FINISHED"
-        return code
-    finally:
-        trainer.trace.close()
-        trainer.tracker.finish(status)
+    """Run one pre-training job in this process (one rank); the process group stays up for the caller.
+    Rank 0 holds the run folder's lock (jobs.run_lock) from before the first collective to the end."""
+    holding = run_lock.hold(config.train.output_dir) if int(os.environ.get("RANK", "0")) == 0 else nullcontext()
+    with holding as lock:
+        trainer = Pretrainer(config)
+        status = "FAILED"
+        try:
+            code = trainer.run()
+            status = "KILLED" if trainer.preempted else "FINISHED"
+            return code
+        finally:
+            trainer.trace.close()
+            trainer.stop.close()
+            trainer.tracker.finish(status)
+            if lock is not None and status != "FAILED":
+                lock.record("preempted" if trainer.preempted else "finished", update=trainer.state.updates)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _exit_after(seconds: float, code: int) -> None:
+    """A failed rank leaves even when its teardown hangs (an NCCL communicator with work in flight, a stuck
+    child joined at exit): a daemon timer ends the process with `code`."""
+
+    def end() -> None:
+        log.error("teardown took over %.0f s: exiting now", seconds)
+        logging.shutdown()
+        os._exit(code)
+
+    timer = threading.Timer(seconds, end)
+    timer.daemon = True
+    timer.start()
+
+
+def _report_failure(error: BaseException) -> None:
+    """Name the error and this rank once. A collective that broke because a peer died is that peer's error,
+    reported by it (and by the launcher): here a one-line note without a traceback."""
+    rank = os.environ.get("RANK", "0")
+    if isinstance(error, dist.DistError) or any(marker in str(error) for marker in PEER_LOST):
+        log.error("rank %s stopping: a collective failed, a peer rank is gone (%s)", rank,
+                  str(error).splitlines()[0] if str(error) else type(error).__name__)
+    else:
+        # A DataLoader worker's error arrives as several lines, the worker's own error last.
+        lines = [line for line in str(error).splitlines() if line.strip()] or [""]
+        summary = lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1].strip()}"
+        log.error("rank %s failed: %s: %s", rank, type(error).__name__, summary, exc_info=error)
+
+
+def main(argv: list[str] | None = None, exit_deadline_s: float | None = None) -> int:
+    """Exit codes: 0 done or preempted with a checkpoint, 1 failed, 2 config / run folder / op build refused,
+    3 a guard stopped the run. `exit_deadline_s`: a failed process ends within that many seconds (set for a
+    rank process; never for a caller that keeps running)."""
     parser = argparse.ArgumentParser(description="SSLAM pre-training (run under the deepspeed launcher)", allow_abbrev=False)
     add_config_arguments(parser)
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint (train.resume=auto)")
@@ -577,21 +802,32 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO,
         format=f"%(asctime)s rank{os.environ.get('RANK', 0)} %(levelname)s %(name)s: %(message)s",
     )
+    code = 1
     try:
         config = config_from_args(args)
         if args.resume:
             config.train.resume = "auto"
-        return train(config)
+        op_builds.clear_stale_locks(op_builds.configure())
+        code = train(config)
     except (ConfigError, CheckpointError) as error:
         log.error("config error: %s", error)
-        return 2
+        code = 2
+    except (run_lock.RunFolderBusy, op_builds.OpBuildLocked) as error:
+        log.error("%s", error)
+        code = 2
     except TrainingStopped as error:
         log.error("%s", error)
-        return 3
+        code = 3
+    except Exception as error:
+        _report_failure(error)
+        code = 1
     finally:
+        if code not in (0, 2, 3) and exit_deadline_s is not None:
+            _exit_after(exit_deadline_s, code)
         if dist.is_initialized():
             dist.destroy_process_group()
+    return code
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(exit_deadline_s=FAILED_EXIT_DEADLINE_S))

@@ -51,6 +51,7 @@ import json
 import logging
 import random
 import signal
+import sys
 import tarfile
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -78,6 +79,8 @@ DATASET_INFO = "dataset.json"
 INDEX_TABLE = "index.parquet"
 PATTERN_CHARACTERS = set("*?[{")
 POSITION_VERSION = 2  # 2: per-worker counts are raw samples passed (1 counted decoded ones)
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+WORKER_JOIN_S = 10.0
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -330,9 +333,28 @@ def deal_rests(rests: Sequence[int], slots: int) -> list[list[tuple[int, int, in
     return dealt
 
 
-def _ignore_sigterm(worker_id: int) -> None:
-    """Preemption sends SIGTERM to every process; workers leave it to the rank, which checkpoints first."""
+def _init_worker(worker_id: int) -> None:
+    """Preemption sends SIGTERM to every process; workers leave it to the rank, which checkpoints first. A
+    worker dies with its rank (Linux parent-death signal), so a SIGKILLed rank leaves no worker behind."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+
+
+def _stop_workers(iterator: Any) -> None:
+    """End a DataLoader iterator's workers now. They ignore SIGTERM, so the interpreter's exit-time
+    terminate() and join() of daemonic children would wait forever on one that is still busy: the
+    DataLoader's own shutdown first (it joins each for a few seconds), then SIGKILL for what is left."""
+    workers = list(getattr(iterator, "_workers", []))
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+    for worker in workers:
+        if worker.is_alive():
+            worker.kill()
+            worker.join(timeout=WORKER_JOIN_S)
 
 
 def _seed(*parts: int) -> int:
@@ -828,7 +850,7 @@ class TrainLoader:
             return
         loader = DataLoader(
             self._dataset(), batch_size=None, num_workers=self.cfg.num_workers, collate_fn=_unchanged,
-            pin_memory=self.pin_memory, worker_init_fn=_ignore_sigterm,
+            pin_memory=self.pin_memory, worker_init_fn=_init_worker,
         )
         iterator = iter(loader)
         try:
@@ -849,7 +871,7 @@ class TrainLoader:
                 self._next_worker = (worker + 1) % self.workers
                 yield batch
         finally:
-            del iterator
+            _stop_workers(iterator)
         self._finish()
 
     def _finish(self) -> None:
@@ -994,18 +1016,22 @@ class EvalLoader:
         dataset = _EvalStream(self._urls, self._counts, self._offsets, self._shares, self.geometry)
         loader = DataLoader(
             dataset, batch_size=None, num_workers=self.cfg.num_workers, collate_fn=_unchanged,
-            worker_init_fn=_ignore_sigterm,
+            worker_init_fn=_init_worker,
         )
         pending: list[dict] = []
-        for item, meta in loader:
-            self.skipped_samples += meta["skipped_samples"]
-            self.skipped_shards += meta["skipped_shards"]
-            if item is None:
-                continue
-            pending.append(item)
-            if len(pending) == self.batch_size:
-                yield self._collate(pending)
-                pending = []
+        iterator = iter(loader)
+        try:
+            for item, meta in iterator:
+                self.skipped_samples += meta["skipped_samples"]
+                self.skipped_shards += meta["skipped_shards"]
+                if item is None:
+                    continue
+                pending.append(item)
+                if len(pending) == self.batch_size:
+                    yield self._collate(pending)
+                    pending = []
+        finally:
+            _stop_workers(iterator)
         if pending:
             yield self._collate(pending)
 
