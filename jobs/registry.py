@@ -16,14 +16,20 @@ A registration has two halves, so that a failure of MLflow never loses a checkpo
    refused: RegistrationRefused, unless `trusted`), create a logged model in the run's experiment, upload a
    checked copy of the folder, create a version of the registered model with tags (run_id, update, stage,
    encoder, dataset_fingerprint, source, weights_sha256, model_sha256), move
-   alias `candidate` to it (unless a newer checkpoint of the same run holds it), then replace the pending file by
+   the aliases its record names to it (each unless a newer checkpoint of the same run holds it), then replace the
+   pending file by
    `registration.json` and delete the uploaded copy. Progress is saved after each step, so a retry continues.
    One process at a time completes a folder (an flock on its `.claim` file); another one skips it meanwhile.
 
 `register_pending(run_dir)` retries whatever is still pending (the tracker at every checkpoint and at the end;
 `sslam register RUN_DIR`). `register_official(path, name)` registers an official EAT / SSLAM checkpoint the same way,
-with the class names of a fine-tuned one's head. MLflow reserves the alias `latest`; `models:/NAME/latest` already
-means the newest version. `load_verified(uri)` (sslam infer, sslam evaluate) checks a version's downloaded files
+with the class names of a fine-tuned one's head.
+
+Aliases. A registration moves exactly the aliases it was exported with: a run's `tracking.aliases` (base presets
+`[candidate]`, everything else none unless asked), `--alias` of `sslam register --checkpoint / --official` (a
+checkpoint defaults to its run's config). Which checkpoints of a run are registered is `tracking.register`
+(jobs.tracking). Refused everywhere: `latest` (MLflow's: `models:/NAME/latest` is the newest version) and `best`
+(moved only by `sslam evaluate --promote`, which compares the metric with its holder's). `load_verified(uri)` (sslam infer, sslam evaluate) checks a version's downloaded files
 against its `weights_sha256` / `model_sha256` tags before any of its code runs.
 """
 
@@ -47,6 +53,7 @@ from typing import Any
 import numpy as np
 from mlflow.exceptions import MlflowException
 
+from jobs.config import REFUSED_ALIASES
 from jobs.tracking import ensure_experiment, mlflow_client, tracking_uri
 from model.checkpoint import CheckpointError, ImportedCheckpoint, import_official, save_weights
 from model.config import ModelConfig
@@ -65,7 +72,6 @@ MODEL_DIR = "model"
 WEIGHTS_FILE = "encoder.safetensors"
 CONFIG_FILE = "model_config.json"
 WEIGHTS_ARTIFACT = f"artifacts/{WEIGHTS_FILE}"  # where save_model puts the weights inside a model folder
-CANDIDATE = "candidate"
 # Version tags: sha256 of the weights file and digest of every file of the uploaded model folder.
 WEIGHTS_SHA_TAG = "weights_sha256"
 MODEL_SHA_TAG = "model_sha256"
@@ -74,7 +80,6 @@ DOWNLOAD_EXTRAS = frozenset({"registered_model_meta"})
 KEY_ENV = "SSLAM_REGISTRATION_KEY_FILE"
 KEY_BYTES = 32
 BEST = "best"
-RESERVED_ALIASES = frozenset({"latest"})
 # Input example: this long a test tone at the model's sample rate.
 EXAMPLE_SECONDS = 0.5
 EXAMPLE_HZ = 440.0
@@ -292,7 +297,7 @@ class Registration:
     model_name: str
     experiment: str
     tags: dict[str, str]
-    aliases: list[str] = field(default_factory=lambda: [CANDIDATE])
+    aliases: list[str] = field(default_factory=list)
     tracking_uri: str | None = None
     run_id: str | None = None
     updates: int | None = None
@@ -356,9 +361,9 @@ def pending_folders(run_dir: str | Path) -> list[Path]:
 
 
 def _check_aliases(aliases: list[str]) -> None:
-    reserved = sorted(set(aliases) & RESERVED_ALIASES)
-    if reserved:
-        raise ValueError(f"MLflow reserves the alias(es) {reserved}; models:/NAME/latest is the newest version")
+    refused = [f"{alias!r}: {REFUSED_ALIASES[alias.lower()]}" for alias in aliases if alias.lower() in REFUSED_ALIASES]
+    if refused:
+        raise ValueError(f"a registration may not move these aliases: {'; '.join(refused)}")
 
 
 def _stage_folder(folder: Path, weights: ImportedCheckpoint, registration: Registration, **pyfunc: Any) -> Path:
@@ -442,8 +447,8 @@ def export_checkpoint(
     """Stage the student encoder of checkpoint `tag_dir` as a signed pending registration (no MLflow call).
 
     Returns the registration folder `<run_dir>/registrations/<tag>/` (run_dir defaults to the folder holding
-    `checkpoints/`). Names default to the checkpoint's own config (`tracking.model_name`, `tracking.experiment`).
-    `trusted`: see `student_encoder_weights`.
+    `checkpoints/`). Names and aliases default to the checkpoint's own config (`tracking.model_name`,
+    `tracking.experiment`, `tracking.aliases`). `trusted`: see `student_encoder_weights`.
     """
     tag_dir = Path(tag_dir)
     run_dir = Path(run_dir) if run_dir is not None else tag_dir.parent.parent
@@ -473,7 +478,7 @@ def export_checkpoint(
             "source": "pretrain",
             "checkpoint": str(tag_dir.resolve()),
         },
-        aliases=list(aliases) if aliases is not None else [CANDIDATE],
+        aliases=list(aliases) if aliases is not None else list(config.tracking.aliases),
         tracking_uri=tracking_uri,
         run_id=run_id,
         updates=int(updates),
@@ -493,12 +498,12 @@ def _version_update(version) -> int:
         return -1
 
 
-def _move_candidate(client, name: str, version, registration: Registration) -> bool:
-    """Point `candidate` at `version` unless a newer checkpoint of the same run holds it already."""
+def _move_alias(client, name: str, alias: str, version, registration: Registration) -> bool:
+    """Point `alias` at `version` unless a newer checkpoint of the same run holds it already."""
     from mlflow.exceptions import MlflowException
 
     try:
-        holder = client.get_model_version_by_alias(name, CANDIDATE)
+        holder = client.get_model_version_by_alias(name, alias)
     except MlflowException:
         holder = None
     if (
@@ -508,9 +513,9 @@ def _move_candidate(client, name: str, version, registration: Registration) -> b
         and registration.updates is not None
         and _version_update(holder) > registration.updates
     ):
-        log.info("alias %s stays on version %s (a newer checkpoint of this run)", CANDIDATE, holder.version)
+        log.info("alias %s stays on version %s (a newer checkpoint of this run)", alias, holder.version)
         return False
-    client.set_registered_model_alias(name, CANDIDATE, version.version)
+    client.set_registered_model_alias(name, alias, version.version)
     return True
 
 
@@ -648,10 +653,7 @@ def _complete_claimed(folder: Path, client, run_id: str | None, trusted: bool):
                 "registration; no alias moved"
             )
         for alias in registration.aliases:
-            if alias == CANDIDATE:
-                _move_candidate(client, registration.model_name, version, registration)
-            else:
-                client.set_registered_model_alias(registration.model_name, alias, version.version)
+            _move_alias(client, registration.model_name, alias, version, registration)
     except Exception as error:
         registration.last_error = f"{type(error).__name__}: {str(error).splitlines()[0][:500] if str(error) else ''}"
         registration.save(folder)
@@ -724,7 +726,8 @@ def register_official(
     """Register an official EAT / SSLAM checkpoint (model.checkpoint.import_official) as a version of `name`.
 
     A fine-tuned file keeps its classifier head; `class_labels_csv` (AudioSet's `class_labels_indices.csv`)
-    names its classes, so predict also returns top labels. Returns the ModelVersion.
+    names its classes, so predict also returns top labels. The version moves `aliases` only (none by default).
+    Returns the ModelVersion.
     """
     from pipeline.manifest import read_class_labels
 
@@ -750,7 +753,7 @@ def register_official(
             "checkpoint": str(checkpoint_path.resolve()),
             "kind": weights.kind,
         },
-        aliases=list(aliases) if aliases is not None else [CANDIDATE],
+        aliases=list(aliases or []),
         updates=weights.num_updates,
     )
     with tempfile.TemporaryDirectory(prefix="sslam-official-") as staging:
@@ -827,6 +830,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--class-labels", help="class_labels_indices.csv naming a fine-tuned head's classes")
     parser.add_argument("--experiment", default="sslam", help="experiment of the logged model (--official)")
     parser.add_argument(
+        "--alias", dest="aliases", action="append", default=None, metavar="ALIAS",
+        help="alias to move to the new version (repeatable; --checkpoint: default its run's tracking.aliases, "
+        "--official: default none); 'latest' and 'best' are refused",
+    )
+    parser.add_argument(
         "--trusted", action="store_true",
         help="you vouch for the input: unpickle an official file without the allow-list; read a checkpoint without "
         "student.safetensors through DeepSpeed's pickles; complete RUN_DIR's pending folders without their signed "
@@ -838,12 +846,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give exactly one of RUN_DIR, --checkpoint and --official")
     if args.official and not args.name:
         parser.error("--official needs --name")
+    if args.run_dir and args.aliases is not None:
+        parser.error("--alias goes with --checkpoint or --official (a pending registration keeps its own aliases)")
     try:
         if args.official:
             version = register_official(args.official, args.name, class_labels_csv=args.class_labels,
-                                        experiment=args.experiment, trusted=args.trusted)
+                                        experiment=args.experiment, trusted=args.trusted, aliases=args.aliases)
         elif args.checkpoint:
-            version = register_checkpoint(args.checkpoint, model_name=args.name, trusted=args.trusted)
+            version = register_checkpoint(args.checkpoint, model_name=args.name, trusted=args.trusted,
+                                          aliases=args.aliases)
         else:
             version = None
     except (CheckpointError, FileNotFoundError, MlflowException, ValueError) as error:  # RegistrationRefused too
