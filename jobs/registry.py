@@ -6,8 +6,8 @@ A registration has two halves, so that a failure of MLflow never loses a checkpo
    (no pickle is opened; only `trusted=True` / `--trusted` lets a folder without it go through DeepSpeed's
    consolidation, `jobs.checkpointing.consolidated_student`, which unpickles), take the student encoder
    (`encoder.` keys), and save an MLflow pyfunc model folder
-   (`mlflow.pyfunc.save_model` with `python_model="jobs/pyfunc_model.py"`, artifacts `encoder.safetensors` +
-   `model_config.json`, `code_paths` = the `pipeline` and `model` packages, a signature and an input example; see
+   (`mlflow.pyfunc.save_model` with `python_model` = jobs/pyfunc_model.py, artifacts `encoder.safetensors` +
+   `model_config.json`, the project code it needs as a private package, a signature and an input example; see
    jobs/pyfunc_model.py for the input and output format). The folder and a `pending_registration.json` go to
    `<output_dir>/registrations/update_XXXXXXXX/`, outside the checkpoint folders that keep-last-M pruning removes.
    The pending file records the sha256 of the weights and a digest of every file of the folder (code and MLmodel
@@ -25,6 +25,13 @@ A registration has two halves, so that a failure of MLflow never loses a checkpo
 `sslam register RUN_DIR`). `register_official(path, name)` registers an official EAT / SSLAM checkpoint the same way,
 with the class names of a fine-tuned one's head.
 
+The pyfunc's code is private. The modules of `model/` and `pipeline/` that jobs/pyfunc_model.py imports
+(transitively, function bodies included) are copied into `code/_sslam_pyfunc_<digest>/` of the model folder with
+every `from model...` / `from pipeline...` rewritten to that package, and the shipped pyfunc_model.py imports from
+it. So a registered model loads in an application that has its own top-level `model`, `pipeline` or `config`
+modules, leaves those alone, and two versions built from different code loaded in one process each run their own
+(the digest names the code). The code is part of the folder digest (`model_sha256`) like everything else.
+
 Aliases. A registration moves exactly the aliases it was exported with: a run's `tracking.aliases` (base presets
 `[candidate]`, everything else none unless asked), `--alias` of `sslam register --checkpoint / --official` (a
 checkpoint defaults to its run's config). Which checkpoints of a run are registered is `tracking.register`
@@ -35,6 +42,7 @@ against its `weights_sha256` / `model_sha256` tags before any of its code runs.
 
 from __future__ import annotations
 
+import ast
 import atexit
 import dataclasses
 import fcntl
@@ -43,7 +51,9 @@ import hmac
 import json
 import logging
 import os
+import re
 import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -63,7 +73,10 @@ log = logging.getLogger("sslam.registry")
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
-CODE_PATHS = (PROJECT_ROOT / "pipeline", PROJECT_ROOT / "model")
+# The project packages the pyfunc's code may import; they ship inside the model under a private package name.
+SHIPPED_PACKAGES = ("model", "pipeline")
+PRIVATE_PACKAGE_PREFIX = "_sslam_pyfunc_"
+CODE_DIR = "code"  # where save_model puts code_paths inside a model folder
 REGISTRATIONS_DIR = "registrations"
 PENDING_FILE = "pending_registration.json"
 DONE_FILE = "registration.json"
@@ -236,6 +249,112 @@ def pip_requirements() -> list[str]:
     return requirements
 
 
+def _project_imports(path: Path) -> list[ast.ImportFrom]:
+    """The `from model... import` / `from pipeline... import` statements of a source file, function bodies
+    included. Any other way of reaching project code (`import model.x`, relative imports, `jobs`) is refused:
+    the private copy could not honour it."""
+    tree = ast.parse(path.read_text(), str(path))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            roots = [alias.name for alias in node.names if alias.name.split(".")[0] in (*SHIPPED_PACKAGES, "jobs")]
+            if roots:
+                raise ValueError(f"{path}:{node.lineno}: `import {roots[0]}`: code shipped with the registered model "
+                                 "imports project modules as `from PACKAGE.MODULE import NAME` only")
+        elif isinstance(node, ast.ImportFrom):
+            root = (node.module or "").split(".")[0]
+            if node.level:
+                raise ValueError(f"{path}:{node.lineno}: relative import: code shipped with the registered model uses "
+                                 "absolute `from PACKAGE.MODULE import NAME` imports")
+            if root == "jobs":
+                raise ValueError(f"{path}:{node.lineno}: imports {node.module}, which the registered model does not "
+                                 f"ship (only {', '.join(SHIPPED_PACKAGES)})")
+            if root in SHIPPED_PACKAGES:
+                found.append(node)
+    return found
+
+
+def _module_source(name: str) -> Path | None:
+    """The source file of project module `name` (a package's `__init__.py`), None when there is none."""
+    base = PROJECT_ROOT.joinpath(*name.split("."))
+    source = base / "__init__.py" if base.is_dir() else base.with_suffix(".py")
+    return source if source.is_file() else None
+
+
+def shipped_modules(entry: Path = PYFUNC_FILE) -> dict[str, Path]:
+    """Module name -> source of every project module `entry` needs, transitively (with each package's
+    `__init__.py`, and submodules named by `from PACKAGE import MODULE`)."""
+    needed: dict[str, Path] = {}
+    queue = [entry]
+    while queue:
+        for node in _project_imports(queue.pop()):
+            parts = node.module.split(".")
+            names = [".".join(parts[: depth + 1]) for depth in range(len(parts))]
+            names += [f"{node.module}.{alias.name}" for alias in node.names
+                      if _module_source(f"{node.module}.{alias.name}") is not None]
+            for name in names:
+                if name in needed:
+                    continue
+                source = _module_source(name)
+                if source is None:
+                    raise ValueError(f"{entry} needs {name}, which is not a module under {PROJECT_ROOT}")
+                needed[name] = source
+                queue.append(source)
+    return needed
+
+
+def _privatized(path: Path, package: str) -> str:
+    """The text of `path` with each `from model...` / `from pipeline...` reading `from <package>.model...`."""
+    lines = path.read_text().splitlines(keepends=True)
+    for node in sorted(_project_imports(path), key=lambda n: (n.lineno, n.col_offset), reverse=True):
+        line = lines[node.lineno - 1]
+        match = re.compile(rf"from\s+{re.escape(node.module)}(?![\w.])").match(line, node.col_offset)
+        if match is None:
+            raise ValueError(f"{path}:{node.lineno}: cannot rewrite the import of {node.module} in {line.strip()!r}")
+        lines[node.lineno - 1] = f"{line[: node.col_offset]}from {package}.{node.module}{line[match.end():]}"
+    return "".join(lines)
+
+
+def write_private_code(staging: Path) -> tuple[Path, Path]:
+    """Write the pyfunc file and its private package (module docstring) into `staging`; returns (the pyfunc
+    file, the package folder). The package's name is a digest of the code it holds."""
+    modules = shipped_modules()
+    digest = hashlib.sha256()
+    for name, source in sorted({**modules, "": PYFUNC_FILE}.items()):
+        digest.update(f"{name}\0{sha256_file(source)}\n".encode())
+    package = PRIVATE_PACKAGE_PREFIX + digest.hexdigest()[:16]
+    root = staging / CODE_DIR / package
+    root.mkdir(parents=True)
+    (root / "__init__.py").write_text(
+        f'"""This registered model\'s private copy of the project code it runs ({", ".join(SHIPPED_PACKAGES)}).'
+        '"""\n'
+    )
+    for name, source in modules.items():
+        target = root.joinpath(*name.split("."))
+        target = target / "__init__.py" if source.name == "__init__.py" else target.with_suffix(".py")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(_privatized(source, package))
+    pyfunc = staging / PYFUNC_FILE.name
+    pyfunc.write_text(_privatized(PYFUNC_FILE, package))
+    return pyfunc, root
+
+
+@contextmanager
+def _importable(package_dir: Path):
+    """Let this process import the private package from `package_dir` (save_model runs the pyfunc file once),
+    then forget the modules imported from there: a later load imports them from the model folder."""
+    sys.path.insert(0, str(package_dir.parent))
+    try:
+        yield
+    finally:
+        sys.path.remove(str(package_dir.parent))
+        name = package_dir.name
+        for module in [m for m in sys.modules if m == name or m.startswith(f"{name}.")]:
+            origin = getattr(sys.modules[module], "__file__", None) or ""
+            if Path(origin).resolve().is_relative_to(package_dir.resolve()):
+                del sys.modules[module]
+
+
 def save_pyfunc(
     weights: ImportedCheckpoint,
     path: str | Path,
@@ -270,16 +389,18 @@ def save_pyfunc(
         save_weights(encoder_only, staging / WEIGHTS_FILE)
         spec = model_spec(weights.config, audio_cfg, classes, pooling, sha256_file(staging / WEIGHTS_FILE))
         (staging / CONFIG_FILE).write_text(json.dumps(spec, indent=2, sort_keys=True))
-        mlflow.pyfunc.save_model(
-            path=str(path),
-            python_model=str(PYFUNC_FILE),
-            artifacts={"weights": str(staging / WEIGHTS_FILE), "config": str(staging / CONFIG_FILE)},
-            code_paths=[str(p) for p in CODE_PATHS],
-            signature=model_signature(weights.config, num_classes),
-            input_example=input_example(audio_cfg),
-            pip_requirements=pip_requirements(),
-            model_config=dict(MODEL_CONFIG),
-        )
+        pyfunc, package_dir = write_private_code(staging)
+        with _importable(package_dir):
+            mlflow.pyfunc.save_model(
+                path=str(path),
+                python_model=str(pyfunc),
+                artifacts={"weights": str(staging / WEIGHTS_FILE), "config": str(staging / CONFIG_FILE)},
+                code_paths=[str(package_dir)],
+                signature=model_signature(weights.config, num_classes),
+                input_example=input_example(audio_cfg),
+                pip_requirements=pip_requirements(),
+                model_config=dict(MODEL_CONFIG),
+            )
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     for cache in path.rglob("__pycache__"):
