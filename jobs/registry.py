@@ -15,9 +15,8 @@ A registration has two halves, so that a failure of MLflow never loses a checkpo
 2. `complete_registration` (MLflow): check the folder against its signed record (a planted or altered folder is
    refused: RegistrationRefused, unless `trusted`), create a logged model in the run's experiment, upload a
    checked copy of the folder, create a version of the registered model with tags (run_id, update, stage,
-   encoder, dataset_fingerprint, source, weights_sha256, model_sha256), move
-   the aliases its record names to it (each unless a newer checkpoint of the same run holds it), then replace the
-   pending file by
+   encoder, dataset_fingerprint, source, weights_sha256, model_sha256), move the aliases its record names to it
+   (each unless a newer checkpoint of the same run holds it), then replace the pending file by
    `registration.json` and delete the uploaded copy. Progress is saved after each step, so a retry continues.
    One process at a time completes a folder (an flock on its `.claim` file); another one skips it meanwhile.
 
@@ -36,8 +35,10 @@ Aliases. A registration moves exactly the aliases it was exported with: a run's 
 `[candidate]`, everything else none unless asked), `--alias` of `sslam register --checkpoint / --official` (a
 checkpoint defaults to its run's config). Which checkpoints of a run are registered is `tracking.register`
 (jobs.tracking). Refused everywhere: `latest` (MLflow's: `models:/NAME/latest` is the newest version) and `best`
-(moved only by `sslam evaluate --promote`, which compares the metric with its holder's). `load_verified(uri)` (sslam infer, sslam evaluate) checks a version's downloaded files
-against its `weights_sha256` / `model_sha256` tags before any of its code runs.
+(moved only by `sslam evaluate --promote`, which compares the metric with its holder's).
+
+`load_verified(uri)` (sslam infer, sslam evaluate) checks a version's downloaded files against its
+`weights_sha256` / `model_sha256` tags before any of its code runs.
 """
 
 from __future__ import annotations
@@ -281,7 +282,7 @@ def _module_source(name: str) -> Path | None:
     return source if source.is_file() else None
 
 
-def shipped_modules(entry: Path = PYFUNC_FILE) -> dict[str, Path]:
+def shipped_modules(entry: Path) -> dict[str, Path]:
     """Module name -> source of every project module `entry` needs, transitively (with each package's
     `__init__.py`, and submodules named by `from PACKAGE import MODULE`)."""
     needed: dict[str, Path] = {}
@@ -318,7 +319,7 @@ def _privatized(path: Path, package: str) -> str:
 def write_private_code(staging: Path) -> tuple[Path, Path]:
     """Write the pyfunc file and its private package (module docstring) into `staging`; returns (the pyfunc
     file, the package folder). The package's name is a digest of the code it holds."""
-    modules = shipped_modules()
+    modules = shipped_modules(PYFUNC_FILE)
     digest = hashlib.sha256()
     for name, source in sorted({**modules, "": PYFUNC_FILE}.items()):
         digest.update(f"{name}\0{sha256_file(source)}\n".encode())
