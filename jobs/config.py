@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import operator
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,6 +27,13 @@ from model.config import ModelConfig
 from pipeline.config import DataConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+# Aliases a run's config may not move (tracking.aliases), and why.
+REFUSED_ALIASES = {
+    "latest": "MLflow reserves it: models:/NAME/latest is the newest version",
+    "best": "moved only by `sslam evaluate --promote`, when the metric beats its holder's",
+}
+ALIAS_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,255}")
+VERSION_LIKE_ALIAS = re.compile(r"[vV]\d+")
 
 
 @dataclass
@@ -77,12 +85,33 @@ class TrackingConfig:
     experiment: str = "sslam"
     run_name: str = ""
     model_name: str = "sslam-encoder"
-    register_every_checkpoint: bool = False
+    # Which checkpoints become versions of `model_name`: none, the last one of a run that finished, or each one.
+    register: Literal["never", "end", "every_checkpoint"] = "end"
+    # Aliases each registration of the run moves (base presets: [candidate]); none by default, so a smoke run never
+    # takes an alias that consumers follow. `latest` is MLflow's, `best` is `sslam evaluate --promote`'s.
+    aliases: list[str] = field(default_factory=list)
     system_metrics: bool = True
     # Metric values waiting for MLflow; the oldest are dropped (and counted) beyond.
     queue_size: int = field(default=10000, metadata={"ge": 1})
     retry_interval_s: float = field(default=5.0, metadata={"gt": 0})  # wait between attempts while MLflow is down
     finish_timeout_s: float = field(default=60.0, metadata={"ge": 0})  # how long the end of a run waits for MLflow
+
+    def validate(self) -> None:
+        refused = {alias: REFUSED_ALIASES[alias.lower()] for alias in self.aliases if alias.lower() in REFUSED_ALIASES}
+        if refused:
+            raise ConfigError(
+                "tracking.aliases may not name "
+                + "; ".join(f"{alias!r} ({why})" for alias, why in refused.items())
+                + f", got {self.aliases}"
+            )
+        for alias in self.aliases:
+            if not ALIAS_PATTERN.fullmatch(alias) or VERSION_LIKE_ALIAS.fullmatch(alias):
+                raise ConfigError(
+                    f"tracking.aliases: {alias!r} is not an MLflow alias (letters, digits, '_' and '-', not of the "
+                    "form v<number>, which names a version)"
+                )
+        if len(set(self.aliases)) != len(self.aliases):
+            raise ConfigError(f"tracking.aliases names an alias twice: {self.aliases}")
 
 
 @dataclass
@@ -115,6 +144,7 @@ class Config:
 
     def validate(self) -> None:
         self.model.validate()
+        self.tracking.validate()
         audio = self.data.audio
         if (audio.target_length, audio.mel_bins) != (self.model.target_length, self.model.mel_bins):
             raise ConfigError(

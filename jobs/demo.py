@@ -3,6 +3,7 @@
 sample dataset -> Ray preprocessing (local Ray) -> stage 1 then stage 2 tiny pre-training (DeepSpeed, two
 CPU ranks; GPUs when present) -> registered model in the project-level MLflow store -> linear-probe
 evaluation -> a summary of where everything is. A failing step stops the demo with its name and reason.
+The tiny presets move no alias; the demo's stage 2 asks for `candidate` (DEMO_ALIAS), the alias it evaluates.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from pathlib import Path
 from jobs.config import config_from_args, load_config
 
 log = logging.getLogger("sslam.demo")
+
+DEMO_ALIAS = "candidate"
 
 
 class DemoStepFailed(RuntimeError):
@@ -73,10 +76,10 @@ def run_demo(args: argparse.Namespace) -> int:
         with step(f"3/6 stage 1 (EAT) pre-training, {ranks} DeepSpeed ranks -> {stage1.train.output_dir}"):
             _pretrain("tiny_stage1", ranks, [f"data.loader.shards={shards}"])
         with step(f"4/6 stage 2 (SSLAM) pre-training from stage 1 -> {stage2.train.output_dir}"):
-            _pretrain("tiny_stage2", ranks, [f"data.loader.shards={shards}"])
+            _pretrain("tiny_stage2", ranks, [f"data.loader.shards={shards}", f"tracking.aliases=[{DEMO_ALIAS}]"])
         with step("5/6 registered model"):
             versions = register_pending(stage2.train.output_dir)
-            model_uri = f"models:/{stage2.tracking.model_name}@candidate"
+            model_uri = f"models:/{stage2.tracking.model_name}@{DEMO_ALIAS}"
             print(f"    {model_uri} ({len(versions)} pending registrations completed now)")
         with step("6/6 evaluate: linear probe on frozen features vs the label prior"):
             metrics = evaluate(model_uri, shards, shards, load_config("probe"), promote=True)

@@ -6,8 +6,8 @@ A registration has two halves, so that a failure of MLflow never loses a checkpo
    (no pickle is opened; only `trusted=True` / `--trusted` lets a folder without it go through DeepSpeed's
    consolidation, `jobs.checkpointing.consolidated_student`, which unpickles), take the student encoder
    (`encoder.` keys), and save an MLflow pyfunc model folder
-   (`mlflow.pyfunc.save_model` with `python_model="jobs/pyfunc_model.py"`, artifacts `encoder.safetensors` +
-   `model_config.json`, `code_paths` = the `pipeline` and `model` packages, a signature and an input example; see
+   (`mlflow.pyfunc.save_model` with `python_model` = jobs/pyfunc_model.py, artifacts `encoder.safetensors` +
+   `model_config.json`, the project code it needs as a private package, a signature and an input example; see
    jobs/pyfunc_model.py for the input and output format). The folder and a `pending_registration.json` go to
    `<output_dir>/registrations/update_XXXXXXXX/`, outside the checkpoint folders that keep-last-M pruning removes.
    The pending file records the sha256 of the weights and a digest of every file of the folder (code and MLmodel
@@ -15,20 +15,35 @@ A registration has two halves, so that a failure of MLflow never loses a checkpo
 2. `complete_registration` (MLflow): check the folder against its signed record (a planted or altered folder is
    refused: RegistrationRefused, unless `trusted`), create a logged model in the run's experiment, upload a
    checked copy of the folder, create a version of the registered model with tags (run_id, update, stage,
-   encoder, dataset_fingerprint, source, weights_sha256, model_sha256), move
-   alias `candidate` to it (unless a newer checkpoint of the same run holds it), then replace the pending file by
+   encoder, dataset_fingerprint, source, weights_sha256, model_sha256), move the aliases its record names to it
+   (each unless a newer checkpoint of the same run holds it), then replace the pending file by
    `registration.json` and delete the uploaded copy. Progress is saved after each step, so a retry continues.
    One process at a time completes a folder (an flock on its `.claim` file); another one skips it meanwhile.
 
 `register_pending(run_dir)` retries whatever is still pending (the tracker at every checkpoint and at the end;
 `sslam register RUN_DIR`). `register_official(path, name)` registers an official EAT / SSLAM checkpoint the same way,
-with the class names of a fine-tuned one's head. MLflow reserves the alias `latest`; `models:/NAME/latest` already
-means the newest version. `load_verified(uri)` (sslam infer, sslam evaluate) checks a version's downloaded files
-against its `weights_sha256` / `model_sha256` tags before any of its code runs.
+with the class names of a fine-tuned one's head.
+
+The pyfunc's code is private. The modules of `model/` and `pipeline/` that jobs/pyfunc_model.py imports
+(transitively, function bodies included) are copied into `code/_sslam_pyfunc_<digest>/` of the model folder with
+every `from model...` / `from pipeline...` rewritten to that package, and the shipped pyfunc_model.py imports from
+it. So a registered model loads in an application that has its own top-level `model`, `pipeline` or `config`
+modules, leaves those alone, and two versions built from different code loaded in one process each run their own
+(the digest names the code). The code is part of the folder digest (`model_sha256`) like everything else.
+
+Aliases. A registration moves exactly the aliases it was exported with: a run's `tracking.aliases` (base presets
+`[candidate]`, everything else none unless asked), `--alias` of `sslam register --checkpoint / --official` (a
+checkpoint defaults to its run's config). Which checkpoints of a run are registered is `tracking.register`
+(jobs.tracking). Refused everywhere: `latest` (MLflow's: `models:/NAME/latest` is the newest version) and `best`
+(moved only by `sslam evaluate --promote`, which compares the metric with its holder's).
+
+`load_verified(uri)` (sslam infer, sslam evaluate) checks a version's downloaded files against its
+`weights_sha256` / `model_sha256` tags before any of its code runs.
 """
 
 from __future__ import annotations
 
+import ast
 import atexit
 import dataclasses
 import fcntl
@@ -37,7 +52,9 @@ import hmac
 import json
 import logging
 import os
+import re
 import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -47,6 +64,7 @@ from typing import Any
 import numpy as np
 from mlflow.exceptions import MlflowException
 
+from jobs.config import REFUSED_ALIASES
 from jobs.tracking import ensure_experiment, mlflow_client, tracking_uri
 from model.checkpoint import CheckpointError, ImportedCheckpoint, import_official, save_weights
 from model.config import ModelConfig
@@ -56,7 +74,10 @@ log = logging.getLogger("sslam.registry")
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
-CODE_PATHS = (PROJECT_ROOT / "pipeline", PROJECT_ROOT / "model")
+# The project packages the pyfunc's code may import; they ship inside the model under a private package name.
+SHIPPED_PACKAGES = ("model", "pipeline")
+PRIVATE_PACKAGE_PREFIX = "_sslam_pyfunc_"
+CODE_DIR = "code"  # where save_model puts code_paths inside a model folder
 REGISTRATIONS_DIR = "registrations"
 PENDING_FILE = "pending_registration.json"
 DONE_FILE = "registration.json"
@@ -65,7 +86,6 @@ MODEL_DIR = "model"
 WEIGHTS_FILE = "encoder.safetensors"
 CONFIG_FILE = "model_config.json"
 WEIGHTS_ARTIFACT = f"artifacts/{WEIGHTS_FILE}"  # where save_model puts the weights inside a model folder
-CANDIDATE = "candidate"
 # Version tags: sha256 of the weights file and digest of every file of the uploaded model folder.
 WEIGHTS_SHA_TAG = "weights_sha256"
 MODEL_SHA_TAG = "model_sha256"
@@ -74,7 +94,6 @@ DOWNLOAD_EXTRAS = frozenset({"registered_model_meta"})
 KEY_ENV = "SSLAM_REGISTRATION_KEY_FILE"
 KEY_BYTES = 32
 BEST = "best"
-RESERVED_ALIASES = frozenset({"latest"})
 # Input example: this long a test tone at the model's sample rate.
 EXAMPLE_SECONDS = 0.5
 EXAMPLE_HZ = 440.0
@@ -231,6 +250,112 @@ def pip_requirements() -> list[str]:
     return requirements
 
 
+def _project_imports(path: Path) -> list[ast.ImportFrom]:
+    """The `from model... import` / `from pipeline... import` statements of a source file, function bodies
+    included. Any other way of reaching project code (`import model.x`, relative imports, `jobs`) is refused:
+    the private copy could not honour it."""
+    tree = ast.parse(path.read_text(), str(path))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            roots = [alias.name for alias in node.names if alias.name.split(".")[0] in (*SHIPPED_PACKAGES, "jobs")]
+            if roots:
+                raise ValueError(f"{path}:{node.lineno}: `import {roots[0]}`: code shipped with the registered model "
+                                 "imports project modules as `from PACKAGE.MODULE import NAME` only")
+        elif isinstance(node, ast.ImportFrom):
+            root = (node.module or "").split(".")[0]
+            if node.level:
+                raise ValueError(f"{path}:{node.lineno}: relative import: code shipped with the registered model uses "
+                                 "absolute `from PACKAGE.MODULE import NAME` imports")
+            if root == "jobs":
+                raise ValueError(f"{path}:{node.lineno}: imports {node.module}, which the registered model does not "
+                                 f"ship (only {', '.join(SHIPPED_PACKAGES)})")
+            if root in SHIPPED_PACKAGES:
+                found.append(node)
+    return found
+
+
+def _module_source(name: str) -> Path | None:
+    """The source file of project module `name` (a package's `__init__.py`), None when there is none."""
+    base = PROJECT_ROOT.joinpath(*name.split("."))
+    source = base / "__init__.py" if base.is_dir() else base.with_suffix(".py")
+    return source if source.is_file() else None
+
+
+def shipped_modules(entry: Path) -> dict[str, Path]:
+    """Module name -> source of every project module `entry` needs, transitively (with each package's
+    `__init__.py`, and submodules named by `from PACKAGE import MODULE`)."""
+    needed: dict[str, Path] = {}
+    queue = [entry]
+    while queue:
+        for node in _project_imports(queue.pop()):
+            parts = node.module.split(".")
+            names = [".".join(parts[: depth + 1]) for depth in range(len(parts))]
+            names += [f"{node.module}.{alias.name}" for alias in node.names
+                      if _module_source(f"{node.module}.{alias.name}") is not None]
+            for name in names:
+                if name in needed:
+                    continue
+                source = _module_source(name)
+                if source is None:
+                    raise ValueError(f"{entry} needs {name}, which is not a module under {PROJECT_ROOT}")
+                needed[name] = source
+                queue.append(source)
+    return needed
+
+
+def _privatized(path: Path, package: str) -> str:
+    """The text of `path` with each `from model...` / `from pipeline...` reading `from <package>.model...`."""
+    lines = path.read_text().splitlines(keepends=True)
+    for node in sorted(_project_imports(path), key=lambda n: (n.lineno, n.col_offset), reverse=True):
+        line = lines[node.lineno - 1]
+        match = re.compile(rf"from\s+{re.escape(node.module)}(?![\w.])").match(line, node.col_offset)
+        if match is None:
+            raise ValueError(f"{path}:{node.lineno}: cannot rewrite the import of {node.module} in {line.strip()!r}")
+        lines[node.lineno - 1] = f"{line[: node.col_offset]}from {package}.{node.module}{line[match.end():]}"
+    return "".join(lines)
+
+
+def write_private_code(staging: Path) -> tuple[Path, Path]:
+    """Write the pyfunc file and its private package (module docstring) into `staging`; returns (the pyfunc
+    file, the package folder). The package's name is a digest of the code it holds."""
+    modules = shipped_modules(PYFUNC_FILE)
+    digest = hashlib.sha256()
+    for name, source in sorted({**modules, "": PYFUNC_FILE}.items()):
+        digest.update(f"{name}\0{sha256_file(source)}\n".encode())
+    package = PRIVATE_PACKAGE_PREFIX + digest.hexdigest()[:16]
+    root = staging / CODE_DIR / package
+    root.mkdir(parents=True)
+    (root / "__init__.py").write_text(
+        f'"""This registered model\'s private copy of the project code it runs ({", ".join(SHIPPED_PACKAGES)}).'
+        '"""\n'
+    )
+    for name, source in modules.items():
+        target = root.joinpath(*name.split("."))
+        target = target / "__init__.py" if source.name == "__init__.py" else target.with_suffix(".py")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(_privatized(source, package))
+    pyfunc = staging / PYFUNC_FILE.name
+    pyfunc.write_text(_privatized(PYFUNC_FILE, package))
+    return pyfunc, root
+
+
+@contextmanager
+def _importable(package_dir: Path):
+    """Let this process import the private package from `package_dir` (save_model runs the pyfunc file once),
+    then forget the modules imported from there: a later load imports them from the model folder."""
+    sys.path.insert(0, str(package_dir.parent))
+    try:
+        yield
+    finally:
+        sys.path.remove(str(package_dir.parent))
+        name = package_dir.name
+        for module in [m for m in sys.modules if m == name or m.startswith(f"{name}.")]:
+            origin = getattr(sys.modules[module], "__file__", None) or ""
+            if Path(origin).resolve().is_relative_to(package_dir.resolve()):
+                del sys.modules[module]
+
+
 def save_pyfunc(
     weights: ImportedCheckpoint,
     path: str | Path,
@@ -265,16 +390,18 @@ def save_pyfunc(
         save_weights(encoder_only, staging / WEIGHTS_FILE)
         spec = model_spec(weights.config, audio_cfg, classes, pooling, sha256_file(staging / WEIGHTS_FILE))
         (staging / CONFIG_FILE).write_text(json.dumps(spec, indent=2, sort_keys=True))
-        mlflow.pyfunc.save_model(
-            path=str(path),
-            python_model=str(PYFUNC_FILE),
-            artifacts={"weights": str(staging / WEIGHTS_FILE), "config": str(staging / CONFIG_FILE)},
-            code_paths=[str(p) for p in CODE_PATHS],
-            signature=model_signature(weights.config, num_classes),
-            input_example=input_example(audio_cfg),
-            pip_requirements=pip_requirements(),
-            model_config=dict(MODEL_CONFIG),
-        )
+        pyfunc, package_dir = write_private_code(staging)
+        with _importable(package_dir):
+            mlflow.pyfunc.save_model(
+                path=str(path),
+                python_model=str(pyfunc),
+                artifacts={"weights": str(staging / WEIGHTS_FILE), "config": str(staging / CONFIG_FILE)},
+                code_paths=[str(package_dir)],
+                signature=model_signature(weights.config, num_classes),
+                input_example=input_example(audio_cfg),
+                pip_requirements=pip_requirements(),
+                model_config=dict(MODEL_CONFIG),
+            )
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     for cache in path.rglob("__pycache__"):
@@ -292,7 +419,7 @@ class Registration:
     model_name: str
     experiment: str
     tags: dict[str, str]
-    aliases: list[str] = field(default_factory=lambda: [CANDIDATE])
+    aliases: list[str] = field(default_factory=list)
     tracking_uri: str | None = None
     run_id: str | None = None
     updates: int | None = None
@@ -356,9 +483,9 @@ def pending_folders(run_dir: str | Path) -> list[Path]:
 
 
 def _check_aliases(aliases: list[str]) -> None:
-    reserved = sorted(set(aliases) & RESERVED_ALIASES)
-    if reserved:
-        raise ValueError(f"MLflow reserves the alias(es) {reserved}; models:/NAME/latest is the newest version")
+    refused = [f"{alias!r}: {REFUSED_ALIASES[alias.lower()]}" for alias in aliases if alias.lower() in REFUSED_ALIASES]
+    if refused:
+        raise ValueError(f"a registration may not move these aliases: {'; '.join(refused)}")
 
 
 def _stage_folder(folder: Path, weights: ImportedCheckpoint, registration: Registration, **pyfunc: Any) -> Path:
@@ -442,8 +569,8 @@ def export_checkpoint(
     """Stage the student encoder of checkpoint `tag_dir` as a signed pending registration (no MLflow call).
 
     Returns the registration folder `<run_dir>/registrations/<tag>/` (run_dir defaults to the folder holding
-    `checkpoints/`). Names default to the checkpoint's own config (`tracking.model_name`, `tracking.experiment`).
-    `trusted`: see `student_encoder_weights`.
+    `checkpoints/`). Names and aliases default to the checkpoint's own config (`tracking.model_name`,
+    `tracking.experiment`, `tracking.aliases`). `trusted`: see `student_encoder_weights`.
     """
     tag_dir = Path(tag_dir)
     run_dir = Path(run_dir) if run_dir is not None else tag_dir.parent.parent
@@ -473,7 +600,7 @@ def export_checkpoint(
             "source": "pretrain",
             "checkpoint": str(tag_dir.resolve()),
         },
-        aliases=list(aliases) if aliases is not None else [CANDIDATE],
+        aliases=list(aliases) if aliases is not None else list(config.tracking.aliases),
         tracking_uri=tracking_uri,
         run_id=run_id,
         updates=int(updates),
@@ -493,12 +620,12 @@ def _version_update(version) -> int:
         return -1
 
 
-def _move_candidate(client, name: str, version, registration: Registration) -> bool:
-    """Point `candidate` at `version` unless a newer checkpoint of the same run holds it already."""
+def _move_alias(client, name: str, alias: str, version, registration: Registration) -> bool:
+    """Point `alias` at `version` unless a newer checkpoint of the same run holds it already."""
     from mlflow.exceptions import MlflowException
 
     try:
-        holder = client.get_model_version_by_alias(name, CANDIDATE)
+        holder = client.get_model_version_by_alias(name, alias)
     except MlflowException:
         holder = None
     if (
@@ -508,9 +635,9 @@ def _move_candidate(client, name: str, version, registration: Registration) -> b
         and registration.updates is not None
         and _version_update(holder) > registration.updates
     ):
-        log.info("alias %s stays on version %s (a newer checkpoint of this run)", CANDIDATE, holder.version)
+        log.info("alias %s stays on version %s (a newer checkpoint of this run)", alias, holder.version)
         return False
-    client.set_registered_model_alias(name, CANDIDATE, version.version)
+    client.set_registered_model_alias(name, alias, version.version)
     return True
 
 
@@ -648,10 +775,7 @@ def _complete_claimed(folder: Path, client, run_id: str | None, trusted: bool):
                 "registration; no alias moved"
             )
         for alias in registration.aliases:
-            if alias == CANDIDATE:
-                _move_candidate(client, registration.model_name, version, registration)
-            else:
-                client.set_registered_model_alias(registration.model_name, alias, version.version)
+            _move_alias(client, registration.model_name, alias, version, registration)
     except Exception as error:
         registration.last_error = f"{type(error).__name__}: {str(error).splitlines()[0][:500] if str(error) else ''}"
         registration.save(folder)
@@ -724,7 +848,8 @@ def register_official(
     """Register an official EAT / SSLAM checkpoint (model.checkpoint.import_official) as a version of `name`.
 
     A fine-tuned file keeps its classifier head; `class_labels_csv` (AudioSet's `class_labels_indices.csv`)
-    names its classes, so predict also returns top labels. Returns the ModelVersion.
+    names its classes, so predict also returns top labels. The version moves `aliases` only (none by default).
+    Returns the ModelVersion.
     """
     from pipeline.manifest import read_class_labels
 
@@ -750,7 +875,7 @@ def register_official(
             "checkpoint": str(checkpoint_path.resolve()),
             "kind": weights.kind,
         },
-        aliases=list(aliases) if aliases is not None else [CANDIDATE],
+        aliases=list(aliases or []),
         updates=weights.num_updates,
     )
     with tempfile.TemporaryDirectory(prefix="sslam-official-") as staging:
@@ -827,6 +952,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--class-labels", help="class_labels_indices.csv naming a fine-tuned head's classes")
     parser.add_argument("--experiment", default="sslam", help="experiment of the logged model (--official)")
     parser.add_argument(
+        "--alias", dest="aliases", action="append", default=None, metavar="ALIAS",
+        help="alias to move to the new version (repeatable; --checkpoint: default its run's tracking.aliases, "
+        "--official: default none); 'latest' and 'best' are refused",
+    )
+    parser.add_argument(
         "--trusted", action="store_true",
         help="you vouch for the input: unpickle an official file without the allow-list; read a checkpoint without "
         "student.safetensors through DeepSpeed's pickles; complete RUN_DIR's pending folders without their signed "
@@ -838,12 +968,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give exactly one of RUN_DIR, --checkpoint and --official")
     if args.official and not args.name:
         parser.error("--official needs --name")
+    if args.run_dir and args.aliases is not None:
+        parser.error("--alias goes with --checkpoint or --official (a pending registration keeps its own aliases)")
     try:
         if args.official:
             version = register_official(args.official, args.name, class_labels_csv=args.class_labels,
-                                        experiment=args.experiment, trusted=args.trusted)
+                                        experiment=args.experiment, trusted=args.trusted, aliases=args.aliases)
         elif args.checkpoint:
-            version = register_checkpoint(args.checkpoint, model_name=args.name, trusted=args.trusted)
+            version = register_checkpoint(args.checkpoint, model_name=args.name, trusted=args.trusted,
+                                          aliases=args.aliases)
         else:
             version = None
     except (CheckpointError, FileNotFoundError, MlflowException, ValueError) as error:  # RegistrationRefused too

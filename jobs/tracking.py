@@ -22,9 +22,12 @@ unaffected), and `finish` marks the MLflow run FAILED with the reason in its tag
 server still takes that; else a warning says it could not). Retrying would not help and would leave the run
 RUNNING with a growing backlog.
 
-Registrations (`on_checkpoint`, and `finish` for the last checkpoint): the ZeRO checkpoint is consolidated and
-exported to a local MLflow model folder first (jobs.registry), persisted as a pending registration under
-`<output_dir>/registrations/`, then uploaded and registered on the background thread. A failed one stays pending
+Registrations follow `tracking.register`: `never`; `end` (the default): the last checkpoint of a run that ends
+FINISHED, at `finish`; `every_checkpoint`: each checkpoint at `on_checkpoint` (the last one included). Each moves
+the aliases of `tracking.aliases` and no others (jobs.registry), so a smoke run next to a real one leaves
+`candidate` where it was unless its config names it. The checkpoint is exported to a local MLflow model folder
+first (jobs.registry), persisted as a pending registration under `<output_dir>/registrations/`, then uploaded and
+registered on the background thread. A failed one stays pending
 and is retried at the next checkpoint, at the end, and by `sslam register RUN_DIR` (`registry.register_pending`).
 """
 
@@ -416,9 +419,9 @@ class Tracker:
 
     def on_checkpoint(self, tag_dir: str | Path, updates: int) -> None:
         """After every rank finished writing checkpoint `tag_dir`: export + queue its registration when
-        `tracking.register_every_checkpoint`; always retry the run's pending registrations."""
+        `tracking.register` is `every_checkpoint`; always retry the run's pending registrations."""
         self._last_checkpoint = (Path(tag_dir), int(updates))
-        if self.config.tracking.register_every_checkpoint:
+        if self.config.tracking.register == "every_checkpoint":
             self._export(Path(tag_dir), int(updates))
         self._outbox.put_task(RETRY_REGISTRATIONS, self._register_pending)
 
@@ -434,13 +437,14 @@ class Tracker:
         return True
 
     def finish(self, status: str = "FINISHED") -> None:
-        """End the run: register the last checkpoint (status FINISHED), send what is queued within
-        `tracking.finish_timeout_s`, mark the run terminated. Pending registrations stay on disk."""
+        """End the run: register the last checkpoint (status FINISHED, unless `tracking.register` is `never`), send
+        what is queued within `tracking.finish_timeout_s`, mark the run terminated. Pending registrations stay on
+        disk."""
         if self._stopping:
             return
         if self._sampler is not None:
             self._sampler.stop()
-        if status == "FINISHED" and self._last_checkpoint is not None:
+        if status == "FINISHED" and self._last_checkpoint is not None and self.config.tracking.register != "never":
             self._export(*self._last_checkpoint)
         self._outbox.put_task(RETRY_REGISTRATIONS, self._register_pending)
         self._outbox.put_task(f"end the run ({status})", functools.partial(self._end_run, status), final=True)
@@ -691,6 +695,7 @@ class Tracker:
                 tracking_uri=self.uri,
                 dataset_fingerprint=str(self.dataset_info.get("fingerprint", "")),
                 config=self.config,
+                aliases=self.config.tracking.aliases,
                 trusted=True,  # this run's own checkpoint (resuming unpickles it too); student.safetensors first
             )
         except Exception:

@@ -126,7 +126,8 @@ def setup(tmp_path_factory):
             patch.delenv(name, raising=False)
         patch.chdir(root)
         config = load_config("probe", ["eval.train_shards=shards", "eval.test_shards=shards",
-                                       "data.loader.num_workers=0", "data.loader.shards=shards"])
+                                       "data.loader.num_workers=0", "data.loader.shards=shards",
+                                       "tracking.aliases=[candidate]"])
         info, train_features = write_evaluation_set(root / "shards", config.data.audio)
         random_version = register(SSLAM(config.model), config, root / "runs" / "random", 0)
         trained = pretrain(config, train_features, PRETRAIN_STEPS)

@@ -116,7 +116,8 @@ def wait_for(condition, timeout_s: float, what: str) -> None:
 
 
 def test_tracking_and_registry_survive_a_server_outage(server):
-    config = load_config("tiny_stage1", ["train.output_dir=runs/srv", "tracking.register_every_checkpoint=true",
+    config = load_config("tiny_stage1", ["train.output_dir=runs/srv", "tracking.register=every_checkpoint",
+                                         "tracking.aliases=[candidate]",
                                          "tracking.retry_interval_s=0.5", "tracking.finish_timeout_s=60"])
     run_dir = Path("runs/srv")
     tag10, _ = checkpoint(run_dir, config, 10)

@@ -62,7 +62,7 @@ def trained(tmp_path_factory):
         config = load_config("tiny_stage1", [
             "data.loader.shards=shards", "data.loader.num_workers=0", "train.output_dir=runs/stage1",
             "train.max_updates=8", "train.checkpoint_interval=4", "train.keep_checkpoints=1", "train.log_interval=2",
-            "tracking.register_every_checkpoint=true",
+            "tracking.register=every_checkpoint", "tracking.aliases=[candidate]",
         ])
         trainer = Pretrainer(config)  # rank 0: starts its own Tracker and logs the first batch's preview
         try:
@@ -162,6 +162,8 @@ def test_candidate_alias_rules_and_reserved_latest(trained):
     assert registry.main([str(trained.root / "runs" / "stage1")]) == 0  # `sslam register RUN_DIR`: nothing pending
     with pytest.raises(ValueError, match="reserves"):
         registry.export_checkpoint(tag_dir, 8, trained.root / "bad", aliases=["latest"])
+    with pytest.raises(ValueError, match="evaluate --promote"):
+        registry.export_checkpoint(tag_dir, 8, trained.root / "bad", aliases=["best"])
 
 
 def test_one_process_at_a_time_completes_a_registration(trained):
@@ -205,7 +207,7 @@ def test_official_checkpoint_with_head_predicts_labels_and_infers(trained, tmp_p
     torch.save(finetuned_checkpoint(trained.config, len(names)), path)
     labels = tmp_path / "class_labels_indices.csv"
     labels.write_text("index,mid,display_name\n" + "".join(f'{i},/m/x{i},"{n}"\n' for i, n in enumerate(names)))
-    version = registry.register_official(path, "eat-official", class_labels_csv=labels)
+    version = registry.register_official(path, "eat-official", class_labels_csv=labels, aliases=["candidate"])
     assert (version.tags["source"], version.tags["update"], version.tags["kind"]) == ("official", "1234", "finetune")
 
     model = mlflow.pyfunc.load_model("models:/eat-official@candidate", model_config=CPU)

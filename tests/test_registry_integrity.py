@@ -106,7 +106,7 @@ def test_planted_pending_folders_are_refused(store, capsys, monkeypatch):
     run_dir = store.root / "runs" / "planted"
     tag_dir = checkpoint_folder(run_dir, store.config, 12)
     model_name = "sslam-planted"
-    genuine = registry.export_checkpoint(tag_dir, 12, run_dir, model_name=model_name)
+    genuine = registry.export_checkpoint(tag_dir, 12, run_dir, model_name=model_name, aliases=["candidate"])
     root = registry.registrations_dir(run_dir)
 
     copied = root / "update_00000099"  # a genuine record under another folder name
