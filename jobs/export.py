@@ -27,7 +27,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from jobs.checkpointing import STUDENT_FILE, checkpoint_root, latest_complete, verify
+from jobs.checkpointing import STUDENT_FILE, TAG_PATTERN, checkpoint_root, latest_complete, verify
 from model.checkpoint import CheckpointError, ImportedCheckpoint, import_official, load_weights, save_weights
 from model.pretrained import CONFIG_FILE, EXPORT_FORMAT, EXPORT_VERSION, WEIGHTS_FILE, checkpoint_configs
 from pipeline.config import AudioConfig
@@ -78,8 +78,9 @@ def from_checkpoint(folder: Path) -> Exportable:
         raise CheckpointError(f"{folder} is not a complete checkpoint: {problem}")
     model_cfg, audio = checkpoint_configs(folder / "config.yaml")
     full = load_weights(folder / STUDENT_FILE, config=model_cfg)
+    tag = TAG_PATTERN.match(folder.name)
     weights = ImportedCheckpoint(config=model_cfg, kind="encoder", student_encoder=full.student_encoder,
-                                 num_updates=int(folder.name.rsplit("_", 1)[-1]) if "_" in folder.name else 0)
+                                 num_updates=int(tag.group(1)) if tag else 0)
     return Exportable(weights, _audio_for(weights, audio), str(folder.resolve()))
 
 

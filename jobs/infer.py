@@ -13,7 +13,8 @@ length. Features are the training front-end's (pipeline.audio.fbank_batch on eac
 valid_frames, partial, utterance (D floats), frames (N * D floats, time-major patch tokens; the schema metadata's
 `frames_shape` is [Tp, Fp, D]; left out with --no-frames) and, for a model with a classifier head, top_indices,
 top_labels, top_scores. The console shows each file's window layout and embedding shapes, and with a head its top
-labels (window scores averaged). A file that cannot be read is reported and skipped; the exit status is then 1.
+labels (window scores averaged). A file that cannot be read is reported and skipped; one found damaged while
+streaming (a cut FLAC) keeps the rows of the windows before the damage; the exit status is then 1.
 """
 
 from __future__ import annotations
@@ -176,14 +177,16 @@ def embed_file(
         count += len(windows)
 
     pending = []
-    for window in stream_windows(path, audio_cfg, hop_s):
-        pending.append(window)
-        last = window
-        if len(pending) == batch:
+    try:
+        for window in stream_windows(path, audio_cfg, hop_s):
+            pending.append(window)
+            last = window
+            if len(pending) == batch:
+                flush(pending)
+                pending = []
+    finally:  # a file found damaged while streaming keeps the windows decoded before the damage
+        if pending:
             flush(pending)
-            pending = []
-    if pending:
-        flush(pending)
     result: dict[str, Any] = {
         "file": str(path),
         "model_uri": model_label,
@@ -272,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         for path in readable:
             try:
                 result = embed_file(path, model, label, args.hop, args.top_k, sink, args.batch)
-            except AudioError as error:  # found while streaming (e.g. a truncated end): rows written so far stay
+            except AudioError as error:  # found while streaming (e.g. a cut file): the windows before it stay
                 print(f"sslam infer: cannot read {path}: {error.reason} ({error.detail})", file=sys.stderr)
                 failed += 1
                 continue

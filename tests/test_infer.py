@@ -166,3 +166,26 @@ def test_one_hour_file_streams_in_bounded_memory(exported, tmp_path):
     table = pd.read_parquet(tmp_path / "hour.parquet", columns=["window", "start_s", "partial"])
     assert len(table) == 1 + math.ceil((3600 - WINDOW_S) / HOP_S) == 704
     assert table["start_s"].iloc[-1] == pytest.approx(703 * HOP_S) and table["partial"].tolist()[-1]
+
+
+def test_tail_shorter_than_a_frame_is_padded_and_a_cut_file_is_reported(exported, tmp_path, capsys):
+    from pipeline.windows import plan_windows, stream_windows
+
+    audio = load_encoder(exported).front_end
+    noise(tmp_path / "tail.wav", 10.26)  # the third window holds 20 ms: less than one 25 ms frame
+    cfg = infer_job.audio_config_of(load_encoder(exported))
+    windows = list(stream_windows(tmp_path / "tail.wav", cfg))
+    assert [(w.start_s, w.valid_frames, w.partial) for w in windows] == [
+        (0.0, 512, False), (5.12, 512, False), (10.24, 1, True)]
+    assert windows[-1].wave.numel() == audio.window_samples and plan_windows(tmp_path / "tail.wav", cfg).count == 3
+
+    noise(tmp_path / "whole.flac", 60.0)
+    data = (tmp_path / "whole.flac").read_bytes()
+    (tmp_path / "cut.flac").write_bytes(data[: len(data) // 2])  # header intact, half of the frames gone
+    out = tmp_path / "mixed.parquet"
+    assert infer_job.main([str(tmp_path / "cut.flac"), str(tmp_path / "tail.wav"), "--model", str(exported),
+                           "--out", str(out), "--batch", "2"]) == 1
+    assert f"cannot read {tmp_path / 'cut.flac'}: corrupt" in capsys.readouterr().err
+    counts = pd.read_parquet(out, columns=["file"]).groupby("file").size().to_dict()
+    assert counts[str(tmp_path / "tail.wav")] == 3
+    assert 0 < counts[str(tmp_path / "cut.flac")] < math.ceil(60 / HOP_S)  # the windows before the damage
