@@ -101,7 +101,8 @@ def from_official(path: Path, class_labels_csv: str | None = None, trusted: bool
     classes = None
     if weights.head is not None:
         if class_labels_csv:
-            classes = [{"index": c.index, "mid": c.mid, "name": c.display_name} for c in read_class_labels(class_labels_csv)]
+            labels = read_class_labels(class_labels_csv)
+            classes = [{"index": c.index, "mid": c.mid, "name": c.display_name} for c in labels]
         else:
             count = int(weights.head["head.weight"].shape[0])
             classes = [{"index": i, "mid": "", "name": f"class {i}"} for i in range(count)]
@@ -167,8 +168,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from jobs.registry import RegistrationRefused
 
-    parser = argparse.ArgumentParser(prog="sslam export", description="export an encoder as config.json + model.safetensors")
-    parser.add_argument("source", help="models:/NAME@ALIAS | models:/NAME/VERSION | RUN_DIR | CHECKPOINT_DIR | official .pt")
+    parser = argparse.ArgumentParser(
+        prog="sslam export", description="export an encoder as config.json + model.safetensors"
+    )
+    parser.add_argument(
+        "source", help="models:/NAME@ALIAS | models:/NAME/VERSION | RUN_DIR | CHECKPOINT_DIR | official .pt"
+    )
     parser.add_argument("out", help="output folder (must not exist or be empty)")
     parser.add_argument("--class-labels", help="class_labels_indices.csv naming an official fine-tuned head's classes")
     parser.add_argument("--trusted", action="store_true",
@@ -177,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         out = write_export(resolve_source(args.source, args.class_labels, args.trusted), args.out)
-    except (CheckpointError, FileExistsError, FileNotFoundError, MlflowException, RegistrationRefused, ValueError) as error:
+    except (CheckpointError, OSError, MlflowException, RegistrationRefused, ValueError) as error:
         print(f"sslam export: {error}", file=sys.stderr)
         return 1
     spec = json.loads((out / CONFIG_FILE).read_text())

@@ -30,9 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from mlflow.exceptions import MlflowException
 
-from jobs.registry import RegistrationRefused
 from model.checkpoint import CheckpointError
 from model.pretrained import FrontEnd, PretrainedEncoder, load_encoder
 from pipeline.audio import AudioError, fbank_batch
@@ -55,7 +53,9 @@ def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in AUDIO_EXTENSIONS)
+            found = sorted(
+                p for p in path.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in AUDIO_EXTENSIONS
+            )
             if not found:
                 problems.append(f"{item}: a folder without audio files")
             files.extend(found)
@@ -80,6 +80,19 @@ def load_model(spec: str, device: str = "auto") -> tuple[PretrainedEncoder, str]
     exported = from_registry(spec)
     front_end = FrontEnd.from_dict(dataclasses.asdict(exported.audio))
     return PretrainedEncoder(exported.weights, front_end, exported.classes, exported.pooling, device), exported.source
+
+
+def model_load_errors() -> tuple[type[Exception], ...]:
+    """What a failed load raises. MLflow is imported only for a registry URI (an exported folder needs none of it:
+    a lighter process), so its errors join only once it is loaded."""
+    errors: tuple[type[Exception], ...] = (CheckpointError, OSError)
+    if "mlflow" in sys.modules:
+        from mlflow.exceptions import MlflowException
+
+        from jobs.registry import RegistrationRefused
+
+        errors += (MlflowException, RegistrationRefused)
+    return errors
 
 
 def audio_config_of(model: PretrainedEncoder) -> AudioConfig:
@@ -230,7 +243,9 @@ def _print_summary(result: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sslam infer", description="embed (or tag) audio files window by window")
     parser.add_argument("inputs", nargs="+", help="audio files, folders or glob patterns (quote them)")
-    parser.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or an `sslam export` folder")
+    parser.add_argument(
+        "--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or an `sslam export` folder"
+    )
     parser.add_argument("--hop", type=float, default=None,
                         help="seconds between window starts (default: the model's target length, no overlap)")
     parser.add_argument("--out", help="write every window's embeddings (and top labels) to this Parquet file")
@@ -257,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         model, label = load_model(args.model, args.device)
-    except (MlflowException, RegistrationRefused, CheckpointError, OSError) as error:
+    except model_load_errors() as error:
         print(f"sslam infer: cannot load model {args.model}: {error}", file=sys.stderr)
         return 1
     window = window_seconds(audio_config_of(model))

@@ -82,7 +82,8 @@ class FrontEnd:
                 "common rate first (pipeline.audio.to_model_rate handles any rate)"
             )
         return torchaudio.functional.resample(
-            wave, sample_rate, self.sample_rate, lowpass_filter_width=6, rolloff=0.99, resampling_method="sinc_interp_hann"
+            wave, sample_rate, self.sample_rate,
+            lowpass_filter_width=6, rolloff=0.99, resampling_method="sinc_interp_hann",
         )
 
     def fbank(self, wave: np.ndarray | Tensor, sample_rate: int) -> Tensor:
@@ -98,7 +99,9 @@ class FrontEnd:
         samples = self.resample(samples, int(sample_rate))
         window = self.window_samples
         if samples.numel() < window:
-            raise ValueError(f"{samples.numel()} samples at {self.sample_rate} Hz are shorter than one {window}-sample frame")
+            raise ValueError(
+                f"{samples.numel()} samples at {self.sample_rate} Hz are shorter than one {window}-sample frame"
+            )
         shift = int(self.sample_rate * self.frame_shift_ms * 0.001)
         frames = 1 + (samples.numel() - window) // shift
         if frames > self.target_length:
@@ -196,7 +199,9 @@ class PretrainedEncoder:
             result.update(logits=logits, scores=torch.sigmoid(logits))
         return result
 
-    def embed(self, waveform: np.ndarray | Tensor, sample_rate: int, pooling: str | None = None) -> dict[str, np.ndarray]:
+    def embed(
+        self, waveform: np.ndarray | Tensor, sample_rate: int, pooling: str | None = None
+    ) -> dict[str, np.ndarray]:
         """One waveform (samples in [-1, 1], mono or (frames, channels)) at any sample rate -> numpy `utterance` (D,)
         and `frames` (N, D)
         (time-major patch tokens); with a head also `scores` (C,) (sigmoid) and `labels` (class names by score)."""

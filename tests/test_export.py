@@ -68,7 +68,8 @@ def checkpoint_folder(run_dir: Path, config, updates: int, complete: bool = True
     tag_dir.mkdir(parents=True)
     (tag_dir / "config.yaml").write_text(dump_yaml(config))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tag_dir / STUDENT_FILE))
-    torch.save({"module": {}, "hook": Payload(marker or run_dir / "pickle-ran")}, tag_dir / "mp_rank_00_model_states.pt")
+    payload = Payload(marker or run_dir / "pickle-ran")
+    torch.save({"module": {}, "hook": payload}, tag_dir / "mp_rank_00_model_states.pt")
     if complete:
         manifest_for_files(tag_dir)
     return tag_dir
