@@ -151,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module, summary in [
         ("register", "jobs.registry", "register checkpoints (pending ones, one, or an official EAT/SSLAM file)"),
         ("evaluate", "jobs.evaluate", "linear-probe a registered model on evaluation shards (mAP vs label prior)"),
-        ("infer", "jobs.infer", "embed (or tag) one audio file with a registered model"),
+        ("export", "jobs.export", "export an encoder (registry URI, run, checkpoint, official .pt) as a plain folder"),
+        ("infer", "jobs.infer", "embed (or tag) audio files, window by window, with a registered or exported model"),
     ]:
         delegated = commands.add_parser(name, help=summary, add_help=False, prefix_chars="\0")
         delegated.add_argument("arguments", nargs=argparse.REMAINDER)

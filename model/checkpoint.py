@@ -718,10 +718,37 @@ def read_config(path: str | Path) -> ModelConfig:
     return config_from_json(read_metadata(path)["model_config"])
 
 
-def load_weights(path: str | Path, device: str | torch.device = "cpu") -> ImportedCheckpoint:
-    """Read a file written by `save_weights`; the parts are checked against the stored config."""
-    metadata = read_metadata(path)
-    cfg = config_from_json(metadata["model_config"])
+def is_plain_state_file(path: str | Path) -> bool:
+    """True for a safetensors file without our metadata, such as a checkpoint's `student.safetensors` (the full
+    student's state dict: `encoder.` and `decoder.` keys, no config)."""
+    with safe_open(str(path), framework="pt") as handle:
+        return (handle.metadata() or {}).get("format") != SAFETENSORS_FORMAT
+
+
+def load_weights(
+    path: str | Path, device: str | torch.device = "cpu", config: ModelConfig | None = None
+) -> ImportedCheckpoint:
+    """Read a file written by `save_weights`; the parts are checked against the stored config.
+
+    A plain state file (a checkpoint's `student.safetensors`, see `is_plain_state_file`) carries no config: it is
+    read with `config` (the checkpoint's `model` section), its `encoder.` / `decoder.` / `teacher.` / `head.` keys
+    becoming the parts; without `config` it is refused, naming what is needed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    plain = is_plain_state_file(path)
+    if plain:
+        if config is None:
+            raise CheckpointError(
+                f"{path} is a plain state file (e.g. a checkpoint's student.safetensors) without a model config: pass "
+                "config= (the checkpoint's config.yaml `model` section; model.pretrained.load_encoder reads it)"
+            )
+        metadata = {"kind": "encoder", "num_updates": "0"}
+        cfg = config
+    else:
+        metadata = read_metadata(path)
+        cfg = config_from_json(metadata["model_config"])
     tensors = load_file(str(path), device=str(device))
     parts: dict[str, dict[str, Tensor]] = {"encoder": {}, "decoder": {}, "teacher": {}, "head": {}}
     for key, value in tensors.items():
@@ -731,7 +758,11 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu") -> Import
                 f"{path}: key '{key}' belongs to no part (encoder/decoder/teacher/head)", unexpected=[key]
             )
         parts[part][name] = value
+    if plain and parts["encoder"] and "pos_embed" not in parts["encoder"]:  # a buffer: the fixed sin-cos table
+        parts["encoder"]["pos_embed"] = sincos_position_table(cfg.max_time_patches, cfg.freq_patches, cfg.embed_dim)
     kind = metadata.get("kind", "encoder")
+    if plain and parts["decoder"]:  # a full student: encoder + decoder
+        kind = "pretrain"
     if kind not in typing.get_args(WeightsKind):
         raise CheckpointError(f"{path} has unknown kind {kind!r}")
     weights = ImportedCheckpoint(
