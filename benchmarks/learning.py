@@ -23,12 +23,14 @@
    (`model.padding`, where ModelConfig has it; otherwise the aware rows say "not available").
 
 Prints one JSON line: every mAP, the label prior per evaluation set, the budget used (seconds per step) and the
-configuration. Pre-training runs with the torch threads of `--threads` (OMP_NUM_THREADS).
+configuration. Pre-training runs with `--threads` torch threads (OMP_NUM_THREADS; 1 by default: on a shared
+2-core machine the tiny model trained ~1.6x faster on one thread than on two), Ray with `--ray-cpus`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -59,7 +61,7 @@ EVAL_SETS = {"mono": ("train", "eval"), "poly": ("poly_train", "poly_eval")}
 MODELS = ("random", "stage1", "stage2", "stage1_continued")
 NOT_AVAILABLE = "not available"
 
-FULL = {"train_clips": 320, "eval_clips": 100, "poly_clips": 160, "stage1_updates": 300, "extra_updates": 100,
+FULL = {"train_clips": 320, "eval_clips": 150, "poly_clips": 160, "stage1_updates": 600, "extra_updates": 200,
         "mixture_epochs": 4, "probe_epochs": 100}
 SMOKE = {"train_clips": 24, "eval_clips": 12, "poly_clips": 12, "stage1_updates": 3, "extra_updates": 2,
          "mixture_epochs": 1, "probe_epochs": 5}
@@ -126,6 +128,7 @@ def write_polyphonic_split(data_dir: Path, source_csv: Path, name: str, count: i
         raise ValueError(f"{source_csv}: polyphonic mixtures need {max(POLY_SOURCES)} classes, found {len(classes)}")
     lines = [f"# Polyphonic mixtures of {source_csv.name} (benchmarks.learning)\n",
              f"# num_ytids={count}\n", "# YTID, start_seconds, end_seconds, positive_labels\n"]
+    waves_of: dict[str, np.ndarray] = {}
     for index in range(count):
         chosen: list = []
         for position in rng.permutation(len(segments)):
@@ -134,7 +137,10 @@ def write_polyphonic_split(data_dir: Path, source_csv: Path, name: str, count: i
                 chosen.append(segment)
             if len(chosen) == POLY_SOURCES[index % len(POLY_SOURCES)]:
                 break
-        waves = [load_waveform(paths[s.ytid], audio_cfg).numpy() for s in chosen]
+        for segment in chosen:
+            if segment.ytid not in waves_of:
+                waves_of[segment.ytid] = load_waveform(paths[segment.ytid], audio_cfg).numpy()
+        waves = [waves_of[s.ytid] for s in chosen]
         mixture = np.zeros(max(w.size for w in waves))
         for wave in waves:
             mixture[: wave.size] += POLY_RMS * wave / max(float(np.sqrt(np.mean(wave**2))), 1e-9)
@@ -255,7 +261,8 @@ def trained_weights(config: Config):
     from jobs.registry import student_encoder_weights
 
     root = checkpointing.checkpoint_root(config.train.output_dir)
-    return student_encoder_weights(root / checkpointing.latest_tag(root), config.model)
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's consolidation prints; stdout is the JSON line
+        return student_encoder_weights(root / checkpointing.latest_tag(root), config.model)
 
 
 def probe_config(shards: str, pooling: str, epochs: int) -> Config:
@@ -295,7 +302,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
     data = data_section(data_dir, shards, args.mixture_epochs)
     modes = padding_modes()
     configs = {mode: write_run_configs(work, data, mode, args) for mode, missing in modes.items() if missing is None}
-    prep = preprocess(configs["reference"]["stage1"], work, args.threads)
+    prep = preprocess(configs["reference"]["stage1"], work, args.ray_cpus)
     now = lap("preprocess", now)
 
     runs: dict[str, dict] = {}
@@ -306,7 +313,8 @@ def run(args: argparse.Namespace, work: Path) -> dict:
             now = lap(f"pretrain_{mode}_{name}", now)
             runs[mode][name]["seconds"] = seconds[f"pretrain_{mode}_{name}"]
 
-    torch.set_num_threads(args.threads)
+    # Probes are tiny matrix products: on a busy machine more threads only add synchronisation (20x slower).
+    torch.set_num_threads(1)
     pooling_used = poolings()
     rows, priors = [], {}
     for mode, missing in modes.items():
@@ -340,7 +348,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
             for mode, missing in modes.items()
         },
         "runs": runs,
-        "budget": {"seconds": seconds, "threads": args.threads,
+        "budget": {"seconds": seconds, "threads": args.threads, "ray_cpus": args.ray_cpus,
                    "updates": {"stage1": args.stage1_updates, "stage2": args.extra_updates,
                                "stage1_continued": args.extra_updates}},
         "data": {"profile": summary["profile"], "classes": len(summary["classes"]), "train_clips": args.train_clips,
@@ -359,7 +367,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name, default in FULL.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
                             help=f"default {default} ({SMOKE[name]} with --smoke)")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads and Ray CPUs")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the pre-training runs")
+    parser.add_argument("--ray-cpus", type=int, default=2, help="CPUs of the local Ray of the preprocessing")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work-dir", default="", help="keep everything here (default: a temporary folder, removed)")
     args = parser.parse_args(argv)
@@ -373,6 +382,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.work_dir:
         work = Path(args.work_dir)
+        if work.exists() and any(work.iterdir()):
+            # Runs resume from checkpoints they find (train.resume=auto): an old folder would skip training.
+            print(f"benchmarks.learning: --work-dir {work} is not empty", file=sys.stderr)
+            return 2
         work.mkdir(parents=True, exist_ok=True)
         result = run(args, work)
     else:
