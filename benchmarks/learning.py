@@ -10,7 +10,8 @@
    (`pipeline.audio.load_waveform`), scaled to the same RMS (matched loudness), summed from time 0 (the mixture
    as long as its longest source), peak-limited to 0.9; labels: the union of the sources' labels.
 2. Ray preprocessing (`python -m jobs.preprocess`): train (mixed, `--mixture-epochs`), eval, poly_train, poly_eval.
-3. Pre-training (`sslam pretrain --ranks 1`, CPU DeepSpeed), per padding mode: stage 1 (EAT, tiny_stage1,
+3. Pre-training (`sslam pretrain --ranks 1`, CPU DeepSpeed), per padding mode (`aware` runs mix with
+   `data.mixing.mix_padding: silence`; mixtures are made by the loader, not stored): stage 1 (EAT, tiny_stage1,
    `--stage1-updates`); stage 2 (SSLAM, tiny_stage2, init_from stage 1, `--extra-updates`); and the equal-compute
    control "stage1_continued": the stage-2 run with `model.stage=1` (same init, schedule and update count, EAT
    loss only).
@@ -163,7 +164,8 @@ def data_section(data_dir: Path, shards: Path, mixture_epochs: int) -> dict:
     return {
         "source": {"audio_root": str(data_dir / "audio"), "class_labels_csv": str(data_dir / "class_labels_indices.csv"),
                    "splits": splits},
-        "mixing": {"mixture_epochs": mixture_epochs},
+        # Mixed on the fly by the loader, so that each run mixes with its own data.mixing.mix_padding.
+        "mixing": {"mixture_epochs": mixture_epochs, "materialize_mixtures": False},
         "shards": {"output": str(shards)},
         "loader": {"shards": str(shards)},
     }
@@ -173,6 +175,9 @@ def write_run_configs(work: Path, data: dict, padding: str, args: argparse.Names
     """Config files of the three runs of one padding mode: stage1, stage2 (init_from stage1) and
     stage1_continued (stage 2's run with model.stage=1)."""
     model = {"padding": padding} if _literal_options(ModelConfig, "padding") else {}
+    if padding == "aware":
+        # A short partner's zero padding would win the log-mel max over the primary's content.
+        data = {**data, "mixing": {**data["mixing"], "mix_padding": "silence"}}
     common = {"data": data, "tracking": {"enabled": False}}
     stage1_dir = work / padding / "stage1"
     extra = {"max_updates": args.extra_updates, "warmup_updates": max(1, args.extra_updates // 10),
@@ -194,6 +199,15 @@ def write_run_configs(work: Path, data: dict, padding: str, args: argparse.Names
         paths[name].parent.mkdir(parents=True, exist_ok=True)
         paths[name].write_text(yaml.safe_dump(values, sort_keys=False))
     return paths
+
+
+def run_settings(config: Config) -> dict:
+    """What distinguishes the runs, for the report."""
+    train, model = config.train, config.model
+    return {"stage": model.stage, "peak_lr": train.peak_lr, "warmup_updates": train.warmup_updates,
+            "max_updates": train.max_updates, "micro_batch_clips": config.data.loader.micro_batch_clips,
+            "clone_batch": model.clone_batch, "init_from": Path(train.init_from).name if train.init_from else "",
+            "padding": getattr(model, "padding", "reference")}
 
 
 # ------------------------------------------------------------------------------------------------- the jobs
@@ -309,7 +323,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
     for mode, paths in configs.items():
         runs[mode] = {}
         for name, path in paths.items():
-            runs[mode][name] = pretrain(path, args.threads)
+            runs[mode][name] = {**run_settings(load_config(str(path))), **pretrain(path, args.threads)}
             now = lap(f"pretrain_{mode}_{name}", now)
             runs[mode][name]["seconds"] = seconds[f"pretrain_{mode}_{name}"]
 
