@@ -62,7 +62,7 @@ EVAL_SETS = {"mono": ("train", "eval"), "poly": ("poly_train", "poly_eval")}
 MODELS = ("random", "stage1", "stage2", "stage1_continued")
 NOT_AVAILABLE = "not available"
 
-FULL = {"train_clips": 320, "eval_clips": 150, "poly_clips": 160, "stage1_updates": 600, "extra_updates": 200,
+FULL = {"train_clips": 320, "eval_clips": 150, "poly_clips": 160, "stage1_updates": 1000, "extra_updates": 300,
         "mixture_epochs": 4, "probe_epochs": 100}
 SMOKE = {"train_clips": 24, "eval_clips": 12, "poly_clips": 12, "stage1_updates": 3, "extra_updates": 2,
          "mixture_epochs": 1, "probe_epochs": 5}
