@@ -14,13 +14,16 @@ Classes are rows of `EVENT_KINDS`, a table of generator functions with distinct 
 i uses kind i mod len(EVENT_KINDS), its pitch raised by 1.5x for every further pass over the table, so any
 `num_classes` works.
 
-`cfg.profile: events` writes recordings closer to real ones instead (same files, CSVs and broken files):
+`cfg.profile: events` writes recordings closer to real ones instead (same file layout and CSVs):
 clip lengths log-uniform over `EVENTS_CLIP_SECONDS` (0.7-10 s, three quarters under 5 s), each clip one
 class of `SCENE_KINDS` (footsteps, drums, keyboard typing, speech-like syllables, knocks, bells, ...):
 short hits with sharp onsets and exponential decays, repeated at the class's own rhythm with jitter, over a
-coloured noise background of random level. Labels: the clip's one class. Everything derives from `cfg.seed`: the same seed gives byte-identical CSV, WAV and
-FLAC files. Ogg Vorbis files are not byte-identical across runs (libsndfile draws a random Ogg stream serial
-number) but decode to identical samples.
+coloured noise background of random level. Labels: the clip's one class. The default profile's output is
+unchanged by this option (tests/test_synth.py pins its bytes).
+
+Everything derives from `cfg.seed`: the same seed gives byte-identical CSV, WAV and FLAC files. Ogg Vorbis
+files are not byte-identical across runs (libsndfile draws a random Ogg stream serial number) but decode to
+identical samples.
 """
 
 from __future__ import annotations
