@@ -1,5 +1,6 @@
-"""benchmarks/learning.py --smoke end to end: events data, Ray preprocessing, three CPU pre-training runs per
-padding mode, probes; one JSON line with every mAP in [0, 1], the label prior and the budget."""
+"""benchmarks/learning.py: --smoke end to end (events data, Ray preprocessing, three CPU pre-training runs per
+padding mode, probes; one JSON line with every mAP in [0, 1], the label prior and the budget), and its refusal of a
+work folder that holds an earlier run."""
 
 from __future__ import annotations
 
@@ -11,13 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.learning import EVAL_SETS, MODELS, NOT_AVAILABLE, SMOKE, padding_modes, poolings
-
-pytestmark = pytest.mark.slow
+from benchmarks.learning import EVAL_SETS, MODELS, NOT_AVAILABLE, SMOKE, main, padding_modes, poolings
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_smoke_prints_one_json_line_of_maps(tmp_path: Path) -> None:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     result = subprocess.run(
@@ -59,3 +59,11 @@ def test_smoke_prints_one_json_line_of_maps(tmp_path: Path) -> None:
     assert 0 < budget["seconds"]["total"] < 400
     assert report["config"]["smoke"] is True and report["data"]["profile"] == "events"
     assert report["data"]["samples"] > 0
+
+
+def test_a_work_dir_holding_a_run_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Its runs would resume from the old checkpoints (train.resume=auto) and report untrained numbers."""
+    (tmp_path / "reference").mkdir()
+    assert main(["--smoke", "--work-dir", str(tmp_path)]) == 2
+    assert "is not empty" in capsys.readouterr().err
+    assert [path.name for path in tmp_path.iterdir()] == ["reference"]
