@@ -107,8 +107,8 @@ def make_data(data_dir: Path, train_clips: int, eval_clips: int, poly_clips: int
                         broken_files=False, seed=seed, profile="events")
     summary = make_sample_dataset(data_dir, synth)
     for split_code, (poly, source) in enumerate(POLY_SPLITS.items()):
-        csv = data_dir / summary["splits"][source]["csv"]
-        write_polyphonic_split(data_dir, Path(csv), poly, poly_clips, np.random.default_rng([seed, split_code]))
+        csv = Path(summary["splits"][source]["csv"])
+        write_polyphonic_split(data_dir, csv, poly, poly_clips, np.random.default_rng([seed, split_code]))
     return summary
 
 
@@ -162,8 +162,8 @@ def data_section(data_dir: Path, shards: Path, mixture_epochs: int) -> dict:
               {"name": "eval", "csv": str(data_dir / "eval_segments.csv"), "mix": False}]
     splits += [{"name": name, "csv": str(data_dir / f"{name}_segments.csv"), "mix": False} for name in POLY_SPLITS]
     return {
-        "source": {"audio_root": str(data_dir / "audio"), "class_labels_csv": str(data_dir / "class_labels_indices.csv"),
-                   "splits": splits},
+        "source": {"audio_root": str(data_dir / "audio"),
+                   "class_labels_csv": str(data_dir / "class_labels_indices.csv"), "splits": splits},
         # Mixed on the fly by the loader, so that each run mixes with its own data.mixing.mix_padding.
         "mixing": {"mixture_epochs": mixture_epochs, "materialize_mixtures": False},
         "shards": {"output": str(shards)},
@@ -280,9 +280,9 @@ def trained_weights(config: Config):
 
 
 def probe_config(shards: str, pooling: str, epochs: int) -> Config:
-    config = load_config("probe", [f"eval.pooling={pooling}", f"eval.epochs={epochs}", f"eval.train_shards={shards}",
-                                   f"eval.test_shards={shards}", "data.loader.num_workers=0"])
-    return config
+    """The `probe` config with this pooling and epoch count; the loader reads in-process (no worker start-up)."""
+    return load_config("probe", [f"eval.pooling={pooling}", f"eval.epochs={epochs}", f"eval.train_shards={shards}",
+                                 f"eval.test_shards={shards}", "data.loader.num_workers=0"])
 
 
 def probe_map(python_model, config: Config, shards: str, train_split: str, test_split: str) -> tuple[float, float]:
