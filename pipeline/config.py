@@ -108,6 +108,8 @@ class SynthConfig:
     num_classes: int = field(default=12, metadata={"ge": 1})
     broken_files: bool = True
     seed: int = field(default=0, metadata={"ge": 0})
+    # "sample": tonal events in 1-12 s clips; "events": one percussive / speech-like class per clip, 0.7-10 s.
+    profile: Literal["sample", "events"] = "sample"
 
 
 @dataclass

@@ -12,9 +12,18 @@
 
 Classes are rows of `EVENT_KINDS`, a table of generator functions with distinct spectral signatures; class
 i uses kind i mod len(EVENT_KINDS), its pitch raised by 1.5x for every further pass over the table, so any
-`num_classes` works. Everything derives from `cfg.seed`: the same seed gives byte-identical CSV, WAV and
-FLAC files. Ogg Vorbis files are not byte-identical across runs (libsndfile draws a random Ogg stream serial
-number) but decode to identical samples.
+`num_classes` works.
+
+`cfg.profile: events` writes recordings closer to real ones instead (same file layout and CSVs):
+clip lengths log-uniform over `EVENTS_CLIP_SECONDS` (0.7-10 s, three quarters under 5 s), each clip one
+class of `SCENE_KINDS` (footsteps, drums, keyboard typing, speech-like syllables, knocks, bells, ...):
+short hits with sharp onsets and exponential decays, repeated at the class's own rhythm with jitter, over a
+coloured noise background of random level. Labels: the clip's one class. The default profile's output is
+unchanged by this option (tests/test_synth.py pins its bytes).
+
+Everything derives from `cfg.seed`: the same seed gives byte-identical CSV, WAV and FLAC files. Ogg Vorbis
+files are not byte-identical across runs (libsndfile draws a random Ogg stream serial number) but decode to
+identical samples.
 """
 
 from __future__ import annotations
@@ -179,22 +188,185 @@ BROKEN_KINDS = {
 TOO_SHORT_SECONDS = 0.2
 
 
+# ------------------------------------------------------------------------------------- the "events" profile
+
+EVENTS_CLIP_SECONDS = (0.7, 10.0)  # log-uniform
+BACKGROUND_RMS = (0.002, 0.03)
+HIT_GAIN = (0.25, 0.6)
+
+
+def _decay(rng: np.random.Generator, n: int, sr: float, seconds: float) -> np.ndarray:
+    """An exponential decay with time constant `seconds` (+-20 %) after a 1 ms attack."""
+    t = np.arange(n) / sr
+    attack = np.minimum(1.0, t / 1e-3)
+    return attack * np.exp(-t / (seconds * rng.uniform(0.8, 1.2)))
+
+
+def _hit_samples(sr: float, seconds: float) -> int:
+    return max(8, int(seconds * sr))
+
+
+def _footstep(rng: np.random.Generator, sr: float, pitch: float) -> np.ndarray:
+    n = _hit_samples(sr, 0.25)
+    return _band_noise(rng, n, sr, 40.0, _cap(350.0 * pitch, sr)) * _decay(rng, n, sr, 0.04)
+
+
+def _kick(rng: np.random.Generator, sr: float, pitch: float) -> np.ndarray:
+    n = _hit_samples(sr, 0.4)
+    t = np.arange(n) / sr
+    hz = 50.0 * pitch + 110.0 * pitch * np.exp(-t / 0.03)
+    return np.sin(2 * np.pi * np.cumsum(hz) / sr) * _decay(rng, n, sr, 0.12)
+
+
+def _snare(rng: np.random.Generator, sr: float, pitch: float) -> np.ndarray:
+    n = _hit_samples(sr, 0.3)
+    t = np.arange(n) / sr
+    body = 0.5 * _tone(t, 190.0 * pitch) + _band_noise(rng, n, sr, 300.0, _max_hz(sr))
+    return body * _decay(rng, n, sr, 0.06)
+
+
+def _hihat(rng: np.random.Generator, sr: float, pitch: float) -> np.ndarray:
+    n = _hit_samples(sr, 0.1)
+    return _band_noise(rng, n, sr, _cap(2400.0 * pitch, sr) * 0.9, _max_hz(sr)) * _decay(rng, n, sr, 0.02)
+
+
+def _key_press(rng: np.random.Generator, sr: float, pitch: float) -> np.ndarray:
+    n = _hit_samples(sr, 0.06)
+    click = _band_noise(rng, n, sr, _cap(900.0 * pitch, sr) * 0.8, _cap(3200.0 * pitch, sr)) * _decay(rng, n, sr, 0.006)
+    release = int(rng.uniform(0.02, 0.04) * sr)
+    if release < n:
+        click[release:] += 0.4 * click[: n - release]
+    return click
+
+
+def _syllable(rng: np.random.Generator, sr: float, pitch: float) -> np.ndarray:
+    """A voiced syllable: a falling glottal pitch, harmonics weighted by two formants, a smooth envelope."""
+    n = _hit_samples(sr, rng.uniform(0.12, 0.3))
+    t = np.arange(n) / sr
+    f0 = 130.0 * pitch * rng.uniform(0.85, 1.2) * (1.0 - 0.15 * t / t[-1])
+    phase = 2 * np.pi * np.cumsum(f0) / sr
+    formants = (rng.uniform(300.0, 800.0), rng.uniform(900.0, 2200.0))
+    wave = np.zeros(n)
+    for k in range(1, 30):
+        hz = k * f0.mean()
+        if hz >= _max_hz(sr):
+            break
+        weight = sum(np.exp(-(((hz - f) / 120.0) ** 2)) for f in formants) + 0.05
+        wave += weight * np.sin(k * phase)
+    return wave * np.sin(np.pi * t / t[-1]) ** 2
+
+
+def _knock(rng: np.random.Generator, sr: float, pitch: float) -> np.ndarray:
+    n = _hit_samples(sr, 0.15)
+    t = np.arange(n) / sr
+    body = _tone(t, 280.0 * pitch * rng.uniform(0.95, 1.05)) + 0.3 * _band_noise(rng, n, sr, 100.0, _cap(1500.0, sr))
+    return body * _decay(rng, n, sr, 0.025)
+
+
+def _bell(rng: np.random.Generator, sr: float, pitch: float) -> np.ndarray:
+    n = _hit_samples(sr, 1.2)
+    t = np.arange(n) / sr
+    f0 = 520.0 * pitch * rng.uniform(0.98, 1.02)
+    partials = sum(_tone(t, _cap(f0 * ratio, sr)) / (i + 1) for i, ratio in enumerate((1.0, 2.76, 5.40)))
+    return partials * _decay(rng, n, sr, 0.35)
+
+
+def _clap(rng: np.random.Generator, sr: float, pitch: float) -> np.ndarray:
+    n = _hit_samples(sr, 0.12)
+    wave = np.zeros(n)
+    for start in (0.0, 0.008, 0.017):
+        offset = int(start * sr)
+        burst = _band_noise(rng, n - offset, sr, _cap(800.0 * pitch, sr) * 0.8, _cap(2600.0 * pitch, sr))
+        wave[offset:] += burst * _decay(rng, n - offset, sr, 0.012)
+    return wave
+
+
+def _drip(rng: np.random.Generator, sr: float, pitch: float) -> np.ndarray:
+    n = _hit_samples(sr, 0.08)
+    t = np.arange(n) / sr
+    hz = np.minimum(_max_hz(sr), 700.0 * pitch * (1.0 + 2.0 * t / t[-1]))
+    return np.sin(2 * np.pi * np.cumsum(hz) / sr) * _decay(rng, n, sr, 0.015)
+
+
+class SceneKind(NamedTuple):
+    """A class of the events profile: a hit generator (rng, sample rate, pitch) -> wave and its rhythm,
+    the seconds between hit onsets (low, high), drawn uniformly per gap."""
+
+    name: str
+    hit: Callable[[np.random.Generator, float, float], np.ndarray]
+    gap_seconds: tuple[float, float]
+
+
+SCENE_KINDS: tuple[SceneKind, ...] = (
+    SceneKind("Footsteps", _footstep, (0.45, 0.6)),
+    SceneKind("Kick drum", _kick, (0.3, 0.55)),
+    SceneKind("Snare drum", _snare, (0.35, 0.7)),
+    SceneKind("Hi-hat", _hihat, (0.1, 0.16)),
+    SceneKind("Typing", _key_press, (0.06, 0.3)),
+    SceneKind("Speech", _syllable, (0.15, 0.45)),
+    SceneKind("Knock", _knock, (0.12, 0.9)),
+    SceneKind("Bell", _bell, (0.8, 1.6)),
+    SceneKind("Clapping", _clap, (0.2, 0.35)),
+    SceneKind("Dripping", _drip, (0.25, 0.9)),
+)
+
+
+def _log_uniform_seconds(rng: np.random.Generator, low: float, high: float) -> float:
+    return round(float(np.exp(rng.uniform(np.log(low), np.log(high)))), 3)
+
+
+def _background(rng: np.random.Generator, n: int, sr: float) -> np.ndarray:
+    """Noise with a 1/f-like tilt (brown or pink-ish, drawn per clip) at a random level."""
+    spectrum = np.fft.rfft(rng.standard_normal(n))
+    frequencies = np.fft.rfftfreq(n, 1.0 / sr)
+    spectrum /= np.maximum(frequencies, 20.0) ** rng.uniform(0.3, 1.0)
+    noise = np.fft.irfft(spectrum, n)
+    return noise * rng.uniform(*BACKGROUND_RMS) / max(float(np.sqrt(np.mean(noise**2))), 1e-12)
+
+
+def _render_scene(
+    rng: np.random.Generator, plan: _ClipPlan, classes: list[SynthClass]
+) -> tuple[np.ndarray, list[int]]:
+    """(samples (n, channels) float32 in [-PEAK, PEAK], [its class]): hits of one class over a background."""
+    sr = plan.sample_rate
+    n = int(round(plan.seconds * sr))
+    class_index = int(rng.integers(len(classes)))
+    synth_class = classes[class_index]
+    kind = synth_class.kind
+    mix = _background(rng, n, sr) + NOISE_FLOOR * rng.standard_normal(n)
+    onset = rng.uniform(0.0, min(0.3, 0.2 * plan.seconds))
+    while True:
+        start = int(onset * sr)
+        hit = kind.hit(rng, sr, synth_class.pitch)
+        hit = hit / max(np.max(np.abs(hit)), 1e-9) * rng.uniform(*HIT_GAIN)
+        length = min(hit.size, n - start)
+        mix[start : start + length] += hit[:length]
+        onset += rng.uniform(*kind.gap_seconds)
+        if onset >= plan.seconds - 0.05:
+            break
+    samples = mix[:, None] * (rng.uniform(0.6, 1.0, size=plan.channels)[None, :] if plan.channels > 1 else 1.0)
+    samples *= PEAK / max(np.max(np.abs(samples)), PEAK)
+    return samples.astype(np.float32), [class_index]
+
+
 class SynthClass(NamedTuple):
     index: int
     mid: str
     display_name: str
-    kind: EventKind
+    kind: EventKind | SceneKind
     pitch: float
 
 
-def synth_classes(num_classes: int) -> list[SynthClass]:
-    """The class table of the sample dataset: kind i mod len(EVENT_KINDS), pitch 1.5^(i // len)."""
+def synth_classes(num_classes: int, profile: str = "sample") -> list[SynthClass]:
+    """The class table of a profile: kind i mod len(kinds) of EVENT_KINDS ("sample") or SCENE_KINDS
+    ("events"), pitch 1.5^(i // len)."""
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    kinds = _profile_kinds(profile)
     classes = []
     for index in range(num_classes):
-        kind = EVENT_KINDS[index % len(EVENT_KINDS)]
-        octave = index // len(EVENT_KINDS)
+        kind = kinds[index % len(kinds)]
+        octave = index // len(kinds)
         name = kind.name if octave == 0 else f"{kind.name} {octave + 1}"
         classes.append(SynthClass(index, f"/m/syn{index + 1:04d}", name, kind, 1.5**octave))
     return classes
@@ -221,16 +393,26 @@ def _balanced(rng: np.random.Generator, values: list, count: int) -> list:
     return [values[i] for i in rng.permutation(np.resize(np.arange(len(values)), count))]
 
 
-def _plan_clips(rng: np.random.Generator, ytids: list[str]) -> list[_ClipPlan]:
+def _profile_kinds(profile: str) -> tuple[EventKind, ...] | tuple[SceneKind, ...]:
+    kinds = {"sample": EVENT_KINDS, "events": SCENE_KINDS}
+    if profile not in kinds:
+        raise ValueError(f"profile must be one of {sorted(kinds)}, got {profile!r}")
+    return kinds[profile]
+
+
+def _plan_clips(rng: np.random.Generator, ytids: list[str], profile: str = "sample") -> list[_ClipPlan]:
     count = len(ytids)
     rates = _balanced(rng, list(SAMPLE_RATES), count)
     extensions = _balanced(rng, list(FORMATS), count)
     channels = _balanced(rng, list(CHANNEL_PATTERN), count)
     length_pattern = [ranges for _, share, ranges in LENGTH_CLASSES for _ in range(share)]
-    lengths = _balanced(rng, length_pattern, count)
+    lengths = _balanced(rng, length_pattern, count) if profile == "sample" else [EVENTS_CLIP_SECONDS] * count
     plans = []
     for ytid, rate, extension, channel_count, (low, high) in zip(ytids, rates, extensions, channels, lengths):
-        seconds = round(float(rng.uniform(low, high)), 3)
+        if profile == "sample":
+            seconds = round(float(rng.uniform(low, high)), 3)
+        else:
+            seconds = _log_uniform_seconds(rng, low, high)
         start_s = float(rng.integers(0, 300))
         plans.append(_ClipPlan(ytid, rate, channel_count, seconds, extension, start_s))
     return plans
@@ -335,7 +517,7 @@ def _write_class_labels(path: Path, classes: list[SynthClass]) -> None:
 def make_sample_dataset(out_dir: str | os.PathLike, cfg: SynthConfig) -> dict:
     """Write the sample dataset under out_dir and return a JSON-ready summary.
 
-    Summary keys: out_dir, seed, classes (display names), splits (per split: csv, rows, clips, broken),
+    Summary keys: out_dir, seed, profile, classes (display names), splits (per split: csv, rows, clips, broken),
     broken (kind -> YTID), formats, sample_rates, channels (counts over generated clips), total_bytes
     (of the files written by this call).
     """
@@ -344,7 +526,8 @@ def make_sample_dataset(out_dir: str | os.PathLike, cfg: SynthConfig) -> dict:
     out = Path(out_dir)
     audio_dir = out / "audio"
     audio_dir.mkdir(parents=True, exist_ok=True)
-    classes = synth_classes(cfg.num_classes)
+    classes = synth_classes(cfg.num_classes, cfg.profile)
+    render = _render_clip if cfg.profile == "sample" else _render_scene
     rng = np.random.default_rng(cfg.seed)
     broken_kinds = list(BROKEN_KINDS) if cfg.broken_files else []
     ytids = _ytids(rng, cfg.train_clips + cfg.eval_clips + len(broken_kinds))
@@ -360,10 +543,10 @@ def make_sample_dataset(out_dir: str | os.PathLike, cfg: SynthConfig) -> dict:
     summary_splits: dict[str, dict] = {}
     for split_code, (split, split_ids) in enumerate(split_ytids.items()):
         rows: list[tuple[str, float, float, list[str]]] = []
-        for clip_index, plan in enumerate(_plan_clips(rng, split_ids)):
+        for clip_index, plan in enumerate(_plan_clips(rng, split_ids, cfg.profile)):
             # Each clip has its own stream, so its content does not depend on the other clips.
             clip_rng = np.random.default_rng([cfg.seed, split_code, clip_index])
-            samples, class_indices = _render_clip(clip_rng, plan, classes)
+            samples, class_indices = render(clip_rng, plan, classes)
             written.append(audio_dir / f"{plan.ytid}.{plan.extension}")
             _write_audio(written[-1], samples, plan.sample_rate, plan.extension)
             rows.append((plan.ytid, plan.start_s, plan.start_s + plan.seconds, [classes[i].mid for i in class_indices]))
@@ -395,6 +578,7 @@ def make_sample_dataset(out_dir: str | os.PathLike, cfg: SynthConfig) -> dict:
     summary = {
         "out_dir": str(out),
         "seed": cfg.seed,
+        "profile": cfg.profile,
         "classes": [c.display_name for c in classes],
         "splits": summary_splits,
         "broken": broken_ytids,

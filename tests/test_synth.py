@@ -1,7 +1,9 @@
-"""pipeline.synth: determinism, official CSV formats, multi-hot labels, broken files, manifest over the output."""
+"""pipeline.synth: determinism, official CSV formats, multi-hot labels, broken files, manifest over the output; the
+"events" profile (short percussive clips of varied length) and the unchanged default output."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +12,18 @@ import soundfile
 
 from pipeline.config import SourceConfig, SplitConfig, SynthConfig
 from pipeline.manifest import build_manifest, read_class_labels, read_segments_csv
-from pipeline.synth import BROKEN_KINDS, SAMPLE_RATES, make_sample_dataset, synth_classes
+from pipeline.synth import (
+    BROKEN_KINDS,
+    EVENTS_CLIP_SECONDS,
+    SAMPLE_RATES,
+    SCENE_KINDS,
+    make_sample_dataset,
+    synth_classes,
+)
 
+# sha256 over the CSV and WAV files of the default profile (seed 3, 12 + 4 clips), as generated before the
+# "events" profile was added: the default output must not change.
+DEFAULT_PROFILE_DIGEST = "497b2abaa7944d8338f35392d832b1130874a39bfa55f68cebaa18d876eaec72"
 SMALL = SynthConfig(train_clips=24, eval_clips=8, num_classes=12, broken_files=True, seed=3)
 
 
@@ -146,3 +158,83 @@ def test_classes_have_distinct_signatures() -> None:
     similarity = np.array(vectors) @ np.array(vectors).T
     np.fill_diagonal(similarity, 0.0)
     assert similarity.max() < 0.98
+
+
+# ------------------------------------------------------------------------------------- the "events" profile
+
+EVENTS = SynthConfig(train_clips=40, eval_clips=20, num_classes=10, broken_files=False, seed=5, profile="events")
+
+
+@pytest.fixture(scope="module")
+def events(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("events")
+    return out, make_sample_dataset(out, EVENTS)
+
+
+def test_default_profile_output_is_unchanged(tmp_path: Path) -> None:
+    """The default sample set is byte-identical to the one before profiles existed (CSVs and PCM WAV files)."""
+    make_sample_dataset(tmp_path, SynthConfig(train_clips=12, eval_clips=4, seed=3))
+    digest = hashlib.sha256()
+    for name, path in files_of(tmp_path).items():
+        if name.endswith((".csv", ".wav")):
+            digest.update(name.encode() + path.read_bytes())
+    assert digest.hexdigest() == DEFAULT_PROFILE_DIGEST
+
+
+def test_events_clip_lengths_are_short_and_varied(events: tuple[Path, dict]) -> None:
+    out, summary = events
+    assert summary["profile"] == "events" and summary["broken"] == {}
+    segments = [s for name in ("balanced_train_segments.csv", "eval_segments.csv") for s in read_segments_csv(out / name)[0]]
+    durations = []
+    for segment in segments:
+        (path,) = (out / "audio").glob(f"{segment.ytid}.*")
+        info = soundfile.info(path)
+        durations.append(info.frames / info.samplerate)
+        assert durations[-1] == pytest.approx(segment.end_s - segment.start_s, abs=1e-3)
+    durations = np.array(durations)
+    assert durations.min() >= EVENTS_CLIP_SECONDS[0] - 1e-3 and durations.max() <= EVENTS_CLIP_SECONDS[1] + 1e-3
+    assert np.median(durations) < 4.0  # most clips well under 10 s ...
+    # ... and clips both shorter and longer than the tiny configs' 5.12 s input.
+    assert (durations < 2.0).mean() > 0.25 and (durations > 5.12).mean() > 0.1
+
+
+def test_events_have_one_label_from_the_scene_classes(events: tuple[Path, dict]) -> None:
+    out, summary = events
+    classes = read_class_labels(out / "class_labels_indices.csv")
+    assert [c.display_name for c in classes] == [kind.name for kind in SCENE_KINDS] == summary["classes"]
+    segments = read_segments_csv(out / "balanced_train_segments.csv")[0]
+    assert all(len(s.label_mids) == 1 for s in segments)
+    assert len({s.label_mids[0] for s in segments}) >= 8  # 40 clips cover most of the 10 classes
+
+
+def test_events_are_percussive_over_a_background(events: tuple[Path, dict]) -> None:
+    """Hits with sharp onsets and decays: the loudest 10 ms frame is far above the clip's median frame."""
+    out, _ = events
+    ratios = []
+    for path in sorted((out / "audio").iterdir()):
+        samples, rate = soundfile.read(path, always_2d=True)
+        frame = rate // 100
+        energy = np.sqrt((samples[: len(samples) // frame * frame, 0].reshape(-1, frame) ** 2).mean(axis=1))
+        ratios.append(energy.max() / max(np.median(energy), 1e-9))
+        assert np.isfinite(samples).all() and np.abs(samples).max() <= 1.0
+    assert np.median(ratios) > 3.0
+
+
+def test_events_same_seed_same_files(events: tuple[Path, dict], tmp_path: Path) -> None:
+    out, summary = events
+    again = make_sample_dataset(tmp_path, EVENTS)
+    assert again["classes"] == summary["classes"] and again["total_bytes"] == summary["total_bytes"]
+    first, second = files_of(out), files_of(tmp_path)
+    assert first.keys() == second.keys()
+    for name, path in first.items():
+        if name.endswith(".ogg"):
+            assert np.array_equal(soundfile.read(path)[0], soundfile.read(second[name])[0]), name
+        else:
+            assert path.read_bytes() == second[name].read_bytes(), name
+    other = make_sample_dataset(tmp_path / "other", SynthConfig(**{**EVENTS.__dict__, "seed": EVENTS.seed + 1}))
+    assert other["total_bytes"] != summary["total_bytes"]
+
+
+def test_unknown_profile_is_refused() -> None:
+    with pytest.raises(ValueError, match="profile"):
+        synth_classes(3, profile="speechy")
