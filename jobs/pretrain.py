@@ -128,6 +128,11 @@ def check_dataset(info: dict, config: Config, time_patches: int) -> None:
     wrong = {k: (info.get(k), v) for k, v in expected.items() if info.get(k) != v}
     if config.train.dataset_fingerprint and info.get("fingerprint") != config.train.dataset_fingerprint:
         wrong["fingerprint"] = (info.get("fingerprint"), config.train.dataset_fingerprint)
+    aware_mixing = config.model.padding == "aware" and config.model.stage == 2
+    if aware_mixing and info.get("materialize_mixtures") and info.get("domain", "logmel_max") == "logmel_max":
+        # Stored log-mel max mixtures made with "zero" let a short partner's padding win over the primary's content.
+        if info.get("mix_padding", "zero") != "silence":
+            wrong["mix_padding"] = (info.get("mix_padding", "zero"), "silence (model.padding=aware, stored mixtures)")
     if wrong:
         details = ", ".join(f"{k}: dataset {got!r} != config {want!r}" for k, (got, want) in wrong.items())
         raise ConfigError(f"dataset.json does not match the config ({details})")

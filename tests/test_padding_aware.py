@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from model.masking import block_masks, split_indices
+from model.masking import block_masks
 from model.padding import content_tokens, zero_padding
 from model.sslam import SSLAM
 from model.targets import cls_target, instance_norm_tokens, make_targets, source_retention_target

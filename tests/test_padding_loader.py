@@ -9,7 +9,6 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 from model.config import ModelConfig

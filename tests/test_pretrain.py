@@ -94,3 +94,14 @@ def test_master_weight_ema_refuses_low_precision_weights_without_master_copies()
     with pytest.raises(RuntimeError, match="no fp32 master copy"):
         MasterWeightEMA(model.encoder, model.teacher).update(0.9)
 
+
+
+def test_aware_padding_refuses_stored_mixtures_whose_padding_overwrote_content():
+    aware = load_config("tiny_stage2", ["model.padding=aware", "data.mixing.mix_padding=silence"])
+    stored = {"target_length": 512, "mel_bins": 64, "group_size": 3, "r": 7, "materialize_mixtures": True}
+    with pytest.raises(ConfigError, match="mix_padding: dataset 'zero'"):
+        check_dataset({**stored, "mix_padding": "zero"}, aware, aware.model.time_patches)
+    check_dataset({**stored, "mix_padding": "silence"}, aware, aware.model.time_patches)
+    check_dataset({**stored, "materialize_mixtures": False, "mix_padding": "zero"}, aware, aware.model.time_patches)
+    reference = load_config("tiny_stage2")
+    check_dataset({**stored, "mix_padding": "zero"}, reference, reference.model.time_patches)
