@@ -392,6 +392,9 @@ class Pretrainer:
         if self.world_size != saved["world_size"]:
             context = (f"train.resume: {folder} took {saved['clips_per_update']} clean clips per update on "
                        f"{saved['world_size']} ranks, this run has {self.world_size}")
+            if not train.clips_per_update:
+                log.warning("%s: keeping those clips per update (train.clips_per_update is unset)", context)
+                train.clips_per_update = saved["clips_per_update"]
             try:
                 accumulation = gradient_accumulation(self.config, self.world_size)
             except ConfigError as error:
@@ -401,7 +404,7 @@ class Pretrainer:
                 raise ConfigError(
                     f"{context}: an update would take {clips} (micro_batch_clips {loader.micro_batch_clips} x "
                     f"accumulation {accumulation} x {self.world_size} ranks); set train.clips_per_update="
-                    f"{saved['clips_per_update']} with a rank count that divides it"
+                    f"{saved['clips_per_update']} or leave it unset"
                 )
         saved["loader_positions"] = resume_positions(positions, self.world_size, loader.num_workers)
         if self.elastic:

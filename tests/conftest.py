@@ -11,14 +11,31 @@ SHARED_MEMORY = Path("/dev/shm")
 DEEPSPEED_BUFFERS = "deepspeed_allreduce_buffer_*"
 
 
+def _mapped_buffers() -> set[str]:
+    """The buffers some live process still maps (a launch of another test run on this machine, for one)."""
+    mapped = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            text = maps.read_text()
+        except OSError:  # the process ended, or is not ours to read
+            continue
+        mapped.update(line.split(maxsplit=5)[-1] for line in text.splitlines() if "deepspeed_allreduce_buffer_" in line)
+    return mapped
+
+
 @pytest.fixture(autouse=True)
 def remove_deepspeed_shared_memory():
     """DeepSpeed's CPU accelerator maps a ~69 MB all-reduce buffer per rank of a launcher run into /dev/shm and
-    never unlinks it: every 2-rank launch would keep ~140 MB of RAM until reboot. Remove what a test left."""
+    never unlinks it: every 2-rank launch would keep ~140 MB of RAM until reboot. Remove what a test left, but
+    never a buffer a running launch maps: its sibling ranks would wait for it forever."""
     before = set(SHARED_MEMORY.glob(DEEPSPEED_BUFFERS))
     yield
-    for path in set(SHARED_MEMORY.glob(DEEPSPEED_BUFFERS)) - before:
-        path.unlink(missing_ok=True)
+    left = set(SHARED_MEMORY.glob(DEEPSPEED_BUFFERS)) - before
+    if left:
+        in_use = _mapped_buffers()
+        for path in left:
+            if str(path) not in in_use:
+                path.unlink(missing_ok=True)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -104,7 +104,7 @@ def test_every_sample_of_the_epoch_is_consumed_once_across_the_layouts(chain):
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    (("train.clips_per_update=0",), "an update would take 3"),
+    (("train.clips_per_update=6",), "an update would take 6"),
     (("data.loader.micro_batch_clips=12",), "is not a multiple of micro_batch_clips x ranks (12 x 1)"),
 ])
 def test_clips_per_update_that_cannot_be_kept_exits_2(chain, shards, tmp_path, overrides, message):
@@ -115,3 +115,16 @@ def test_clips_per_update_that_cannot_be_kept_exits_2(chain, shards, tmp_path, o
     assert result.returncode == 2, log[-3000:]
     assert "took 18 clean clips per update on 2 ranks, this run has 1" in log and message in log
     assert "DP world size" not in log
+
+
+def test_a_resume_on_another_rank_count_keeps_the_checkpoints_clips_per_update_when_unset(chain, shards, tmp_path):
+    resume = checkpointing.checkpoint_root(chain["a"]) / checkpointing.tag_for(1)
+    output = tmp_path / "out"
+    args = pretrain_args(shards, output, *COMMON, f"train.resume={resume}", "train.clips_per_update=0",
+                         "train.max_updates=2")
+    result = run([sys.executable, *args], tmp_path, timeout=900, **single_rank_env(free_port()))
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-3000:]
+    assert "took 18 clean clips per update on 2 ranks, this run has 1: keeping those clips per update" in log
+    micro_steps = Counter(r["update"] for r in read_jsonl(output / "samples_rank0.jsonl"))
+    assert micro_steps == {1: 6}  # update 2 from 18 clips = 6 micro-batches of 3 on one rank
