@@ -17,6 +17,7 @@ import sys
 
 import torch
 
+from benchmarks._common import add_config_arguments, default_device, resolve_config_name
 from benchmarks.train_step import synthetic_batch
 from jobs.config import load_config
 from model.sslam import SSLAM
@@ -27,9 +28,7 @@ logger = logging.getLogger("benchmarks.precision_check")
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="base_stage2", help="job config name or YAML path (default base_stage2)")
-    parser.add_argument("--tiny", action="store_true", help="use tiny_stage2 (CPU-sized) instead of --config")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override a.b=value")
+    add_config_arguments(parser)
     parser.add_argument("--clips", type=int, default=12, help="clean clips in the batch")
     parser.add_argument("--tolerance", type=float, default=0.02, help="largest accepted |bf16 - fp32| / |fp32|")
     return parser.parse_args(argv)
@@ -44,10 +43,10 @@ def loss_of(model: SSLAM, batch: dict, seed: int, device: torch.device, bf16: bo
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     args = parse_args(argv)
-    config_name = "tiny_stage2" if args.tiny else args.config
+    config_name = resolve_config_name(args)
     config = load_config(config_name, args.overrides)
     cfg = config.model
-    device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     torch.manual_seed(config.train.seed)
     model = SSLAM(config.model).to(device)
     model.teacher_to(device)

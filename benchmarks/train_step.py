@@ -18,14 +18,13 @@ import argparse
 import json
 import logging
 import math
-import resource
 import statistics
 import sys
-import time
 
 import numpy as np
 import torch
 
+from benchmarks._common import add_config_arguments, peak_flops, peak_memory, resolve_config_name, time_steps
 from jobs.config import Config, load_config
 from model.config import ModelConfig
 from model.masking import mask_counts
@@ -33,9 +32,6 @@ from model.sslam import SSLAM
 from pipeline.mixing import draw_windows_batch, group_cycle, logmel_max_batch, nomix_rows
 
 logger = logging.getLogger("benchmarks.train_step")
-
-# Dense bf16 tensor-core peaks (vendor datasheets), matched on the CUDA device name.
-PEAK_BF16_FLOPS = (("H200", 989.4e12), ("H100 PCIe", 756.0e12), ("H100", 989.4e12), ("A100", 312.0e12))
 
 FLOP_CONVENTION = (
     "2 FLOPs per multiply-add of matmuls and convolutions only (norms, softmax, elementwise, loss, "
@@ -97,15 +93,6 @@ def synthetic_batch(cfg: ModelConfig, clips: int, group_size: int, rows: int, se
     return {"clean": clean, "mixed": mixed, "partner": partner, "nomix": nomix}
 
 
-def peak_flops(device: torch.device, override_tflops: float | None) -> float | None:
-    if override_tflops:
-        return override_tflops * 1e12
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_BF16_FLOPS if key in name), None)
-
-
 class TrainStep:
     """Forward, backward, clip, AdamW step, EMA update: the per-update work of jobs.pretrain."""
 
@@ -137,16 +124,9 @@ class TrainStep:
         return loss.detach()
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="base_stage2", help="job config name or YAML path (default base_stage2)")
-    parser.add_argument("--tiny", action="store_true", help="use tiny_stage2 (CPU-sized) instead of --config")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override a.b=value")
+    add_config_arguments(parser)
     parser.add_argument("--clips", type=int, default=0, help="clean clips per step (default: the loader's)")
     parser.add_argument("--clone", type=int, default=0, help="clone_batch K (default: the model config's)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
@@ -162,7 +142,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     args = parse_args(argv)
-    config_name = "tiny_stage2" if args.tiny else args.config
+    config_name = resolve_config_name(args)
     overrides = list(args.overrides) + ([f"model.clone_batch={args.clone}"] if args.clone else [])
     overrides += ["train.compile=true"] if args.compile else []
     config = load_config(config_name, overrides)
@@ -178,30 +158,12 @@ def main(argv: list[str] | None = None) -> dict:
     step = TrainStep(config, device, use_autocast)
     logger.info("%s: stage %d, %d clean clips, K=%d, device %s", config_name, cfg.stage, clips, cfg.clone_batch, device)
 
-    warmup_start = time.perf_counter()
-    for _ in range(args.warmup):
-        step(batch)
-    synchronize(device)
-    warmup_seconds = time.perf_counter() - warmup_start
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(args.steps):
-        synchronize(device)
-        start = time.perf_counter()
-        loss = step(batch)
-        synchronize(device)
-        times.append(time.perf_counter() - start)
+    times, loss, warmup_seconds = time_steps(step, batch, args.steps, args.warmup, device)
 
     seconds = statistics.median(times)
     flops = step_flops(cfg, clips, rows)
     peak = peak_flops(device, args.peak_tflops)
-    if device.type == "cuda":
-        memory, memory_kind = torch.cuda.max_memory_allocated(device), "cuda_max_memory_allocated"
-        device_name = torch.cuda.get_device_name(device)
-    else:
-        memory, memory_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process_max_rss"
-        device_name = f"cpu ({torch.get_num_threads()} threads)"
+    memory, memory_kind, device_name = peak_memory(device)
     record = {
         "benchmark": "train_step",
         "config": config_name,

@@ -17,15 +17,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import resource
 import statistics
 import sys
-import time
 
 import torch
 from torch import nn
 
-from benchmarks.train_step import encoder_pass_flops, peak_flops, synchronize
+from benchmarks._common import (
+    add_config_arguments, default_device, peak_flops, peak_memory, resolve_config_name, time_steps,
+)  # fmt: skip
+from benchmarks.train_step import encoder_pass_flops
 from benchmarks.zero_step import MODES, int_list, mode_list
 from jobs.config import load_config
 from model.config import ModelConfig
@@ -77,9 +78,7 @@ class ReferenceStep:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="base_stage2", help="job config whose model sizes to use")
-    parser.add_argument("--tiny", action="store_true", help="use tiny_stage2 (CPU-sized) instead of --config")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override a.b=value")
+    add_config_arguments(parser, config_help="job config whose model sizes to use")
     parser.add_argument("--micro-batches", type=int_list, default=[12, 24, 48], help="clean clips, e.g. 12,24,48")
     parser.add_argument("--modes", type=mode_list, default=list(MODES), help="eager,compiled (default both)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per line")
@@ -91,10 +90,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> list[dict]:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     args = parse_args(argv)
-    config_name = "tiny_stage2" if args.tiny else args.config
+    config_name = resolve_config_name(args)
     config = load_config(config_name, args.overrides)
     cfg = config.model
-    device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     use_autocast = device.type == "cuda"
     torch.manual_seed(0)
     rows = nomix_rows(cfg.time_patches, config.data.mixing.nomix_rows)
@@ -109,27 +108,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
             inputs = {name: torch.randn(sequences, tokens, cfg.embed_dim, device=device)
                       for name, (sequences, tokens) in counts.items()}
             inputs["student"].requires_grad_(True)
-            for _ in range(args.warmup):
-                step(inputs)
-            synchronize(device)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            times = []
-            for _ in range(args.steps):
-                synchronize(device)
-                start = time.perf_counter()
-                step(inputs)
-                synchronize(device)
-                times.append(time.perf_counter() - start)
+            times, _, _ = time_steps(step, inputs, args.steps, args.warmup, device)
             seconds = statistics.median(times)
             flops = 3 * encoder_pass_flops(cfg, *counts["student"]) + encoder_pass_flops(cfg, *counts["teacher"])
             flops += encoder_pass_flops(cfg, *counts["partner_teacher"])
-            if device.type == "cuda":
-                memory, memory_kind = torch.cuda.max_memory_allocated(device), "cuda_max_memory_allocated"
-                device_name = torch.cuda.get_device_name(device)
-            else:
-                memory, memory_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process_max_rss"
-                device_name = f"cpu ({torch.get_num_threads()} threads)"
+            memory, memory_kind, device_name = peak_memory(device)
             record = {
                 "benchmark": "vit_reference",
                 "config": config_name,

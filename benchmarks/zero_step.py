@@ -17,15 +17,16 @@ import argparse
 import json
 import logging
 import os
-import resource
 import statistics
 import sys
-import time
 
 import torch
 import torch.distributed as dist
 
-from benchmarks.train_step import FLOP_CONVENTION, peak_flops, step_flops, synchronize, synthetic_batch
+from benchmarks._common import (
+    add_config_arguments, default_device, peak_flops, peak_memory, resolve_config_name, time_steps,
+)  # fmt: skip
+from benchmarks.train_step import FLOP_CONVENTION, step_flops, synthetic_batch
 from jobs.config import load_config
 from jobs.ema import MasterWeightEMA
 from jobs.pretrain import deepspeed_config
@@ -53,9 +54,7 @@ def mode_list(text: str) -> list[str]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="base_stage2", help="job config name or YAML path (default base_stage2)")
-    parser.add_argument("--tiny", action="store_true", help="use tiny_stage2 (CPU-sized) instead of --config")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override a.b=value")
+    add_config_arguments(parser)
     parser.add_argument("--micro-batches", type=int_list, default=[12, 24, 48], help="clean clips per step, e.g. 12,24")
     parser.add_argument("--modes", type=mode_list, default=list(MODES), help="eager,compiled (default both)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per line")
@@ -120,30 +119,13 @@ class EngineStep:
         return loss.detach()
 
 
-def measure(step: EngineStep, batch: dict, steps: int, warmup: int, device: torch.device) -> tuple[list[float], float]:
-    for _ in range(warmup):
-        step(batch)
-    synchronize(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    loss = torch.tensor(float("nan"))
-    for _ in range(steps):
-        synchronize(device)
-        start = time.perf_counter()
-        loss = step(batch)
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return times, float(loss)
-
-
 def main(argv: list[str] | None = None) -> list[dict]:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     args = parse_args(argv)
-    config_name = "tiny_stage2" if args.tiny else args.config
+    config_name = resolve_config_name(args)
     config = load_config(config_name, [*args.overrides, "train.init_from=", "tracking.enabled=false"])
     cfg = config.model
-    device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
     torch.manual_seed(config.train.seed)
@@ -160,15 +142,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 batch = {k: v.to(device) for k, v in
                          synthetic_batch(cfg, clips, config.data.mixing.group_size, rows, clips).items()}
                 logger.info("%s %s: %d clean clips, K=%d, device %s", config_name, mode, clips, cfg.clone_batch, device)
-                times, loss = measure(step, batch, args.steps, args.warmup, device)
+                times, loss, _ = time_steps(step, batch, args.steps, args.warmup, device)
                 seconds = statistics.median(times)
                 flops = step_flops(cfg, clips, rows)
-                if device.type == "cuda":
-                    memory, memory_kind = torch.cuda.max_memory_allocated(device), "cuda_max_memory_allocated"
-                    device_name = torch.cuda.get_device_name(device)
-                else:
-                    memory, memory_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process_max_rss"
-                    device_name = f"cpu ({torch.get_num_threads()} threads)"
+                memory, memory_kind, device_name = peak_memory(device)
                 record = {
                     "benchmark": "zero_step",
                     "config": config_name,
@@ -189,7 +166,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     "flop_convention": FLOP_CONVENTION,
                     "achieved_tflops": round(flops / seconds / 1e12, 4),
                     "mfu": round(flops / seconds / peak, 4) if peak else None,
-                    "final_loss": loss,
+                    "final_loss": float("nan") if loss is None else float(loss),
                     "torch": torch.__version__,
                 }
                 print(json.dumps(record), flush=True)
