@@ -17,6 +17,7 @@ import pytest
 import soundfile
 import torch
 import torchaudio
+from torch_threads import one_torch_thread  # noqa: F401  (autouse: every test here)
 
 from pipeline import audio
 from pipeline.audio import AudioError, decode, fbank_batch, head_samples, input_frames, kaldi_reference, load_waveform
@@ -26,15 +27,6 @@ CFG = AudioConfig()
 RATE = CFG.sample_rate
 KEEP = head_samples(CFG)  # 164,080 samples: the 1024 frames of a 10.255 s head
 CHECKOUT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """As in the preprocessing tasks; multi-threaded small ops stall on a loaded shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def signal(seconds: float, rate: int, seed: int, dc: float = 0.05) -> np.ndarray:

@@ -15,6 +15,7 @@ import scipy.signal
 import soundfile
 import torch
 import torchaudio
+from torch_threads import one_torch_thread  # noqa: F401  (autouse: every test here)
 
 from pipeline import audio
 from pipeline.audio import AudioError, decode, fbank_batch, frame_count, load_waveform, to_model_rate
@@ -28,15 +29,6 @@ RATE = CFG.sample_rate
 TONE_FRACTIONS = (0.02, 0.06, 0.15, 0.3, 0.45, 0.62)
 TONE_DB_TOLERANCE = 0.05
 FEATURE_MEAN_TOLERANCE = 0.05  # mean |log-mel difference| over the mel bins inside 0.6 of the band
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """As in the preprocessing tasks; multi-threaded small ops stall on a loaded shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tones(rate: int, seconds: float, seed: int) -> tuple[np.ndarray, list[float]]:
