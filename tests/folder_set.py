@@ -4,7 +4,7 @@ Quiet noise (every raw log-mel value below 0, so padding zeros stand out). Durat
 front-end (16 kHz, T = 128 frames of 10 ms, min_duration_s 0.625): "Dog" clips are all too short (quarantined),
 one "Bird" clip of four is, and the written "Bird" clips are shorter than T (zero-padded); the one "Owl" file the
 train CSV lists does not exist. So the set shows classes that vanish at the decode and at the manifest stage, a
-class that lost a little, and padding.
+class that lost a little, and padding. `preprocess_folder_set` writes it and runs the Ray preprocessing on it.
 """
 
 from __future__ import annotations
@@ -12,8 +12,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import ray
 import soundfile
 import yaml
+
+from jobs.config import load_config
+from jobs.preprocess import run_preprocess
 
 T, F, PATCH = 128, 32, 16
 RATE = 16000
@@ -66,3 +70,13 @@ def write_folder_set(root: Path) -> Path:
     path = root / "folder.yaml"
     path.write_text(yaml.safe_dump(document))
     return path
+
+
+def preprocess_folder_set(root: Path) -> dict:
+    """Write the set under root and preprocess it on a local Ray (shards in root/shards); returns the summary."""
+    config = load_config(str(write_folder_set(root)))
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        return run_preprocess(config, progress=False)
+    finally:
+        ray.shutdown()

@@ -11,11 +11,9 @@ from types import SimpleNamespace
 
 import pyarrow as pa
 import pytest
-import ray
-from folder_set import write_folder_set
+from folder_set import preprocess_folder_set
 
 from jobs.config import ConfigError, load_config
-from jobs.preprocess import run_preprocess
 from pipeline.inspect import summarize
 from pipeline.manifest import CLASSES_METADATA_KEY, MANIFEST_SCHEMA
 from pipeline.preprocess import QUARANTINE_SCHEMA, class_coverage, coverage_lines, format_summary
@@ -24,13 +22,7 @@ from pipeline.preprocess import QUARANTINE_SCHEMA, class_coverage, coverage_line
 @pytest.fixture(scope="module")
 def folder_run(tmp_path_factory) -> SimpleNamespace:
     root = tmp_path_factory.mktemp("coverage")
-    config = load_config(str(write_folder_set(root)))
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        summary = run_preprocess(config, progress=False)
-    finally:
-        ray.shutdown()
-    return SimpleNamespace(output=root / "shards", summary=summary)
+    return SimpleNamespace(output=root / "shards", summary=preprocess_folder_set(root))
 
 
 def _by_name(rows: list[dict]) -> dict[str, dict]:

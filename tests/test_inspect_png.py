@@ -13,13 +13,11 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import ray
-from folder_set import T, write_folder_set
+from folder_set import T, preprocess_folder_set
 from matplotlib.image import AxesImage
 
 from jobs.cli import main as sslam
 from jobs.config import load_config
-from jobs.preprocess import run_preprocess
 from pipeline import audio, shards
 from pipeline.inspect import PADDING_GID, WINDOW_GID, _valid_frames, preview_figure
 
@@ -29,12 +27,7 @@ BIRD_FRAMES = audio.frame_count(int(0.8 * 16000), load_config("tiny_stage1").dat
 @pytest.fixture(scope="module")
 def folder_run(tmp_path_factory) -> SimpleNamespace:
     root = tmp_path_factory.mktemp("png")
-    config = load_config(str(write_folder_set(root)))
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        run_preprocess(config, progress=False)
-    finally:
-        ray.shutdown()
+    preprocess_folder_set(root)
     return SimpleNamespace(output=root / "shards", info=json.loads((root / "shards" / "dataset.json").read_text()))
 
 
