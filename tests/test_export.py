@@ -6,7 +6,6 @@ equal to the training front-end's and the registered pyfunc's within 1e-5."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,18 +14,17 @@ import pandas as pd
 import pytest
 import soundfile
 import torch
-from safetensors.torch import save_file
 
 from jobs import export as export_job
 from jobs import registry
 from jobs.checkpointing import STUDENT_FILE, manifest_for_files
-from jobs.config import dump_yaml, load_config
-from jobs.tracking import HTTP_DEFAULTS
+from jobs.config import load_config
 from model.checkpoint import CheckpointError, load_weights
 from model.features import extract_features
 from model.sslam import SSLAM
 from pipeline.audio import fbank_batch, to_model_rate
 from pipeline.config import AudioConfig
+from registry_support import Payload, seeded_checkpoint, use_store
 from test_checkpoint import NUM_CLASSES, finetune_checkpoint
 
 # The README's "Use the encoder" snippet, character for character (notes/export.md): executed below in a folder
@@ -39,19 +37,7 @@ waveform, sample_rate = soundfile.read("clip.wav", dtype="float32")
 embeddings = encoder.embed(waveform, sample_rate)  # {"utterance": (D,), "frames": (N, D)}
 """
 
-CLEARED = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID",
-           "MLFLOW_RUN_ID", *HTTP_DEFAULTS)
 MODEL = "sslam-export"
-
-
-class Payload:
-    """Unpickling this runs `touch <marker>`."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +48,7 @@ def config():
 def checkpoint_folder(run_dir: Path, config, updates: int, complete: bool = True, marker: Path | None = None) -> Path:
     """A checkpoint folder as jobs.checkpointing writes it (config.yaml, student.safetensors, a pickled DeepSpeed
     file that touches `marker` when unpickled), committed by a manifest unless `complete` is False."""
-    torch.manual_seed(updates)
-    model = SSLAM(config.model)
-    tag_dir = run_dir / "checkpoints" / f"update_{updates:08d}"
-    tag_dir.mkdir(parents=True)
-    (tag_dir / "config.yaml").write_text(dump_yaml(config))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tag_dir / STUDENT_FILE))
+    tag_dir, _ = seeded_checkpoint(run_dir, config, updates)
     payload = Payload(marker or run_dir / "pickle-ran")
     torch.save({"module": {}, "hook": payload}, tag_dir / "mp_rank_00_model_states.pt")
     if complete:
@@ -169,10 +150,7 @@ def test_official_finetuned_file_exports_head_and_labels(tmp_path):
 
 @pytest.fixture
 def store(tmp_path, monkeypatch):
-    for name in CLEARED:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv(registry.KEY_ENV, str(tmp_path / "keys" / "registration.key"))
+    use_store(monkeypatch, tmp_path)
     return SimpleNamespace(root=tmp_path)
 
 

@@ -17,19 +17,15 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from jobs import registry
-from jobs.checkpointing import STUDENT_FILE
-from jobs.config import dump_yaml, load_config
-from jobs.tracking import HTTP_DEFAULTS, mlflow_client
+from jobs.config import load_config
+from jobs.tracking import mlflow_client
 from model.features import extract_features
-from model.sslam import SSLAM
+from registry_support import MLFLOW_ENV, seeded_checkpoint, use_store
 
 MODEL = "sslam-isolated"
 CPU = {"device": "cpu"}
-CLEARED = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID",
-           "MLFLOW_RUN_ID", *HTTP_DEFAULTS)
 # An application's own top-level modules, named like the project's packages (plain modules, not packages).
 APP_MODULES = ("model", "pipeline", "config")
 
@@ -59,17 +55,9 @@ def registered(tmp_path_factory):
     """One registered version of a seeded tiny encoder in a project-level store under a temporary folder."""
     root = tmp_path_factory.mktemp("isolation")
     with pytest.MonkeyPatch.context() as patch:
-        for name in CLEARED:
-            patch.delenv(name, raising=False)
-        patch.chdir(root)
-        patch.setenv(registry.KEY_ENV, str(root / "keys" / "registration.key"))
+        use_store(patch, root)
         config = load_config("tiny_stage1", [f"tracking.model_name={MODEL}", "train.output_dir=runs/iso"])
-        torch.manual_seed(7)
-        model = SSLAM(config.model)
-        tag_dir = root / "runs" / "iso" / "checkpoints" / "update_00000007"
-        tag_dir.mkdir(parents=True)
-        (tag_dir / "config.yaml").write_text(dump_yaml(config))
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tag_dir / STUDENT_FILE))
+        tag_dir, model = seeded_checkpoint(root / "runs" / "iso", config, 7)
         modules_before = set(sys.modules)
         version = registry.register_checkpoint(tag_dir)
         saved_private = sorted(m for m in set(sys.modules) - modules_before if m.startswith("_sslam_pyfunc_"))
@@ -93,7 +81,7 @@ def test_registered_model_loads_next_to_an_apps_own_model_and_pipeline_modules(r
     fbank = (-4.0 + 3.0 * torch.randn(2, 512, 64, generator=torch.Generator().manual_seed(3))).numpy()
     np.save(app / "fbank.npy", fbank)
     (app / "main.py").write_text(textwrap.dedent(APP_SCRIPT))
-    env = {key: value for key, value in os.environ.items() if key not in CLEARED and key != "PYTHONPATH"}
+    env = {key: value for key, value in os.environ.items() if key not in MLFLOW_ENV and key != "PYTHONPATH"}
     env.update(MLFLOW_TRACKING_URI=registered.tracking_uri, PYTHONPATH=str(app), OMP_NUM_THREADS="1")
     result = subprocess.run(
         [sys.executable, str(app / "main.py"), registered.uri, str(app / "fbank.npy"), str(app / "out.npz")],

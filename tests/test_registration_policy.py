@@ -7,27 +7,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import save_file
 
 from jobs import registry
-from jobs.checkpointing import STUDENT_FILE
-from jobs.config import ConfigError, TrackingConfig, dump_yaml, load_config
-from jobs.tracking import HTTP_DEFAULTS, Tracker, mlflow_client
-from model.sslam import SSLAM
+from jobs.config import ConfigError, TrackingConfig, load_config
+from jobs.tracking import Tracker, mlflow_client
+from registry_support import seeded_checkpoint, use_store
 
 MODEL = "sslam-policy"
-CLEARED = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID",
-           "MLFLOW_RUN_ID", *HTTP_DEFAULTS)
 
 
 @pytest.fixture
 def store(tmp_path, monkeypatch) -> Path:
     """A project-level store and a signing key of its own in tmp_path."""
-    for name in CLEARED:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv(registry.KEY_ENV, str(tmp_path / "keys" / "registration.key"))
+    use_store(monkeypatch, tmp_path)
     return tmp_path
 
 
@@ -38,13 +30,7 @@ def run_config(name: str, *overrides: str):
 
 def checkpoint(config, updates: int) -> Path:
     """A checkpoint folder of a seeded model (config.yaml + student.safetensors), as jobs.pretrain leaves one."""
-    torch.manual_seed(updates)
-    model = SSLAM(config.model)
-    tag_dir = Path(config.train.output_dir) / "checkpoints" / f"update_{updates:08d}"
-    tag_dir.mkdir(parents=True)
-    (tag_dir / "config.yaml").write_text(dump_yaml(config))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tag_dir / STUDENT_FILE))
-    return tag_dir
+    return seeded_checkpoint(Path(config.train.output_dir), config, updates)[0]
 
 
 def train(config, checkpoints: list[int], status: str = "FINISHED") -> str:

@@ -6,7 +6,6 @@ registration is refused by `sslam infer`, `sslam evaluate` and mlflow.pyfunc.loa
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,31 +17,19 @@ import pandas as pd
 import pytest
 import soundfile
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from jobs import evaluate as evaluate_job
 from jobs import infer as infer_job
 from jobs import registry
 from jobs.checkpointing import STUDENT_FILE
-from jobs.config import dump_yaml, load_config
-from jobs.tracking import HTTP_DEFAULTS, mlflow_client
+from jobs.config import load_config
+from jobs.tracking import mlflow_client
 from model.checkpoint import ImportedCheckpoint, load_weights, save_weights
 from model.encoder import Encoder
-from model.sslam import SSLAM
+from registry_support import Payload, seeded_checkpoint, use_store
 
 MODEL = "sslam-integrity"
-CLEARED = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID",
-           "MLFLOW_RUN_ID", *HTTP_DEFAULTS)
-
-
-class Payload:
-    """Unpickling this runs `touch <marker>`."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +37,7 @@ def store(tmp_path_factory):
     """A project-level store in a temporary working directory and a signing key of its own."""
     root = tmp_path_factory.mktemp("integrity")
     with pytest.MonkeyPatch.context() as patch:
-        for name in CLEARED:
-            patch.delenv(name, raising=False)
-        patch.chdir(root)
-        patch.setenv(registry.KEY_ENV, str(root / "keys" / "registration.key"))
+        use_store(patch, root)
         config = load_config("tiny_stage1", [f"tracking.model_name={MODEL}"])
         yield SimpleNamespace(root=root, config=config)
 
@@ -61,13 +45,7 @@ def store(tmp_path_factory):
 def checkpoint_folder(run_dir: Path, config, updates: int, student: bool = True, payload: Path | None = None) -> Path:
     """A checkpoint folder: config.yaml, student.safetensors (optional) and DeepSpeed's pickled states (with a
     payload that touches `payload` when unpickled)."""
-    torch.manual_seed(updates)
-    model = SSLAM(config.model)
-    tag_dir = run_dir / "checkpoints" / f"update_{updates:08d}"
-    tag_dir.mkdir(parents=True)
-    (tag_dir / "config.yaml").write_text(dump_yaml(config))
-    if student:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tag_dir / STUDENT_FILE))
+    tag_dir, model = seeded_checkpoint(run_dir, config, updates, student=student)
     states = {"module": model.state_dict()}
     if payload is not None:
         states["hook"] = Payload(payload)

@@ -18,7 +18,6 @@ from jobs.checkpointing import manifest_for_files
 from jobs.config import flatten, load_config
 from jobs.tracking import (
     DROPPED_METRIC,
-    HTTP_DEFAULTS,
     NullTracker,
     Tracker,
     ensure_experiment,
@@ -26,20 +25,16 @@ from jobs.tracking import (
     render_preview,
     tracking_uri,
 )
+from registry_support import use_store
 
 REPO = Path(__file__).resolve().parents[1]
-# Cleared for each test (and restored after): Tracker.start sets the HTTP ones for its process.
-MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID",
-              "MLFLOW_RUN_ID", *HTTP_DEFAULTS)
 
 
 @pytest.fixture
 def store(tmp_path, monkeypatch) -> Path:
     """A clean MLflow environment whose project-level store lands in tmp_path."""
-    for name in MLFLOW_ENV:
-        monkeypatch.delenv(name, raising=False)
+    use_store(monkeypatch, tmp_path, signing_key=False)
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
-    monkeypatch.chdir(tmp_path)
     return tmp_path
 
 
