@@ -1,6 +1,6 @@
 """The measuring harness the step benchmarks share (train_step, zero_step, vit_reference, precision_check): the
-config arguments, the device, the timing loop with device synchronisation, the peak memory and the peak FLOP/s
-that MFU is taken against."""
+config and sweep arguments, the config and the device, the timing loop with device synchronisation, the peak
+memory and the peak FLOP/s that MFU is taken against."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from jobs.config import Config, load_config
+
 # Dense bf16 tensor-core peaks (vendor datasheets), matched on the CUDA device name.
 PEAK_BF16_FLOPS = (("H200", 989.4e12), ("H100 PCIe", 756.0e12), ("H100", 989.4e12), ("A100", 312.0e12))
 
@@ -19,14 +21,43 @@ PEAK_BF16_FLOPS = (("H200", 989.4e12), ("H100 PCIe", 756.0e12), ("H100", 989.4e1
 def add_config_arguments(
     parser: argparse.ArgumentParser, config_help: str = "job config name or YAML path (default base_stage2)"
 ) -> None:
-    """--config, --tiny and --set: which job config the benchmark loads (resolve with `resolve_config_name`)."""
+    """--config, --tiny and --set: which job config the benchmark loads (load it with `load_benchmark_config`)."""
     parser.add_argument("--config", default="base_stage2", help=config_help)
     parser.add_argument("--tiny", action="store_true", help="use tiny_stage2 (CPU-sized) instead of --config")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override a.b=value")
 
 
-def resolve_config_name(args: argparse.Namespace) -> str:
-    return "tiny_stage2" if args.tiny else args.config
+def load_benchmark_config(args: argparse.Namespace, *overrides: str) -> tuple[str, Config]:
+    """The config --tiny or --config names, with the --set overrides and then `overrides`; returns its name too."""
+    name = "tiny_stage2" if args.tiny else args.config
+    return name, load_config(name, [*args.overrides, *overrides])
+
+
+MODES = ("eager", "compiled")
+
+
+def int_list(text: str) -> list[int]:
+    values = [int(part) for part in text.split(",") if part.strip()]
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
+    return values
+
+
+def mode_list(text: str) -> list[str]:
+    modes = [part.strip() for part in text.split(",") if part.strip()]
+    if not modes or set(modes) - set(MODES):
+        raise argparse.ArgumentTypeError(f"modes are {', '.join(MODES)} (comma-separated), got {text!r}")
+    return modes
+
+
+def add_sweep_arguments(parser: argparse.ArgumentParser, micro_batches_help: str, warmup_help: str) -> None:
+    """--micro-batches, --modes, --steps, --warmup and --peak-tflops of a benchmark that prints one line per
+    (mode, micro-batch)."""
+    parser.add_argument("--micro-batches", type=int_list, default=[12, 24, 48], help=micro_batches_help)
+    parser.add_argument("--modes", type=mode_list, default=list(MODES), help="eager,compiled (default both)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per line")
+    parser.add_argument("--warmup", type=int, default=3, help=warmup_help)
+    parser.add_argument("--peak-tflops", type=float, default=None, help="peak FLOP/s for MFU (default: by GPU name)")
 
 
 def default_device() -> torch.device:

@@ -17,9 +17,8 @@ import sys
 
 import torch
 
-from benchmarks._common import add_config_arguments, default_device, resolve_config_name
+from benchmarks._common import add_config_arguments, default_device, load_benchmark_config
 from benchmarks.train_step import synthetic_batch
-from jobs.config import load_config
 from model.sslam import SSLAM
 from pipeline.mixing import nomix_rows
 
@@ -43,8 +42,7 @@ def loss_of(model: SSLAM, batch: dict, seed: int, device: torch.device, bf16: bo
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     args = parse_args(argv)
-    config_name = resolve_config_name(args)
-    config = load_config(config_name, args.overrides)
+    config_name, config = load_benchmark_config(args)
     cfg = config.model
     device = default_device()
     torch.manual_seed(config.train.seed)

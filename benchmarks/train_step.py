@@ -24,8 +24,8 @@ import sys
 import numpy as np
 import torch
 
-from benchmarks._common import add_config_arguments, peak_flops, peak_memory, resolve_config_name, time_steps
-from jobs.config import Config, load_config
+from benchmarks._common import add_config_arguments, load_benchmark_config, peak_flops, peak_memory, time_steps
+from jobs.config import Config
 from model.config import ModelConfig
 from model.masking import mask_counts
 from model.sslam import SSLAM
@@ -142,10 +142,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     args = parse_args(argv)
-    config_name = resolve_config_name(args)
-    overrides = list(args.overrides) + ([f"model.clone_batch={args.clone}"] if args.clone else [])
+    overrides = [f"model.clone_batch={args.clone}"] if args.clone else []
     overrides += ["train.compile=true"] if args.compile else []
-    config = load_config(config_name, overrides)
+    config_name, config = load_benchmark_config(args, *overrides)
     cfg = config.model
     clips = args.clips or config.data.loader.micro_batch_clips
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else

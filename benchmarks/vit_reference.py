@@ -24,11 +24,10 @@ import torch
 from torch import nn
 
 from benchmarks._common import (
-    add_config_arguments, default_device, peak_flops, peak_memory, resolve_config_name, time_steps,
+    add_config_arguments, add_sweep_arguments, default_device, load_benchmark_config, peak_flops, peak_memory,
+    time_steps,
 )  # fmt: skip
 from benchmarks.train_step import encoder_pass_flops
-from benchmarks.zero_step import MODES, int_list, mode_list
-from jobs.config import load_config
 from model.config import ModelConfig
 from model.masking import mask_counts
 from pipeline.mixing import nomix_rows
@@ -79,19 +78,14 @@ class ReferenceStep:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser, config_help="job config whose model sizes to use")
-    parser.add_argument("--micro-batches", type=int_list, default=[12, 24, 48], help="clean clips, e.g. 12,24,48")
-    parser.add_argument("--modes", type=mode_list, default=list(MODES), help="eager,compiled (default both)")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per line")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    parser.add_argument("--peak-tflops", type=float, default=None, help="peak FLOP/s for MFU (default: by GPU name)")
+    add_sweep_arguments(parser, "clean clips, e.g. 12,24,48", "untimed steps first")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     args = parse_args(argv)
-    config_name = resolve_config_name(args)
-    config = load_config(config_name, args.overrides)
+    config_name, config = load_benchmark_config(args)
     cfg = config.model
     device = default_device()
     use_autocast = device.type == "cuda"

@@ -24,10 +24,10 @@ import torch
 import torch.distributed as dist
 
 from benchmarks._common import (
-    add_config_arguments, default_device, peak_flops, peak_memory, resolve_config_name, time_steps,
+    add_config_arguments, add_sweep_arguments, default_device, load_benchmark_config, peak_flops, peak_memory,
+    time_steps,
 )  # fmt: skip
 from benchmarks.train_step import FLOP_CONVENTION, step_flops, synthetic_batch
-from jobs.config import load_config
 from jobs.ema import MasterWeightEMA
 from jobs.pretrain import deepspeed_config
 from model.sslam import SSLAM
@@ -35,31 +35,11 @@ from pipeline.mixing import nomix_rows
 
 logger = logging.getLogger("benchmarks.zero_step")
 
-MODES = ("eager", "compiled")
-
-
-def int_list(text: str) -> list[int]:
-    values = [int(part) for part in text.split(",") if part.strip()]
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
-    return values
-
-
-def mode_list(text: str) -> list[str]:
-    modes = [part.strip() for part in text.split(",") if part.strip()]
-    if not modes or set(modes) - set(MODES):
-        raise argparse.ArgumentTypeError(f"modes are {', '.join(MODES)} (comma-separated), got {text!r}")
-    return modes
-
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
-    parser.add_argument("--micro-batches", type=int_list, default=[12, 24, 48], help="clean clips per step, e.g. 12,24")
-    parser.add_argument("--modes", type=mode_list, default=list(MODES), help="eager,compiled (default both)")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per line")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
-    parser.add_argument("--peak-tflops", type=float, default=None, help="peak FLOP/s for MFU (default: by GPU name)")
+    add_sweep_arguments(parser, "clean clips per step, e.g. 12,24", "untimed steps first (compilation, allocator)")
     return parser.parse_args(argv)
 
 
@@ -122,8 +102,7 @@ class EngineStep:
 def main(argv: list[str] | None = None) -> list[dict]:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     args = parse_args(argv)
-    config_name = resolve_config_name(args)
-    config = load_config(config_name, [*args.overrides, "train.init_from=", "tracking.enabled=false"])
+    config_name, config = load_benchmark_config(args, "train.init_from=", "tracking.enabled=false")
     cfg = config.model
     device = default_device()
     if device.type == "cuda":
