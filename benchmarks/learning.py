@@ -247,13 +247,14 @@ def pretrain(config_path: Path, threads: int) -> dict:
 def encoder_model(weights, config: Config, folder: Path):
     """The registered model's code (jobs.pyfunc_model) over `weights`, from the artifacts jobs.registry writes."""
     from jobs.pyfunc_model import SSLAMEncoderModel
-    from jobs.registry import audio_config_for, model_spec
+    from jobs.registry import audio_config_for, model_spec, sha256_file
     from model.checkpoint import save_weights
 
     folder.mkdir(parents=True, exist_ok=True)
     artifacts = {"weights": str(folder / "encoder.safetensors"), "config": str(folder / "model_config.json")}
     save_weights(weights, artifacts["weights"])
-    spec = model_spec(weights.config, audio_config_for(weights.config, config.data.audio))
+    spec = model_spec(weights.config, audio_config_for(weights.config, config.data.audio),
+                      weights_sha256=sha256_file(artifacts["weights"]))
     Path(artifacts["config"]).write_text(json.dumps(spec))
     model = SSLAMEncoderModel()
     model.load_context(SimpleNamespace(artifacts=artifacts, model_config={"device": "cpu"}))

@@ -73,6 +73,7 @@ class HashingWriter:
     It has no `fileno`, so torch.save writes storages through `write` too."""
 
     def __init__(self, path: Path):
+        self.name = str(path)
         self._file = open(path, "wb")
         self._hash = hashlib.sha256()
         self.size = 0

@@ -23,7 +23,7 @@ def _patch_torch(module) -> None:
     original = module.save
 
     def save(obj, f, *args, **kwargs):
-        if "/checkpoints/" in str(f):
+        if "/checkpoints/" in str(getattr(f, "name", f)):  # a path, or a file object open on one
             raise OSError(errno.ENOSPC, "No space left on device (injected)", str(f))
         return original(obj, f, *args, **kwargs)
 
