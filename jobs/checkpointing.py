@@ -148,11 +148,11 @@ def manifest_for_files(folder: Path) -> None:
     records = {}
     for path in sorted(folder.iterdir()):
         if path.is_file() and path.name != MANIFEST_FILE:
-            records[path.name] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+            records[path.name] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
     write_manifest(folder, records)
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 22), b""):
@@ -314,7 +314,7 @@ def verify(folder: Path, rehash: bool = False) -> str | None:
         size = path.stat().st_size
         if size != record["size"]:
             return f"{name} has {size} bytes, the manifest says {record['size']}"
-        if rehash and _sha256(path) != record["sha256"]:
+        if rehash and sha256_file(path) != record["sha256"]:
             return f"{name} does not match its sha256 in the manifest"
     return None
 

@@ -64,6 +64,7 @@ from typing import Any
 import numpy as np
 from mlflow.exceptions import MlflowException
 
+from jobs.checkpointing import sha256_file
 from jobs.config import REFUSED_ALIASES
 from jobs.tracking import ensure_experiment, mlflow_client, tracking_uri
 from model.checkpoint import CheckpointError, ImportedCheckpoint, import_official, save_weights
@@ -112,14 +113,6 @@ def encoder_name(cfg: ModelConfig) -> str:
 class RegistrationRefused(ValueError):
     """A pending folder whose record does not verify (planted or altered after export), or a model whose files
     do not match the sha256 recorded on its version (tampered artifact)."""
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def folder_digest(folder: str | Path, ignore: frozenset[str] = frozenset()) -> str:
