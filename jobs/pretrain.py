@@ -796,6 +796,17 @@ def _report_failure(error: BaseException) -> None:
         log.error("rank %s failed: %s: %s", rank, type(error).__name__, summary, exc_info=error)
 
 
+def end_rank_process(code: int) -> None:
+    """End a rank process once main() has torn everything down (tracking finished, checkpoints written,
+    process group destroyed). Interpreter shutdown is skipped on purpose: there, native destructors of
+    torch.distributed / DeepSpeed objects sometimes meet a still-joinable C++ thread and call std::terminate
+    ("terminate called without an active exception", SIGABRT), turning a finished run into a failed launch."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None, exit_deadline_s: float | None = None) -> int:
     """Exit codes: 0 done or preempted with a checkpoint, 1 failed, 2 config / run folder / op build refused,
     3 a guard stopped the run. `exit_deadline_s`: a failed process ends within that many seconds (set for a
@@ -838,4 +849,4 @@ def main(argv: list[str] | None = None, exit_deadline_s: float | None = None) ->
 
 
 if __name__ == "__main__":
-    sys.exit(main(exit_deadline_s=FAILED_EXIT_DEADLINE_S))
+    end_rank_process(main(exit_deadline_s=FAILED_EXIT_DEADLINE_S))

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 
 import torch
@@ -23,7 +22,7 @@ from safetensors.torch import load_file
 
 from jobs import checkpointing
 from jobs.config import add_config_arguments, config_from_args
-from jobs.pretrain import Pretrainer
+from jobs.pretrain import Pretrainer, end_rank_process
 
 
 def largest_difference(got: dict, want: dict) -> float:
@@ -76,4 +75,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    end_rank_process(main())

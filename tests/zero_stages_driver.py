@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
 import torch.distributed as dist
 
 from jobs.config import load_config
-from jobs.pretrain import train
+from jobs.pretrain import end_rank_process, train
 
 
 def main() -> int:
@@ -53,4 +52,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    end_rank_process(main())
