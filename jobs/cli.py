@@ -29,16 +29,19 @@ def _preprocess(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from pipeline.inspect import render_groups, summarize
+    from pipeline.inspect import inspect_set, render_groups
 
     try:
-        print(summarize(args.shards))
+        report = inspect_set(args.shards)
+        print(report.text)
         if args.png:
             print(f"preview: {render_groups(args.shards, args.png, n_groups=args.groups)}")
     except (FileNotFoundError, ValueError) as error:  # missing or damaged shard sets (ValueError: InspectError, ...)
         print(f"sslam inspect: {error}", file=sys.stderr)
         return 1
-    return 0
+    for problem in report.problems:
+        print(f"sslam inspect: {problem}", file=sys.stderr)
+    return 1 if report.problems else 0
 
 
 def _pretrain(args: argparse.Namespace) -> int:

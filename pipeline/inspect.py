@@ -53,6 +53,7 @@ WINDOW_GID = "nomix-window"
 PROBLEMS_SHOWN = 5
 # How many mismatching shards the summary lists.
 MISMATCHES_SHOWN = 10
+MISMATCH = "MISMATCH"
 RECORD_READERS = 16
 
 
@@ -71,8 +72,22 @@ def _table(shards_dir: str, location: shards.Location, name: str) -> pa.Table | 
     return shards.read_table(location.directory, name, filesystem=location.filesystem)
 
 
+@dataclass
+class SetReport:
+    """What `sslam inspect` prints, and the problems among it (missing shards, shards of another plan): the
+    command exits 1 when there are any."""
+
+    text: str
+    problems: list[str]
+
+
 def summarize(shards_dir: str) -> str:
     """A few lines describing the shard set: features, groups, splits, counts, quarantine, missing shards."""
+    return inspect_set(shards_dir).text
+
+
+def inspect_set(shards_dir: str) -> SetReport:
+    """The summary of `summarize` with its problems named."""
     location = shards.locate(shards_dir)
     info = read_dataset_info(shards_dir)
     index = _table(shards_dir, location, INDEX_TABLE)
@@ -95,9 +110,12 @@ def summarize(shards_dir: str) -> str:
     listed = listed_shards(info)
     missing = [name for name in listed if not shards.file_exists(location, name)]
     lines.append(f"shards         {len(listed)} listed, {info.get('bytes', 0) / 2**20:.1f} MiB, {len(missing)} missing")
+    problems = [f"{len(missing)} listed shards missing"] if missing else []
     if missing:
         lines.append(f"  missing: {', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}")
-    lines += _fingerprint_lines(location, info, index, listed)
+    fingerprint_lines = _fingerprint_lines(location, info, index, listed)
+    problems += [line.removeprefix(MISMATCH).strip() for line in fingerprint_lines if line.startswith(MISMATCH)]
+    lines += fingerprint_lines
     for split, entry in info["splits"].items():
         per_epoch = entry["shards_per_epoch"]
         samples = entry.get("samples_per_epoch", {})
@@ -125,7 +143,7 @@ def summarize(shards_dir: str) -> str:
             count = len(group) if stage == MANIFEST_STAGE else len(keys)
             example = group[0]
             lines.append(f"  {stage:<9} {reason:<20} {count:>5}  e.g. {example['key']}: {example['detail']}")
-    return "\n".join(lines)
+    return SetReport("\n".join(lines), problems)
 
 
 def _read_json(location: shards.Location, name: str) -> dict | None:
@@ -168,13 +186,13 @@ def _fingerprint_lines(location: shards.Location, info: dict, index: pa.Table | 
     held = _read_json(location, FINGERPRINT_RECORD)
     if held is not None and held.get("fingerprint") != info.get("fingerprint"):
         lines.append(
-            f"MISMATCH       {FINGERPRINT_RECORD} holds fingerprint {str(held.get('fingerprint'))[:12]}, dataset.json "
+            f"{MISMATCH}       {FINGERPRINT_RECORD} holds fingerprint {str(held.get('fingerprint'))[:12]}, dataset.json "
             f"{expected[:12]}: a run of another plan started here after this set was finished"
         )
     mismatched = fingerprint_mismatches(location, info, index, listed)
     if mismatched:
         lines.append(
-            f"MISMATCH       {len(mismatched)} of {len(listed)} shards were written by another plan than dataset.json "
+            f"{MISMATCH}       {len(mismatched)} of {len(listed)} shards were written by another plan than dataset.json "
             f"({expected[:12]}); the loader refuses those with foreign index rows. Rebuild: "
             "sslam preprocess --overwrite"
         )

@@ -30,6 +30,7 @@ import soundfile
 import torch
 import yaml
 
+from jobs.cli import main as sslam
 from jobs.config import load_config
 from jobs.preprocess import main, run_preprocess
 from pipeline import audio, shards
@@ -328,9 +329,11 @@ def test_same_size_damage_is_found_only_when_resume_rehashes(logmel):
     assert victim.read_bytes() == original
 
 
-def test_inspect_summary_and_rendering(logmel, tmp_path):
+def test_inspect_summary_and_rendering(logmel, tmp_path, capsys):
     text = summarize(str(logmel.output))
     assert "groups of 3" in text and "0 missing" in text
+    assert sslam(["inspect", str(logmel.output)]) == 0
+    assert capsys.readouterr().err == ""
     assert "e01: 30 primaries + 5 quarantined = 35 manifest clips" in text
     assert "too_short" in text and "missing_file" in text
     png = render_groups(str(logmel.output), tmp_path / "groups.png", n_groups=2)
@@ -515,11 +518,13 @@ def _mixed_copy(tmp_path: Path, logmel: SimpleNamespace, reseeded: SimpleNamespa
     return mixed
 
 
-def test_a_mixed_set_is_flagged_by_inspect_and_refused_by_the_loader(tmp_path, logmel, reseeded):
+def test_a_mixed_set_is_flagged_by_inspect_and_refused_by_the_loader(tmp_path, logmel, reseeded, capsys):
     foreign = ["train-e00-000001.tar", "train-e01-000003.tar"]
     mixed = _mixed_copy(tmp_path, logmel, reseeded, foreign)
     text = summarize(str(mixed))
     assert "MISMATCH       2 of 11 shards" in text, text
+    assert sslam(["inspect", str(mixed)]) == 1
+    assert "sslam inspect: 2 of 11 shards were written by another plan" in capsys.readouterr().err
     assert all(f"  {name}: record of fingerprint {reseeded.summary['fingerprint'][:12]}" in text for name in foreign)
 
     # The index of the other run for those shards (index.parquet and dataset.json of different runs).
@@ -538,6 +543,9 @@ def test_a_mixed_set_is_flagged_by_inspect_and_refused_by_the_loader(tmp_path, l
     loader_cfg = LoaderConfig(shards=str(mixed), micro_batch_clips=6, num_workers=0)
     with pytest.raises(MixedShardSetError, match="train-e01-000003.tar"):
         TrainLoader(loader_cfg, "train", rank=0, world_size=1, epoch=1)
+    (mixed / "train-e00-000002.tar").unlink()
+    assert sslam(["inspect", str(mixed)]) == 1
+    assert "sslam inspect: 1 listed shards missing" in capsys.readouterr().err
     assert len(EvalLoader(loader_cfg, "eval").source.shard_names("eval", 0)) == 3  # the eval shards are its own
 
     # A shard that an index with fingerprints does not list, but that holds samples, is refused too.
