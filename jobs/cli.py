@@ -22,12 +22,6 @@ def _make_sample_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def _preprocess(args: argparse.Namespace) -> int:
-    from jobs.preprocess import run_from_args
-
-    return run_from_args(args)
-
-
 def _inspect(args: argparse.Namespace) -> int:
     from pipeline.inspect import inspect_set, render_groups
 
@@ -132,13 +126,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(sample, default="sample")
     sample.set_defaults(func=_make_sample_data)
 
-    preprocess = commands.add_parser("preprocess", allow_abbrev=False, help="audio -> WebDataset shards with mixtures (Ray)")
-    add_config_arguments(preprocess, default="sample")
-    from jobs.preprocess import add_arguments as add_preprocess_arguments
-
-    add_preprocess_arguments(preprocess)
-    preprocess.set_defaults(func=_preprocess)
-
     inspect = commands.add_parser("inspect", allow_abbrev=False, help="summarise a shard set and render a PNG of a few groups")
     inspect.add_argument("shards", help="shard folder or URL (with dataset.json)")
     inspect.add_argument("--png", default="", help="write a preview of a few groups to this PNG")
@@ -152,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.set_defaults(func=_pretrain)
 
     for name, module, summary in [
+        ("preprocess", "jobs.preprocess", "audio -> WebDataset shards with mixtures (Ray)"),
         ("register", "jobs.registry", "register checkpoints (pending ones, one, or an official EAT/SSLAM file)"),
         ("evaluate", "jobs.evaluate", "linear-probe a registered model on evaluation shards (mAP vs label prior)"),
         ("export", "jobs.export", "export an encoder (registry URI, run, checkpoint, official .pt) as a plain folder"),

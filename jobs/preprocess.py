@@ -110,8 +110,8 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.preprocess", description=__doc__.splitlines()[0])
-    add_config_arguments(parser)
+    parser = argparse.ArgumentParser(prog="sslam preprocess", description=__doc__.splitlines()[0], allow_abbrev=False)
+    add_config_arguments(parser, default="sample")
     add_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
