@@ -111,11 +111,12 @@ def test_every_checkpoint_is_registered_with_tags_and_candidate(trained):
         assert version.tags["dataset_fingerprint"] == trained.info["fingerprint"]
     assert str(client.get_model_version_by_alias(MODEL, "candidate").version) == "2"
     for version in versions:  # each logged model lists its version as mlflow.register_model would
-        logged = client.get_logged_model(version.model_id)
+        model_id = version.source.removeprefix("models:/")
+        logged = client.get_logged_model(model_id)
         assert [(e["name"], str(e["version"])) for e in json.loads(logged.tags[MODEL_VERSIONS])] == [
             (MODEL, str(version.version))]
-        link_version(client, version.model_id, MODEL, version.version)  # a retry lists it once
-        assert client.get_logged_model(version.model_id).tags[MODEL_VERSIONS] == logged.tags[MODEL_VERSIONS]
+        link_version(client, model_id, MODEL, version.version)  # a retry lists it once
+        assert client.get_logged_model(model_id).tags[MODEL_VERSIONS] == logged.tags[MODEL_VERSIONS]
         assert logged.source_run_id == trained.tracker.run_id
         for tags in (logged.tags, version.tags):
             assert tags["mlflow.user"] and tags["mlflow.source.name"] and tags["mlflow.source.git.commit"]
