@@ -91,6 +91,9 @@ class TrackingConfig:
     # takes an alias that consumers follow. `latest` is MLflow's, `best` is `sslam evaluate --promote`'s.
     aliases: list[str] = field(default_factory=list)
     system_metrics: bool = True
+    # Seconds between system-metrics samples; 0: MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL when set, else scaled to the
+    # run (1/20 of the time elapsed, from 1 s up to MLflow's 10 s: jobs.lineage.system_metrics_interval).
+    system_metrics_interval_s: float = field(default=0.0, metadata={"ge": 0, "le": 3600})
     # Metric values waiting for MLflow; the oldest are dropped (and counted) beyond.
     queue_size: int = field(default=10000, metadata={"ge": 1})
     retry_interval_s: float = field(default=5.0, metadata={"gt": 0})  # wait between attempts while MLflow is down

@@ -15,8 +15,10 @@ A registration has two halves, so that a failure of MLflow never loses a checkpo
 2. `complete_registration` (MLflow): check the folder against its signed record (a planted or altered folder is
    refused: RegistrationRefused, unless `trusted`), create a logged model in the run's experiment, upload a
    checked copy of the folder, create a version of the registered model with tags (run_id, update, stage,
-   encoder, dataset_fingerprint, source, weights_sha256, model_sha256), move the aliases its record names to it
-   (each unless a newer checkpoint of the same run holds it), then replace the pending file by
+   encoder, dataset_fingerprint, source, weights_sha256, model_sha256, and the registering process's lineage:
+   mlflow.source.name / mlflow.user / mlflow.source.git.commit, jobs.lineage), list the version on the logged model
+   (its `mlflow.modelVersions` tag, as `mlflow.register_model` does, so the UI shows it), move the aliases its
+   record names to it (each unless a newer checkpoint of the same run holds it), then replace the pending file by
    `registration.json` and delete the uploaded copy. Progress is saved after each step, so a retry continues.
    One process at a time completes a folder (an flock on its `.claim` file); another one skips it meanwhile.
 
@@ -66,6 +68,7 @@ from mlflow.exceptions import MlflowException
 
 from jobs.checkpointing import sha256_file
 from jobs.config import REFUSED_ALIASES
+from jobs.lineage import lineage_tags, link_version
 from jobs.tracking import ensure_experiment, mlflow_client, tracking_uri
 from model.checkpoint import CheckpointError, ImportedCheckpoint, import_official, save_weights
 from model.config import ModelConfig
@@ -724,7 +727,7 @@ def _complete_claimed(folder: Path, client, run_id: str | None, trusted: bool):
                 experiment_id,
                 name=LOGGED_MODEL_NAME,
                 source_run_id=registration.run_id,
-                tags={"registered_model": registration.model_name, **registration.tags},
+                tags={"registered_model": registration.model_name, **registration.tags, **lineage_tags()},
             )
             registration.model_id = logged.model_id
             registration.save(folder)
@@ -754,6 +757,7 @@ def _complete_claimed(folder: Path, client, run_id: str | None, trusted: bool):
                 run_id=registration.run_id,
                 tags={
                     **registration.tags,
+                    **lineage_tags(),
                     WEIGHTS_SHA_TAG: registration.weights_sha256,
                     MODEL_SHA_TAG: registration.uploaded_sha256,
                 },
@@ -767,6 +771,7 @@ def _complete_claimed(folder: Path, client, run_id: str | None, trusted: bool):
                 f"version {registration.version} of {registration.model_name} holds other weights than this "
                 "registration; no alias moved"
             )
+        link_version(client, registration.model_id, version.name, version.version)
         for alias in registration.aliases:
             _move_alias(client, registration.model_name, alias, version, registration)
     except Exception as error:

@@ -7,9 +7,11 @@ experiment is created with that artifact location). With `MLFLOW_TRACKING_URI=ht
 
 The tracker (`Tracker.start(...)`, rank 0 only; other ranks use `NullTracker`) puts everything on a background
 thread: the run's creation, params (the flattened resolved config, long values truncated to MLflow's limit), tags
-(git commit, dataset fingerprint, stage, world size), artifacts (resolved config YAML, DeepSpeed config JSON,
-dataset.json, a PNG preview of the first batch), metrics, system metrics (MLflow's own CPU / memory / disk / network
-/ GPU collectors, every `MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL` seconds, default 10) and model registrations.
+(dataset fingerprint, stage, world size; source `jobs.pretrain`, user and git commit as MLflow's own tags), the
+shard set as a dataset input (jobs.lineage: name, source URI, fingerprint, the counts of dataset.json), artifacts
+(resolved config YAML, DeepSpeed config JSON, dataset.json, a PNG preview of the first batch), metrics, system metrics (MLflow's own CPU / memory / disk / network
+/ GPU collectors, every `tracking.system_metrics_interval_s` or `MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL` seconds,
+else at an interval scaled to the run, 1 s to 10 s, and once more when the run ends) and model registrations.
 Metric values wait in a bounded queue: when it is full the oldest are dropped and counted (`dropped_metrics`, and
 the metric `tracking/dropped_metrics`). HTTP calls use short timeouts and one retry (set in this process unless the
 user set MLflow's variables). An unreachable server is reported once as a warning; the thread keeps retrying every
@@ -38,7 +40,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import tempfile
 import threading
 import time
@@ -51,6 +52,7 @@ from typing import Any
 import torch
 
 from jobs.config import Config, dump_yaml, flatten
+from jobs.lineage import GIT_COMMIT, lineage_tags, shard_set_input, system_metrics_interval
 from model.config import ModelConfig
 
 log = logging.getLogger("sslam.tracking")
@@ -76,7 +78,7 @@ DROPPED_METRIC = "tracking/dropped_metrics"
 MAX_PARAMS_PER_BATCH = 100  # MLflow's limit
 RETRY_REGISTRATIONS = "register pending models"
 PREVIEW_CLIPS = 3
-SYSTEM_METRICS_INTERVAL_S = 10.0  # MLflow's default when MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL is unset
+TRAINING_ENTRY_POINT = "jobs.pretrain"  # the module every rank runs (mlflow.source.name of training runs)
 
 
 # ---------------------------------------------------------------------------------------------- the store
@@ -144,18 +146,6 @@ def is_refusal(error: BaseException) -> bool:
     return isinstance(error, OSError)
 
 
-def git_commit() -> str | None:
-    """HEAD of the repository holding this code, or None outside a git checkout."""
-    try:
-        result = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True, text=True,
-            timeout=5, check=True,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return result.stdout.strip() or None
-
-
 def param_value(value: Any) -> str:
     """A config value as an MLflow param: text, truncated to MLflow's length limit with a marker."""
     from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
@@ -166,6 +156,8 @@ def param_value(value: Any) -> str:
 
 
 def run_tags(config: Config, dataset_info: dict | None, world_size: int) -> dict[str, str]:
+    """The training run's tags: stage, world size, encoder, config, dataset fingerprint, and lineage (source
+    `jobs.pretrain`, user, git commit: jobs.lineage)."""
     from jobs.registry import encoder_name
 
     tags = {
@@ -174,11 +166,10 @@ def run_tags(config: Config, dataset_info: dict | None, world_size: int) -> dict
         "encoder": encoder_name(config.model),
         "config_name": config.name,
         "dataset_fingerprint": str((dataset_info or {}).get("fingerprint", "")),
+        **lineage_tags(TRAINING_ENTRY_POINT),
     }
-    commit = git_commit()
-    if commit:
-        tags["git_commit"] = commit
-        tags["mlflow.source.git.commit"] = commit
+    if GIT_COMMIT in tags:
+        tags["git_commit"] = tags[GIT_COMMIT]
     return tags
 
 
@@ -391,7 +382,7 @@ class Tracker:
         tracker = cls(config, ds_config, dataset_info, world_size)
         tracker._thread.start()
         if config.tracking.system_metrics:
-            tracker._sampler = _SystemSampler(tracker._outbox)
+            tracker._sampler = _SystemSampler(tracker._outbox, config.tracking.system_metrics_interval_s)
             tracker._sampler.start()
         log.info("tracking to %s (experiment %r)", tracker.uri, config.tracking.experiment)
         return tracker
@@ -621,7 +612,9 @@ class Tracker:
                 tags=run_tags(self.config, self.dataset_info, self.world_size),
             )
             run_id = run.info.run_id
-            with self._outbox.condition:  # first task of the run, retried like any other
+            with self._outbox.condition:  # first tasks of the run, retried like any other
+                if self.dataset_info:
+                    self._outbox.tasks.appendleft(("log the shard set as a dataset input", self._log_shard_set))
                 self._outbox.tasks.appendleft(("log the params", self._log_params))
         self.run_id = run_id
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -634,6 +627,9 @@ class Tracker:
         params = [Param(key, param_value(value)) for key, value in flatten(self.config).items()]
         for start in range(0, len(params), MAX_PARAMS_PER_BATCH):
             self._client.log_batch(self.run_id, params=params[start : start + MAX_PARAMS_PER_BATCH])
+
+    def _log_shard_set(self) -> None:
+        self._client.log_inputs(self.run_id, datasets=[shard_set_input(self.dataset_info, self.config.data.loader.shards)])
 
     def _resumable_run(self, client) -> str | None:
         """The run of an earlier process of this job, when training resumes from one of its checkpoints and the
@@ -733,8 +729,10 @@ class _SystemSampler:
     present) sampled on their own thread into the tracker's queue, so an unreachable server neither stops
     sampling (MLflow's own monitor gives up) nor blocks anything."""
 
-    def __init__(self, outbox: _Outbox) -> None:
+    def __init__(self, outbox: _Outbox, interval_s: float = 0.0) -> None:
         self.outbox = outbox
+        self.interval_s = interval_s  # 0: MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL, else scaled to the run
+        self.started = time.monotonic()
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._sample, name="sslam-system-metrics", daemon=True)
 
@@ -742,8 +740,9 @@ class _SystemSampler:
         self.thread.start()
 
     def stop(self) -> None:
+        """Take the last sample now and end; waits for it (collectors still being built included) up to 10 s."""
         self.stopped.set()
-        self.thread.join(timeout=5.0)
+        self.thread.join(timeout=10.0)
 
     @staticmethod
     def _collectors() -> list:
@@ -779,16 +778,17 @@ class _SystemSampler:
 
         node = MLFLOW_SYSTEM_METRICS_NODE_ID.get()
         prefix = "system/" + (f"{node}/" if node else "")
-        interval = float(MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL.get() or SYSTEM_METRICS_INTERVAL_S)
+        configured = self.interval_s or float(MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL.get() or 0)
         per_log = max(1, int(MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING.get() or 1))
-        step = 0
-        while not self.stopped.is_set():
+        step, collected = 0, 0
+        while True:
             try:
-                for _ in range(per_log):
-                    for collector in monitors:
-                        collector.collect_metrics()
-                    if self.stopped.wait(interval):
-                        return
+                for collector in monitors:
+                    collector.collect_metrics()
+                collected += 1
+                stopping = self.stopped.wait(system_metrics_interval(time.monotonic() - self.started, configured))
+                if collected < per_log and not stopping:
+                    continue
                 values: dict[str, float] = {}
                 for collector in monitors:
                     values.update(collector.aggregate_metrics())
@@ -798,4 +798,6 @@ class _SystemSampler:
                 return
             now = int(time.time() * 1000)
             self.outbox.put_metrics([_Metric(prefix + k, float(v), step, now) for k, v in values.items()])
-            step += 1
+            step, collected = step + 1, 0
+            if stopping:  # the last values, taken when the run ends: a run shorter than the interval has one
+                return

@@ -22,6 +22,7 @@ from jobs import infer as infer_job
 from jobs import registry
 from jobs.checkpointing import consolidated_student
 from jobs.config import load_config
+from jobs.lineage import MODEL_VERSIONS, link_version
 from jobs.tracking import HTTP_DEFAULTS, mlflow_client
 from model.checkpoint import build_classifier, import_official, official_name
 from model.encoder import Encoder
@@ -85,6 +86,12 @@ def test_training_run_is_tracked(trained):
     assert run.data.params["train.zero_stage"] == "2"
     assert run.data.tags["dataset_fingerprint"] == trained.info["fingerprint"]
     assert run.data.tags["world_size"] == "1"
+    assert run.data.tags["mlflow.source.name"] == "jobs.pretrain" and run.data.tags["mlflow.user"]
+    [shard_set] = run.inputs.dataset_inputs
+    assert shard_set.dataset.digest == trained.info["fingerprint"][:36]
+    assert json.loads(shard_set.dataset.source) == {"uri": (trained.root / "shards").as_uri()}
+    assert json.loads(shard_set.dataset.profile)["samples"] == sum(
+        split["samples"] for split in trained.info["splits"].values())
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [2, 4, 6, 8]
     assert {"lr", "grad_norm", "clips_per_s"} <= set(run.data.metrics)
     assert any(key.startswith("system/") for key in run.data.metrics)
@@ -103,6 +110,16 @@ def test_every_checkpoint_is_registered_with_tags_and_candidate(trained):
         assert (version.tags["stage"], version.tags["encoder"], version.tags["source"]) == ("1", "vit-32-2", "pretrain")
         assert version.tags["dataset_fingerprint"] == trained.info["fingerprint"]
     assert str(client.get_model_version_by_alias(MODEL, "candidate").version) == "2"
+    for version in versions:  # each logged model lists its version as mlflow.register_model would
+        model_id = version.source.removeprefix("models:/")
+        logged = client.get_logged_model(model_id)
+        assert [(e["name"], str(e["version"])) for e in json.loads(logged.tags[MODEL_VERSIONS])] == [
+            (MODEL, str(version.version))]
+        link_version(client, model_id, MODEL, version.version)  # a retry lists it once
+        assert client.get_logged_model(model_id).tags[MODEL_VERSIONS] == logged.tags[MODEL_VERSIONS]
+        assert logged.source_run_id == trained.tracker.run_id
+        for tags in (logged.tags, version.tags):
+            assert tags["mlflow.user"] and tags["mlflow.source.name"] and tags["mlflow.source.git.commit"]
     run_dir = trained.root / "runs" / "stage1"
     assert registry.pending_folders(run_dir) == []
     done = sorted(p.parent.name for p in registry.registrations_dir(run_dir).glob(f"*/{registry.DONE_FILE}"))

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from jobs.checkpointing import manifest_for_files
-from jobs.config import flatten, load_config
+from jobs.config import ConfigError, flatten, load_config
+from jobs.lineage import shard_location_uri, system_metrics_interval
 from jobs.tracking import (
     DROPPED_METRIC,
     NullTracker,
@@ -110,6 +111,61 @@ def test_tracker_logs_params_tags_artifacts_metrics_and_system_metrics(store):
     width, height = png_size(preview.read_bytes())
     assert width > 600 and height > 400
     assert json.loads((store / "runs" / "t" / "mlflow_run.json").read_text())["run_id"] == tracker.run_id
+
+
+SHARD_SET = {
+    "name": "tiny_set", "fingerprint": "f" * 64, "bytes": 3000, "mixture_epochs": 2, "target_length": 512,
+    "mel_bins": 64, "classes": [{"index": i} for i in range(5)],
+    "splits": {
+        "train": {"mix": True, "shards_per_epoch": {"0": ["a", "b"], "1": ["c", "d"]}, "samples": 40, "clips": 120,
+                  "bytes": 2000},
+        "eval": {"mix": False, "shards_per_epoch": {"0": ["e"]}, "samples": 10, "clips": 10, "bytes": 1000},
+    },
+}
+
+
+def test_a_short_run_has_lineage_its_shard_set_and_a_system_metrics_sample(store, monkeypatch):
+    monkeypatch.delenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL")  # scaled to the run: 1 s, longer than this run
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
+    (store / "shards").mkdir()
+    config = load_config("tiny_stage1", ["train.output_dir=runs/short", "data.loader.shards=shards"])
+    tracker = Tracker.start(config, dataset_info=SHARD_SET)
+    tracker.log_metrics({"loss": 1.0}, 1)
+    time.sleep(0.3)
+    tracker.finish()
+
+    run = mlflow_client().get_run(tracker.run_id)
+    assert any(key.startswith("system/cpu_utilization") for key in run.data.metrics)  # the sample taken at finish
+    tags = run.data.tags
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    assert (tags["mlflow.source.name"], tags["mlflow.source.type"]) == ("jobs.pretrain", "LOCAL")
+    assert (tags["mlflow.user"], tags["mlflow.source.git.commit"]) == ("alice", commit)
+    [shard_set] = run.inputs.dataset_inputs
+    assert {t.key: t.value for t in shard_set.tags} == {"mlflow.data.context": "training"}
+    dataset = shard_set.dataset
+    assert (dataset.name, dataset.digest, dataset.source_type) == ("tiny_set", "f" * 36, "local")
+    assert json.loads(dataset.source) == {"uri": (store / "shards").as_uri()}
+    profile = json.loads(dataset.profile)
+    assert (profile["fingerprint"], profile["shards"], profile["samples"], profile["clips"]) == ("f" * 64, 5, 50, 130)
+    assert (profile["bytes"], profile["classes"], profile["mixture_epochs"]) == (3000, 5, 2)
+    assert profile["splits"]["train"] == {"shards": 4, "samples": 40, "clips": 120, "bytes": 2000, "mix": True}
+    features = json.loads(json.loads(dataset.schema)["mlflow_tensorspec"]["features"])
+    assert features[0]["tensor-spec"]["shape"] == [-1, 1, 512, 64]
+
+
+def test_system_metrics_interval_scales_with_the_run_unless_configured():
+    assert [system_metrics_interval(s) for s in (0.0, 3.0, 60.0, 150.0, 7200.0)] == [1.0, 1.0, 3.0, 7.5, 10.0]
+    assert system_metrics_interval(7200.0, configured_s=0.5) == 0.5
+    assert load_config("tiny_stage1", ["tracking.system_metrics_interval_s=2.5"]).tracking.system_metrics_interval_s == 2.5
+    with pytest.raises(ConfigError, match="system_metrics_interval_s"):
+        load_config("tiny_stage1", ["tracking.system_metrics_interval_s=-1"])
+
+
+def test_shard_location_uri_keeps_urls_and_resolves_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert shard_location_uri("s3://bucket/shards") == ("s3", "s3://bucket/shards")
+    assert shard_location_uri("https://host/s/{000..003}.tar") == ("https", "https://host/s/{000..003}.tar")
+    assert shard_location_uri("shards") == ("local", (tmp_path / "shards").as_uri())
 
 
 def test_resumed_training_continues_its_run(store):
