@@ -24,9 +24,19 @@ The protocol (fixed; every knob is in `eval.*` of the config and logged as a par
    test prevalence of the scored classes; its accuracy that of always answering the most frequent class).
 6. A model with a classifier head whose class MIDs cover the dataset's is scored directly (no probe) unless
    `eval.use_head: false`.
+7. Polyphonic (`eval.polyphonic.enabled`; jobs.polyphonic_eval, pipeline.polyphonic): for each k in
+   `eval.polyphonic.sources` (default 2, 3), `eval.polyphonic.mixtures` mixtures of k clips of the test split
+   with no label in common, drawn with `eval.polyphonic.seed` from the audio of `data.source` (the shards hold
+   no waveforms), each source mean-removed and scaled to the quietest source's RMS, summed (peak held at 0.99),
+   labels = union; the same front-end, pooling and probe (or head) score them: `polyk_mAP` next to
+   `polyk_baseline_mAP`, the training label prior on the mixtures (= their mean class prevalence, which grows
+   with k: compare margins over the baseline, not raw mAP across k).
+
+Metrics go onto the run and, with `model_id`, onto the version's LoggedModel (`models:/m-...`); the run also
+holds `per_class_ap.csv` (class index, mid, name, positives and AP for mono, poly2, ...).
 
 Results go to a new run in `tracking.experiment` (tags link it to the version) and, as tags `eval.<metric>`,
-`eval.baseline_<metric>`, `eval.run_id`, ..., onto the version. The report names the two splits it used
+`eval.baseline_<metric>`, `eval.polyk_mAP`, `eval.polyk_baseline_mAP`, `eval.run_id`, ..., onto the version. The report names the two splits it used
 (`train`, `test`: "LOCATION:SPLIT") and how much they share (`overlap`: shard files, sample keys, clip keys of
 index.parquet). `--promote` moves alias `best` to the version when its metric beats the tag of the version
 holding `best` (or nothing holds it), and refuses (exit 1, `promotion_refused`) when the probe's train and test
