@@ -53,7 +53,7 @@ def test_sources_are_summed_at_equal_rms_and_the_peak_is_guarded():
     assert mixture.numel() == 24000
     alone = mixture[16000:]  # only the loud source, scaled to the quiet one's RMS
     assert rms(alone) == pytest.approx(rms(quiet), rel=0.05)
-    assert rms(mixture[:16000] - alone.new_zeros(16000)) == pytest.approx(np.sqrt(2) * rms(quiet), rel=0.05)
+    assert rms(mixture[:16000]) == pytest.approx(np.sqrt(2) * rms(quiet), rel=0.05)
     clipped = equal_loudness_sum([loud * 5, loud.flip(0) * 5], cfg)
     assert float(clipped.abs().max()) == pytest.approx(PEAK_LIMIT, abs=1e-6)
     with pytest.raises(ValueError, match="silent"):
