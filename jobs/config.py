@@ -118,6 +118,18 @@ class TrackingConfig:
 
 
 @dataclass
+class PolyphonicConfig:
+    """Polyphonic evaluation (jobs.polyphonic_eval): seeded mixtures of test-split clips of different classes."""
+
+    enabled: bool = False
+    sources: list[int] = field(default_factory=lambda: [2, 3], metadata={"ge": 2, "le": 8})  # clips per mixture
+    mixtures: int = field(default=200, metadata={"ge": 1})  # mixtures per source count
+    seed: int = field(default=0, metadata={"ge": 0})
+    # "rms": every source scaled to the same RMS (that of the quietest source) before the sum.
+    loudness: Literal["rms"] = "rms"
+
+
+@dataclass
 class EvalConfig:
     """Linear-probe protocol (jobs.evaluate)."""
 
@@ -134,6 +146,7 @@ class EvalConfig:
     batch_size: int = field(default=64, metadata={"ge": 1})
     seed: int = field(default=0, metadata={"ge": 0})
     use_head: bool = True  # score a model's own classifier head directly when it covers the dataset's classes
+    polyphonic: PolyphonicConfig = field(default_factory=PolyphonicConfig)
 
 
 @dataclass

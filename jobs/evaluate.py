@@ -24,9 +24,19 @@ The protocol (fixed; every knob is in `eval.*` of the config and logged as a par
    test prevalence of the scored classes; its accuracy that of always answering the most frequent class).
 6. A model with a classifier head whose class MIDs cover the dataset's is scored directly (no probe) unless
    `eval.use_head: false`.
+7. Polyphonic (`eval.polyphonic.enabled`; jobs.polyphonic_eval, pipeline.polyphonic): for each k in
+   `eval.polyphonic.sources` (default 2, 3), `eval.polyphonic.mixtures` mixtures of k clips of the test split
+   with no label in common, drawn with `eval.polyphonic.seed` from the audio of `data.source` (the shards hold
+   no waveforms), each source mean-removed and scaled to the quietest source's RMS, summed (peak held at 0.99),
+   labels = union; the same front-end, pooling and probe (or head) score them: `polyk_mAP` next to
+   `polyk_baseline_mAP`, the training label prior on the mixtures (= their mean class prevalence, which grows
+   with k: compare margins over the baseline, not raw mAP across k).
+
+Metrics go onto the run and, with `model_id`, onto the version's LoggedModel (`models:/m-...`); the run also
+holds `per_class_ap.csv` (class index, mid, name, positives and AP for mono, poly2, ...).
 
 Results go to a new run in `tracking.experiment` (tags link it to the version) and, as tags `eval.<metric>`,
-`eval.baseline_<metric>`, `eval.run_id`, ..., onto the version. The report names the two splits it used
+`eval.baseline_<metric>`, `eval.polyk_mAP`, `eval.polyk_baseline_mAP`, `eval.run_id`, ..., onto the version. The report names the two splits it used
 (`train`, `test`: "LOCATION:SPLIT") and how much they share (`overlap`: shard files, sample keys, clip keys of
 index.parquet). `--promote` moves alias `best` to the version when its metric beats the tag of the version
 holding `best` (or nothing holds it), and refuses (exit 1, `promotion_refused`) when the probe's train and test
@@ -59,6 +69,7 @@ log = logging.getLogger("sslam.evaluate")
 STD_FLOOR = 1e-6
 WHITEN_EPS = 1e-2
 POOLINGS = ("cls", "mean", "content_mean")
+PER_CLASS_TABLE = "per_class_ap.csv"
 
 
 @dataclass
@@ -83,15 +94,21 @@ class SplitSource:
 # ------------------------------------------------------------------------------------------------ metrics
 
 
-def mean_average_precision(labels: np.ndarray, scores: np.ndarray) -> tuple[float, int]:
-    """(nanmean over classes of sklearn's average precision, number of classes scored); classes without a
-    positive clip give NaN and are skipped (SSLAM_SPEC §11)."""
+def average_precision_per_class(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """sklearn's average precision of each class; NaN for a class without a positive clip."""
     from sklearn.metrics import average_precision_score
 
     per_class = np.full(labels.shape[1], np.nan)
     for k in range(labels.shape[1]):
         if labels[:, k].any():
             per_class[k] = average_precision_score(labels[:, k], scores[:, k])
+    return per_class
+
+
+def mean_average_precision(labels: np.ndarray, scores: np.ndarray) -> tuple[float, int]:
+    """(nanmean over classes of sklearn's average precision, number of classes scored); classes without a
+    positive clip give NaN and are skipped (SSLAM_SPEC §11)."""
+    per_class = average_precision_per_class(labels, scores)
     scored = int(np.isfinite(per_class).sum())
     return (float(np.nanmean(per_class)) if scored else float("nan")), scored
 
@@ -185,20 +202,13 @@ def extract(python_model, config: Config, location: str, split: str) -> FeatureS
     loader_cfg = dataclasses.replace(config.data.loader, shards=location)
     loader = EvalLoader(loader_cfg, split, batch_size=config.eval.batch_size)
     features, labels, logits, keys = [], [], [], set()
-    pooling = config.eval.pooling
-    model_cfg = getattr(python_model, "model_cfg", None) or config.model
     for batch in loader:
-        outputs = python_model.embed(batch["clean"][:, 0], pooling="cls" if pooling == "content_mean" else pooling)
-        if pooling == "content_mean":
-            patch = model_cfg.patch_size
-            freq_patches = model_cfg.mel_bins // patch
-            features.append(content_mean_frames(outputs["frames"], batch["valid_frames"], patch, freq_patches))
-        else:
-            features.append(outputs["utterance"])
+        batch_features, batch_logits = embed(python_model, config, batch["clean"][:, 0], batch["valid_frames"])
+        features.append(batch_features)
         labels.append(batch["labels"])
         keys.update(loader.last_keys)
-        if "logits" in outputs:
-            logits.append(outputs["logits"])
+        if batch_logits is not None:
+            logits.append(batch_logits)
     if not features:
         raise ValueError(f"split {split!r} of {location} holds no clips")
     if loader.skipped_samples or loader.skipped_shards:
@@ -206,6 +216,19 @@ def extract(python_model, config: Config, location: str, split: str) -> FeatureS
                     loader.skipped_shards)
     return FeatureSet(torch.cat(features), torch.cat(labels), loader.classes, torch.cat(logits) if logits else None,
                       keys)
+
+
+def embed(python_model, config: Config, clean: torch.Tensor, valid_frames: torch.Tensor):
+    """(pooled features (N, D), head logits or None) of raw fbank clips (N, T, F) by `eval.pooling`."""
+    pooling = config.eval.pooling
+    outputs = python_model.embed(clean, pooling="cls" if pooling == "content_mean" else pooling)
+    if pooling == "content_mean":
+        model_cfg = getattr(python_model, "model_cfg", None) or config.model
+        patch = model_cfg.patch_size
+        features = content_mean_frames(outputs["frames"], valid_frames, patch, model_cfg.mel_bins // patch)
+    else:
+        features = outputs["utterance"]
+    return features, outputs.get("logits")
 
 
 def split_source(location: str, split: str, sample_keys: set[str]) -> SplitSource:
@@ -269,9 +292,12 @@ def evaluate(
     model_uri: str, train_shards: str, test_shards: str, config: Config, promote: bool = False
 ) -> dict[str, Any]:
     """Run the protocol of the module docstring; returns the metrics plus `run_id`, `model_version`, `promoted`."""
+    from jobs.polyphonic_eval import check_polyphonic, mixture_sets
+
     cfg = config.eval
     if cfg.pooling not in POOLINGS:
         raise ConfigError(f"eval.pooling must be one of {POOLINGS}, got {cfg.pooling!r}")
+    check_polyphonic(cfg.polyphonic)
     client = mlflow_client()
     version, exact_uri, python_model = _load(model_uri, client)
     test = extract(python_model, config, test_shards, cfg.test_split)
@@ -288,14 +314,22 @@ def evaluate(
     columns = head_columns(getattr(python_model, "classes", None), test.classes) if test.logits is not None else None
     if cfg.use_head and columns is not None:
         protocol = "head"
-        logits = test.logits[:, columns]
-        test_scores = torch.sigmoid(logits).numpy() if multi_label else logits.softmax(dim=1).numpy()
+
+        def logits_of(features: torch.Tensor, head_logits: torch.Tensor | None) -> torch.Tensor:
+            return head_logits[:, columns]
     else:
         protocol = "probe"
         probe = train_probe(train.features, train.labels, cfg, multi_label)
-        with torch.no_grad():
-            logits = probe(test.features)
-        test_scores = torch.sigmoid(logits).numpy() if multi_label else logits.softmax(dim=1).numpy()
+
+        def logits_of(features: torch.Tensor, head_logits: torch.Tensor | None) -> torch.Tensor:
+            with torch.no_grad():
+                return probe(features)
+
+    def scores_of(features: torch.Tensor, head_logits: torch.Tensor | None) -> np.ndarray:
+        logits = logits_of(features, head_logits)
+        return torch.sigmoid(logits).numpy() if multi_label else logits.softmax(dim=1).numpy()
+
+    test_scores = scores_of(test.features, test.logits)
     metric, value, scored = score(test.labels, test_scores, multi_label)
     _, baseline, _ = score(test.labels, label_prior(train.labels, len(test.labels)), multi_label)
     results: dict[str, Any] = {
@@ -308,7 +342,24 @@ def evaluate(
     }
     log.info("%s %s: %s %.4f, label-prior baseline %.4f (%d classes, %d train / %d test clips)",
              exact_uri, protocol, metric, value, baseline, scored, results["num_train"], results["num_test"])
-    run_id = _log_run(client, config, exact_uri, version, train_shards, test_shards, protocol, results)
+    per_class = {"mono": (test.labels.numpy(), test_scores)}
+    if cfg.polyphonic.enabled:
+        for mixtures in mixture_sets(python_model, config, test.classes,
+                                     lambda clean, valid: embed(python_model, config, clean, valid)):
+            name = f"poly{mixtures.sources}"
+            poly_scores = scores_of(mixtures.features, mixtures.logits)
+            poly_value, poly_scored = mean_average_precision(mixtures.labels.numpy(), poly_scores)
+            prior = label_prior(train.labels, len(mixtures.labels))
+            poly_baseline, _ = mean_average_precision(mixtures.labels.numpy(), prior)
+            results.update({f"{name}_mAP": poly_value, f"{name}_baseline_mAP": poly_baseline,
+                            f"{name}_mAP_over_baseline": poly_value - poly_baseline,
+                            f"{name}_mixtures": len(mixtures.labels), f"{name}_classes_scored": poly_scored})
+            per_class[name] = (mixtures.labels.numpy(), poly_scores)
+            log.info("%s %s: %s mAP %.4f, label-prior baseline %.4f (%d mixtures)", exact_uri, protocol, name,
+                     poly_value, poly_baseline, len(mixtures.labels))
+    model_id = logged_model_id(version)
+    run_id = _log_run(client, config, exact_uri, version, train_shards, test_shards, protocol, results, model_id,
+                      per_class_table(test.classes, per_class))
     promoted, refused = False, ""
     if version is not None:
         splits = {"eval.train": train_source.name, "eval.test": test_source.name,
@@ -328,8 +379,42 @@ def evaluate(
     return report
 
 
+def logged_model_id(version) -> str | None:
+    """The id of a version's LoggedModel: its `model_id`, else that of its `models:/m-...` source (the
+    registry store does not always keep `model_id`); None without one."""
+    if version is None:
+        return None
+    if getattr(version, "model_id", None):
+        return version.model_id
+    source = version.source or ""
+    if source.startswith("models:/m-") and "/" not in source[len("models:/"):]:
+        return source[len("models:/"):]
+    return None
+
+
+def per_class_table(classes: list[dict], per_class: dict[str, tuple[np.ndarray, np.ndarray]]) -> str:
+    """CSV: one row per class (index, mid, name), then `<set>_positives` and `<set>_ap` for each scored set
+    (mono, poly2, ...); AP empty for a class without a positive."""
+    import csv
+    import io
+
+    columns = {name: (labels.sum(axis=0), average_precision_per_class(labels, scores))
+               for name, (labels, scores) in per_class.items()}
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["index", "mid", "name", *(f"{n}_{c}" for n in columns for c in ("positives", "ap"))])
+    for position, entry in enumerate(classes):
+        row = [entry.get("index", position), entry.get("mid", ""), entry.get("name", "")]
+        for positives, ap in columns.values():
+            row += [int(positives[position]), "" if np.isnan(ap[position]) else f"{ap[position]:.6f}"]
+        writer.writerow(row)
+    return text.getvalue()
+
+
 def _log_run(client, config: Config, model_uri: str, version, train_shards: str, test_shards: str, protocol: str,
-             results: dict[str, Any]) -> str:
+             results: dict[str, Any], model_id: str | None, table: str) -> str:
+    """The evaluation run: params, metrics (also on the version's logged model when it has one) and the
+    per-class AP table (`PER_CLASS_TABLE`)."""
     from mlflow.entities import Metric, Param
 
     experiment_id = ensure_experiment(client, config.tracking.experiment)
@@ -339,22 +424,27 @@ def _log_run(client, config: Config, model_uri: str, version, train_shards: str,
         tags.update(model_name=version.name, model_version=str(version.version), model_run_id=version.run_id or "")
         name = f"eval-{version.name}-v{version.version}"
     run = client.create_run(experiment_id, run_name=name, tags=tags)
-    params = {f"eval.{k}": v for k, v in dataclasses.asdict(config.eval).items()}
+    params = {f"eval.{k}": v for k, v in dataclasses.asdict(config.eval).items() if k != "polyphonic"}
+    params.update({f"eval.polyphonic.{k}": v for k, v in dataclasses.asdict(config.eval.polyphonic).items()})
     params.update({"eval.train_shards": train_shards, "eval.test_shards": test_shards, "model_uri": model_uri})
     now = int(time.time() * 1000)
     client.log_batch(
         run.info.run_id,
         params=[Param(k, param_value(v)) for k, v in params.items()],
-        metrics=[Metric(k, float(v), now, 0) for k, v in results.items()],
+        metrics=[Metric(k, float(v), now, 0, model_id=model_id or None) for k, v in results.items()],
     )
+    client.log_text(run.info.run_id, table, PER_CLASS_TABLE)
     client.set_terminated(run.info.run_id)
     return run.info.run_id
 
 
 def _tag_version(client, version, metric: str, results: dict[str, Any], run_id: str, test_shards: str, pooling: str,
                  protocol: str, splits: dict[str, str]) -> None:
+    poly = {f"eval.{key}": f"{value:.6f}" for key, value in results.items()
+            if key.startswith("poly") and key.endswith("mAP")}
     tags = {
         **splits,
+        **poly,
         f"eval.{metric}": f"{results[metric]:.6f}",
         f"eval.baseline_{metric}": f"{results[f'baseline_{metric}']:.6f}",
         "eval.run_id": run_id,

@@ -57,15 +57,21 @@ def synth_clips(count: int, sample_rate: int, rng: np.random.Generator) -> tuple
     return waves, labels
 
 
-def write_evaluation_set(directory: Path, audio_cfg, seed: int = 0) -> tuple[dict, torch.Tensor]:
+def write_evaluation_set(directory: Path, audio_cfg, seed: int = 0,
+                         audio_dir: Path | None = None) -> tuple[dict, torch.Tensor]:
     """Shards of splits `train` and `eval` (one clip per sample) + index.parquet + dataset.json; also returns
-    the train split's features (for pre-training)."""
+    the train split's features (for pre-training). With `audio_dir`, each split's clips are also written there
+    as wav files listed by `audio_dir/<split>.csv` (a folder source's `path,labels` with MIDs)."""
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     per_epoch, index_rows, train_features = {}, [], None
+    mids = [c.mid for c in synth_classes(NUM_CLASSES)]
     for split, count in CLIPS.items():
         waves, labels = synth_clips(count, audio_cfg.sample_rate, rng)
         features = fbank_batch(waves, audio_cfg)
+        if audio_dir is not None:
+            write_audio_split(audio_dir, split, waves, [[mids[k] for k in row] for row in labels],
+                              audio_cfg.sample_rate)
         if split == "train":
             train_features = features
         names = []
@@ -90,6 +96,18 @@ def write_evaluation_set(directory: Path, audio_cfg, seed: int = 0) -> tuple[dic
     }
     (directory / "dataset.json").write_text(json.dumps(info))
     return info, train_features
+
+
+def write_audio_split(audio_dir: Path, split: str, waves: list[torch.Tensor], labels: list[list[str]],
+                      sample_rate: int) -> None:
+    import soundfile
+
+    (audio_dir / split).mkdir(parents=True, exist_ok=True)
+    lines = ["path,labels"]
+    for i, (wave, mids) in enumerate(zip(waves, labels)):
+        soundfile.write(audio_dir / split / f"{i:04d}.wav", wave.numpy(), sample_rate, subtype="FLOAT")
+        lines.append(f'{split}/{i:04d}.wav,"{";".join(mids)}"')
+    (audio_dir / f"{split}.csv").write_text("\n".join(lines) + "\n")
 
 
 def pretrain(config, features: torch.Tensor, steps: int, seed: int = 0) -> SSLAM:
