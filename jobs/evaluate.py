@@ -60,6 +60,7 @@ from mlflow.exceptions import MlflowException
 from torch import nn
 
 from jobs.config import Config, ConfigError, EvalConfig, add_config_arguments, config_from_args
+from jobs.lineage import lineage_tags
 from jobs.registry import BEST, load_verified
 from jobs.tracking import ensure_experiment, mlflow_client, param_value
 from model.features import content_mean_frames
@@ -353,7 +354,8 @@ def evaluate(
             poly_baseline, _ = mean_average_precision(mixtures.labels.numpy(), prior)
             results.update({f"{name}_mAP": poly_value, f"{name}_baseline_mAP": poly_baseline,
                             f"{name}_mAP_over_baseline": poly_value - poly_baseline,
-                            f"{name}_mixtures": len(mixtures.labels), f"{name}_classes_scored": poly_scored})
+                            f"{name}_mixtures": len(mixtures.labels), f"{name}_dropped": mixtures.dropped,
+                            f"{name}_classes_scored": poly_scored})
             per_class[name] = (mixtures.labels.numpy(), poly_scores)
             log.info("%s %s: %s mAP %.4f, label-prior baseline %.4f (%d mixtures)", exact_uri, protocol, name,
                      poly_value, poly_baseline, len(mixtures.labels))
@@ -419,6 +421,7 @@ def _log_run(client, config: Config, model_uri: str, version, train_shards: str,
 
     experiment_id = ensure_experiment(client, config.tracking.experiment)
     tags = {"sslam.job": "evaluate", "model_uri": model_uri, "protocol": protocol}
+    tags.update(lineage_tags("jobs.evaluate"))
     name = "eval"
     if version is not None:
         tags.update(model_name=version.name, model_version=str(version.version), model_run_id=version.run_id or "")

@@ -5,7 +5,7 @@ of the manifest of the config's `data.source` (the source the shards were prepro
 pipeline.manifest.build_manifest), mixed by pipeline.polyphonic (seeded by `eval.polyphonic.seed`, clips of
 different classes, equal RMS), then the same front-end (pipeline.audio.load_waveform and fbank_batch with
 `data.audio`) and the same encoder pooling as the monophonic clips. Labels are mapped to the shards' class
-list by MID. A source clip that fails to decode drops its mixture (counted in the log).
+list by MID. A source clip that fails to decode drops its mixture, counted in `poly{K}_dropped`.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ class MixtureSet:
     features: torch.Tensor  # (M, D)
     labels: torch.Tensor  # (M, C) multi-hot in the shards' class order
     logits: torch.Tensor | None
+    dropped: int  # mixtures left out because a source did not decode: scored + dropped = eval.polyphonic.mixtures
 
 
 def check_polyphonic(cfg: PolyphonicConfig) -> None:
@@ -92,5 +93,5 @@ def mixture_sets(python_model, config: Config, classes: list[dict], embed) -> li
         log.info("polyphonic: %d mixtures of %d sources (%d left out as undecodable)",
                  sum(len(t) for t in targets), sources, failed)
         results.append(MixtureSet(sources, torch.cat(features), torch.cat(targets),
-                                  torch.cat(logits) if logits else None))
+                                  torch.cat(logits) if logits else None, failed))
     return results

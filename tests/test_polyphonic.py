@@ -5,8 +5,10 @@ run, the version and the version's logged model, and the per-class AP table."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -15,6 +17,7 @@ import torch
 
 from jobs import evaluate as evaluate_job
 from jobs.config import load_config
+from jobs.polyphonic_eval import manifest_test_clips
 from jobs.tracking import mlflow_client
 from model.sslam import SSLAM
 from pipeline.config import AudioConfig
@@ -114,3 +117,35 @@ def test_bad_polyphonic_config_exits_2(setup):
     assert evaluate_job.main([*argv, "--set", "eval.polyphonic.sources=[2,2]"]) == 2
     assert evaluate_job.main([*argv, "--set", "eval.polyphonic.loudness=lufs"]) == 2
     assert evaluate_job.main([*argv, "--set", "eval.polyphonic.mixtures=0"]) == 2
+
+
+def test_a_source_that_does_not_decode_drops_its_mixtures_and_they_are_counted(setup):
+    polyphonic = dataclasses.replace(setup.config.eval.polyphonic, sources=[2])
+    config = dataclasses.replace(setup.config, eval=dataclasses.replace(setup.config.eval, polyphonic=polyphonic))
+    paths, labels = manifest_test_clips(config, setup.info["classes"])
+    mixtures = draw_mixtures(labels, MIXTURES, 2, config.eval.polyphonic.seed)
+    victim = Path(paths[mixtures[0][0]])
+    containing = sum(mixtures[0][0] in mixture for mixture in mixtures)
+    original = victim.read_bytes()
+    try:
+        victim.write_bytes(b"RIFF" + bytes(200))  # a damaged WAV header
+        results = evaluate_job.evaluate(f"models:/{MODEL}/{setup.version.version}", "shards", "shards", config)
+    finally:
+        victim.write_bytes(original)
+    assert results["poly2_dropped"] == containing >= 1
+    assert results["poly2_mixtures"] + results["poly2_dropped"] == MIXTURES
+
+
+def test_the_evaluation_run_names_its_source_and_user(setup):
+    results = evaluate_job.evaluate(f"models:/{MODEL}/{setup.version.version}", "shards", "shards",
+                                    load_config("probe", ["data.loader.num_workers=0"]))
+    tags = mlflow_client().get_run(results["run_id"]).data.tags
+    assert tags["mlflow.source.name"] == "jobs.evaluate" and tags["mlflow.user"]
+
+
+def test_polyphonic_mode_without_the_sources_of_the_test_split_exits_2(setup, caplog):
+    argv = ["--model", f"models:/{MODEL}/{setup.version.version}", "--train-shards", "shards", "--test-shards",
+            "shards", "--set", "data.loader.num_workers=0", "--set", "eval.polyphonic.enabled=true",
+            "--set", "data.source.splits=[]", "--set", "data.source.audio_root="]
+    assert evaluate_job.main(argv) == 2
+    assert "eval.polyphonic needs the data.source" in caplog.text
