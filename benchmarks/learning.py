@@ -317,7 +317,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
     data = data_section(data_dir, shards, args.mixture_epochs)
     modes = padding_modes()
     configs = {mode: write_run_configs(work, data, mode, args) for mode, missing in modes.items() if missing is None}
-    prep = preprocess(configs["reference"]["stage1"], work, args.ray_cpus)
+    prep = preprocess(next(iter(configs.values()))["stage1"], work, args.ray_cpus)
     now = lap("preprocess", now)
 
     runs: dict[str, dict] = {}

@@ -187,8 +187,12 @@ def extract(python_model, config: Config, location: str, split: str) -> FeatureS
     features, labels, logits, keys = [], [], [], set()
     pooling = config.eval.pooling
     model_cfg = getattr(python_model, "model_cfg", None) or config.model
+    # A padding-aware model attends to content only, so it needs the valid lengths for every pooling.
+    aware = getattr(model_cfg, "padding", "reference") == "aware"
     for batch in loader:
-        outputs = python_model.embed(batch["clean"][:, 0], pooling="cls" if pooling == "content_mean" else pooling)
+        lengths = {"valid_frames": batch["valid_frames"]} if aware else {}
+        outputs = python_model.embed(batch["clean"][:, 0], pooling="cls" if pooling == "content_mean" else pooling,
+                                     **lengths)
         if pooling == "content_mean":
             patch = model_cfg.patch_size
             freq_patches = model_cfg.mel_bins // patch

@@ -163,15 +163,19 @@ class SSLAMEncoderModel(mlflow.pyfunc.PythonModel):
 
     # ---- outputs --------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def embed(self, fbank: torch.Tensor, pooling: str | None = None) -> dict[str, torch.Tensor]:
-        """Raw fbank (B, T, F) or (B, 1, T, F) -> {utterance, frames} (+ logits with a head), float32 on the CPU."""
+    def embed(
+        self, fbank: torch.Tensor, pooling: str | None = None, valid_frames: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Raw fbank (B, T, F) or (B, 1, T, F) -> {utterance, frames} (+ logits with a head), float32 on the CPU.
+        `valid_frames` (B,): each clip's frames before its padding (model.features.extract_features)."""
         pooling = pooling or self.pooling
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         outputs: dict[str, list[torch.Tensor]] = {}
         for start in range(0, fbank.shape[0], CLIPS_PER_PASS):
             chunk = fbank[start : start + CLIPS_PER_PASS].to(self.device)
-            features = extract_features(self.encoder, chunk, pooling="cls")
+            valid = None if valid_frames is None else valid_frames[start : start + CLIPS_PER_PASS]
+            features = extract_features(self.encoder, chunk, pooling="cls", valid_frames=valid)
             pooled = {"cls": features["utterance"], "mean": features["frames"].mean(dim=1)}
             parts = {"utterance": pooled[pooling], "frames": features["frames"]}
             if self.classifier is not None:
