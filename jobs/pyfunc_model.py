@@ -112,10 +112,15 @@ class SSLAMEncoderModel(mlflow.pyfunc.PythonModel):
     # ---- inputs ---------------------------------------------------------------------------------------------
     def fbank_of_rows(self, frame: pd.DataFrame) -> torch.Tensor:
         """Raw fbank (B, T, F) of a DataFrame of `waveform` + `sample_rate` or `fbank` rows."""
+        return self.fbank_and_frames_of_rows(frame)[0]
+
+    def fbank_and_frames_of_rows(self, frame: pd.DataFrame) -> tuple[torch.Tensor, torch.Tensor]:
+        """fbank_of_rows and (B,) long: each row's frames before its padding (at most the target length)."""
         columns = set(frame.columns)
         if not columns & {"waveform", "fbank"}:
             raise ValueError(f"input needs a 'waveform' (+ 'sample_rate') or an 'fbank' column, got {sorted(columns)}")
         clips: list[torch.Tensor | None] = [None] * len(frame)
+        frames = [self.model_cfg.target_length] * len(frame)
         waves: list[tuple[int, torch.Tensor]] = []
         for row, record in enumerate(frame.to_dict("records")):
             wave, fbank = record.get("waveform"), record.get("fbank")
@@ -126,11 +131,13 @@ class SSLAMEncoderModel(mlflow.pyfunc.PythonModel):
                 waves.append((row, self._wave_at_model_rate(wave, record.get("sample_rate"), row)))
             else:
                 clips[row] = self._fit_fbank(fbank, row)
+                frames[row] = min(len(fbank), self.model_cfg.target_length)
         if waves:
             features = fbank_batch([wave for _, wave in waves], self.audio_cfg)
-            for (row, _), feature in zip(waves, features):
+            for (row, wave), feature in zip(waves, features):
                 clips[row] = feature
-        return torch.stack(clips)  # type: ignore[arg-type]
+                frames[row] = min(frame_count(wave.numel(), self.audio_cfg), self.model_cfg.target_length)
+        return torch.stack(clips), torch.tensor(frames, dtype=torch.long)  # type: ignore[arg-type]
 
     def _wave_at_model_rate(self, wave: Any, rate: Any, row: int) -> torch.Tensor:
         if _is_missing(rate):
@@ -193,7 +200,10 @@ class SSLAMEncoderModel(mlflow.pyfunc.PythonModel):
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         if len(frame) == 0:
             raise ValueError("empty input: one row per clip")
-        outputs = self.embed(self.fbank_of_rows(frame), pooling=params.get("pooling") or self.pooling)
+        fbank, valid = self.fbank_and_frames_of_rows(frame)
+        aware = getattr(self.model_cfg, "padding", "reference") == "aware"  # it attends to content only
+        pooling = params.get("pooling") or self.pooling
+        outputs = self.embed(fbank, pooling=pooling, valid_frames=valid if aware else None)
         result = {key: value.numpy() for key, value in outputs.items() if key != "logits"}
         if "logits" in outputs:
             logits = outputs["logits"]

@@ -69,3 +69,33 @@ def test_layer_norm_utterance_targets_vary_between_clips_where_instance_normed_o
     # Without content it is the plain token mean of the per-token LayerNorms.
     plain = torch.stack([torch.nn.functional.layer_norm(f, (32,), eps=1e-5) for f in ffn]).mean(0).mean(1)
     torch.testing.assert_close(utterance_target(ffn, 2), plain)
+
+
+def test_the_registered_model_of_an_aware_encoder_attends_to_each_rows_content(tmp_path):
+    import json
+    from types import SimpleNamespace
+
+    import numpy as np
+    import pandas as pd
+
+    from jobs.pyfunc_model import SSLAMEncoderModel
+    from jobs.registry import audio_config_for, model_spec, sha256_file
+    from model.checkpoint import ImportedCheckpoint, save_weights
+    from pipeline.config import AudioConfig
+
+    cfg = tiny_config(padding="aware")
+    torch.manual_seed(0)
+    weights = ImportedCheckpoint(config=cfg, kind="encoder", student_encoder=dict(Encoder(cfg).state_dict()))
+    artifacts = {"weights": str(tmp_path / "encoder.safetensors"), "config": str(tmp_path / "model_config.json")}
+    save_weights(weights, artifacts["weights"])
+    audio = AudioConfig(target_length=cfg.target_length, mel_bins=cfg.mel_bins)
+    (tmp_path / "model_config.json").write_text(json.dumps(model_spec(
+        cfg, audio_config_for(cfg, audio), weights_sha256=sha256_file(artifacts["weights"]))))
+    model = SSLAMEncoderModel()
+    model.load_context(SimpleNamespace(artifacts=artifacts, model_config={"device": "cpu"}))
+    short = raw_fbank(1, cfg, seed=5)[0, 0, :40].numpy()
+    outputs = model.predict(None, pd.DataFrame({"fbank": [list(short)]}))
+    # 40 frames padded to the 48 of three whole patches: the same CLS as the clip in a 128-frame input.
+    alone = extract_features(model.encoder, torch.nn.functional.pad(torch.from_numpy(short), (0, 0, 0, 8))[None],
+                             valid_frames=torch.tensor([40]))["utterance"]
+    np.testing.assert_allclose(outputs["utterance"], alone.numpy(), rtol=1e-4, atol=1e-5)
