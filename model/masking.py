@@ -99,9 +99,8 @@ def content_block_masks(
     # content cells and n_keep - keep_content padding cells.
     score = visible.to(keys.dtype) * 2.0 + keys + is_content.to(keys.dtype) * 4.0
     rank = torch.argsort(torch.argsort(score, dim=1, descending=True), dim=1)
-    content_rank = rank
     padding_rank = rank - content_tokens[:, None]
-    kept = torch.where(is_content, content_rank < keep_content[:, None], padding_rank < (n_keep - keep_content)[:, None])
+    kept = torch.where(is_content, rank < keep_content[:, None], padding_rank < (n_keep - keep_content)[:, None])
     return ~kept
 
 

@@ -8,9 +8,9 @@ shards the student alone. The teacher is an fp32 `Encoder` held in the instance 
 With `model.padding: aware` the batch also carries `valid_frames` (N,) and the padding rule of
 model/padding.py applies: padding frames are reset to 0 (in `clean` and in `mixed`, a mixture lasting as
 long as its primary), and tokens that are entirely padding are left out of the teacher's instance norm, of
-the CLS targets' mean, of the patch losses and of S, and from attention (student and teacher). Masks keep the reference's visible count per row (§4) but apply the mask
-ratio to each clip's content (masking.content_block_masks); a masked padding token is not scored. With
-`reference` none of this runs.
+the CLS targets' mean, of the patch losses and of S, and of attention (student and teacher). Masks keep the
+reference's visible count per row (§4) but apply the mask ratio to each clip's content
+(masking.content_block_masks); a masked padding token is not scored. With `reference` none of this runs.
 """
 
 from __future__ import annotations
