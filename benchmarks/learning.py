@@ -10,8 +10,9 @@
    (`pipeline.audio.load_waveform`), scaled to the same RMS (matched loudness), summed from time 0 (the mixture
    as long as its longest source), peak-limited to 0.9; labels: the union of the sources' labels.
 2. Ray preprocessing (`python -m jobs.preprocess`): train (mixed, `--mixture-epochs`), eval, poly_train, poly_eval.
-3. Pre-training (`sslam pretrain --ranks 1`, CPU DeepSpeed), per padding mode (`aware` runs mix with
-   `data.mixing.mix_padding: silence`; mixtures are made by the loader, not stored): stage 1 (EAT, tiny_stage1,
+3. Pre-training (`sslam pretrain --ranks 1`, CPU DeepSpeed), per padding mode of `--modes` (`aware` runs mix with
+   `data.mixing.mix_padding: silence` and use `model.utterance_norm: layer_norm`; mixtures are made by the
+   loader, not stored): stage 1 (EAT, tiny_stage1,
    `--stage1-updates`); stage 2 (SSLAM, tiny_stage2, init_from stage 1, `--extra-updates`); and the equal-compute
    control "stage1_continued": the stage-2 run with `model.stage=1` (same init, schedule and update count, EAT
    loss only).
@@ -176,6 +177,9 @@ def write_run_configs(work: Path, data: dict, padding: str, args: argparse.Names
     stage1_continued (stage 2's run with model.stage=1)."""
     model = {"padding": padding} if _literal_options(ModelConfig, "padding") else {}
     if padding == "aware":
+        # The instance-normed CLS target is ~0 for every clip (its per-clip channel means are removed);
+        # layer_norm keeps what a clip's tokens share (model/targets.py, utterance_target).
+        model["utterance_norm"] = "layer_norm"
         # A short partner's zero padding would win the log-mel max over the primary's content.
         data = {**data, "mixing": {**data["mixing"], "mix_padding": "silence"}}
     common = {"data": data, "tracking": {"enabled": False}}
@@ -315,9 +319,9 @@ def run(args: argparse.Namespace, work: Path) -> dict:
     summary = make_data(data_dir, args.train_clips, args.eval_clips, args.poly_clips, args.seed)
     now = lap("data", started)
     data = data_section(data_dir, shards, args.mixture_epochs)
-    modes = padding_modes()
+    modes = {mode: why for mode, why in padding_modes().items() if mode in args.modes}
     configs = {mode: write_run_configs(work, data, mode, args) for mode, missing in modes.items() if missing is None}
-    prep = preprocess(configs["reference"]["stage1"], work, args.ray_cpus)
+    prep = preprocess(next(iter(configs.values()))["stage1"], work, args.ray_cpus)
     now = lap("preprocess", now)
 
     runs: dict[str, dict] = {}
@@ -385,6 +389,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the pre-training runs")
     parser.add_argument("--ray-cpus", type=int, default=2, help="CPUs of the local Ray of the preprocessing")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--modes", nargs="+", choices=list(padding_modes()), default=list(padding_modes()),
+                        help="padding modes to measure (default: both)")
     parser.add_argument("--work-dir", default="", help="keep everything here (default: a temporary folder, removed)")
     args = parser.parse_args(argv)
     for name, default in (SMOKE if args.smoke else FULL).items():

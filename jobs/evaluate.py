@@ -222,9 +222,11 @@ def extract(python_model, config: Config, location: str, split: str) -> FeatureS
 def embed(python_model, config: Config, clean: torch.Tensor, valid_frames: torch.Tensor):
     """(pooled features (N, D), head logits or None) of raw fbank clips (N, T, F) by `eval.pooling`."""
     pooling = config.eval.pooling
-    outputs = python_model.embed(clean, pooling="cls" if pooling == "content_mean" else pooling)
+    model_cfg = getattr(python_model, "model_cfg", None) or config.model
+    # A padding-aware model attends to content only, so it needs the valid lengths for every pooling.
+    lengths = {"valid_frames": valid_frames} if getattr(model_cfg, "padding", "reference") == "aware" else {}
+    outputs = python_model.embed(clean, pooling="cls" if pooling == "content_mean" else pooling, **lengths)
     if pooling == "content_mean":
-        model_cfg = getattr(python_model, "model_cfg", None) or config.model
         patch = model_cfg.patch_size
         features = content_mean_frames(outputs["frames"], valid_frames, patch, model_cfg.mel_bins // patch)
     else:

@@ -175,7 +175,8 @@ def embed_file(
     def flush(windows) -> None:
         nonlocal count, score_sum
         outputs = {key: value.numpy() for key, value in
-                   model.embed_fbank(fbank_batch([w.wave for w in windows], audio_cfg)).items()}
+                   model.embed_fbank(fbank_batch([w.wave for w in windows], audio_cfg),
+                                     valid_frames=torch.tensor([w.valid_frames for w in windows])).items()}
         norms.extend(np.linalg.norm(outputs["utterance"], axis=1).tolist())
         if "scores" in outputs:
             outputs.update(_top(model, outputs["scores"], top_k))

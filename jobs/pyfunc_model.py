@@ -112,10 +112,15 @@ class SSLAMEncoderModel(mlflow.pyfunc.PythonModel):
     # ---- inputs ---------------------------------------------------------------------------------------------
     def fbank_of_rows(self, frame: pd.DataFrame) -> torch.Tensor:
         """Raw fbank (B, T, F) of a DataFrame of `waveform` + `sample_rate` or `fbank` rows."""
+        return self.fbank_and_frames_of_rows(frame)[0]
+
+    def fbank_and_frames_of_rows(self, frame: pd.DataFrame) -> tuple[torch.Tensor, torch.Tensor]:
+        """fbank_of_rows and (B,) long: each row's frames before its padding (at most the target length)."""
         columns = set(frame.columns)
         if not columns & {"waveform", "fbank"}:
             raise ValueError(f"input needs a 'waveform' (+ 'sample_rate') or an 'fbank' column, got {sorted(columns)}")
         clips: list[torch.Tensor | None] = [None] * len(frame)
+        frames = [self.model_cfg.target_length] * len(frame)
         waves: list[tuple[int, torch.Tensor]] = []
         for row, record in enumerate(frame.to_dict("records")):
             wave, fbank = record.get("waveform"), record.get("fbank")
@@ -126,11 +131,13 @@ class SSLAMEncoderModel(mlflow.pyfunc.PythonModel):
                 waves.append((row, self._wave_at_model_rate(wave, record.get("sample_rate"), row)))
             else:
                 clips[row] = self._fit_fbank(fbank, row)
+                frames[row] = min(len(fbank), self.model_cfg.target_length)
         if waves:
             features = fbank_batch([wave for _, wave in waves], self.audio_cfg)
-            for (row, _), feature in zip(waves, features):
+            for (row, wave), feature in zip(waves, features):
                 clips[row] = feature
-        return torch.stack(clips)  # type: ignore[arg-type]
+                frames[row] = min(frame_count(wave.numel(), self.audio_cfg), self.model_cfg.target_length)
+        return torch.stack(clips), torch.tensor(frames, dtype=torch.long)  # type: ignore[arg-type]
 
     def _wave_at_model_rate(self, wave: Any, rate: Any, row: int) -> torch.Tensor:
         if _is_missing(rate):
@@ -163,15 +170,19 @@ class SSLAMEncoderModel(mlflow.pyfunc.PythonModel):
 
     # ---- outputs --------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def embed(self, fbank: torch.Tensor, pooling: str | None = None) -> dict[str, torch.Tensor]:
-        """Raw fbank (B, T, F) or (B, 1, T, F) -> {utterance, frames} (+ logits with a head), float32 on the CPU."""
+    def embed(
+        self, fbank: torch.Tensor, pooling: str | None = None, valid_frames: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Raw fbank (B, T, F) or (B, 1, T, F) -> {utterance, frames} (+ logits with a head), float32 on the CPU.
+        `valid_frames` (B,): each clip's frames before its padding (model.features.extract_features)."""
         pooling = pooling or self.pooling
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         outputs: dict[str, list[torch.Tensor]] = {}
         for start in range(0, fbank.shape[0], CLIPS_PER_PASS):
             chunk = fbank[start : start + CLIPS_PER_PASS].to(self.device)
-            features = extract_features(self.encoder, chunk, pooling="cls")
+            valid = None if valid_frames is None else valid_frames[start : start + CLIPS_PER_PASS]
+            features = extract_features(self.encoder, chunk, pooling="cls", valid_frames=valid)
             pooled = {"cls": features["utterance"], "mean": features["frames"].mean(dim=1)}
             parts = {"utterance": pooled[pooling], "frames": features["frames"]}
             if self.classifier is not None:
@@ -189,7 +200,10 @@ class SSLAMEncoderModel(mlflow.pyfunc.PythonModel):
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         if len(frame) == 0:
             raise ValueError("empty input: one row per clip")
-        outputs = self.embed(self.fbank_of_rows(frame), pooling=params.get("pooling") or self.pooling)
+        fbank, valid = self.fbank_and_frames_of_rows(frame)
+        aware = getattr(self.model_cfg, "padding", "reference") == "aware"  # it attends to content only
+        pooling = params.get("pooling") or self.pooling
+        outputs = self.embed(fbank, pooling=pooling, valid_frames=valid if aware else None)
         result = {key: value.numpy() for key, value in outputs.items() if key != "logits"}
         if "logits" in outputs:
             logits = outputs["logits"]

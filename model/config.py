@@ -58,6 +58,11 @@ class ModelConfig:
     # "reference": padding tokens count like content; "aware": tokens that are entirely padding (batch key
     # `valid_frames`, model/padding.py) are left out of the targets' statistics, the losses and S.
     padding: Literal["reference", "aware"] = "reference"
+    # The utterance (CLS) target's per-layer normalisation before the mean over (content) tokens:
+    # "instance_norm" is the reference's (the patch target's IN per clip and channel, whose token mean is ~0,
+    # so the target is nearly the same for every clip); "layer_norm" normalises each token over D instead and
+    # keeps what the clip's tokens share (model/targets.py, utterance_target).
+    utterance_norm: Literal["instance_norm", "layer_norm"] = "instance_norm"
 
     @property
     def time_patches(self) -> int:

@@ -45,11 +45,12 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, keys: Tensor | None = None) -> Tensor:
+        """`keys` (B, n) bool: the tokens every query may attend to (all when None)."""
         batch, tokens, dim = x.shape
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if keys is None else keys[:, None, None, :])
         return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
 
 
@@ -74,8 +75,8 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
-        u = self.norm1(h + self.attn(h))
+    def forward(self, h: Tensor, keys: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        u = self.norm1(h + self.attn(h, keys))
         ffn = self.mlp(u)
         return self.norm2(u + ffn), ffn
 
@@ -143,20 +144,28 @@ class Encoder(nn.Module):
         tokens = self.patch_embed(x).flatten(2).transpose(1, 2)
         return tokens + self.pos_embed[:, : time_patches * freq_patches].to(tokens.dtype)
 
-    def contextualize(self, tokens: Tensor, return_ffn: bool = True) -> tuple[Tensor, list[Tensor]]:
+    def contextualize(
+        self, tokens: Tensor, return_ffn: bool = True, content: Tensor | None = None
+    ) -> tuple[Tensor, list[Tensor]]:
         """Patch tokens (B, n, D) -> (h (B, 1 + n, D), per-block raw FFN outputs (B, 1 + n, D), CLS first).
 
-        The FFN list is empty when return_ffn is False.
+        The FFN list is empty when return_ffn is False. `content` (B, n) bool (`model.padding: aware`):
+        attention reads only the CLS and the content tokens (padding tokens still get outputs).
         """
+        keys = None
+        if content is not None:
+            keys = torch.cat([content.new_ones(content.shape[0], 1), content], dim=1).to(tokens.device)
         cls = self.cls_token.expand(tokens.shape[0], -1, -1).to(tokens.dtype)
         h = self.pre_norm(torch.cat([cls, tokens], dim=1))
         ffn_outputs: list[Tensor] = []
         for block in self.blocks:
-            h, ffn = block(h)
+            h, ffn = block(h, keys)
             if return_ffn:
                 ffn_outputs.append(ffn)
         return h, ffn_outputs
 
-    def forward(self, x: Tensor, return_ffn: bool = True) -> tuple[Tensor, list[Tensor]]:
-        """Unmasked encoding of raw fbank (teacher targets, feature extraction)."""
-        return self.contextualize(self.embed(x), return_ffn=return_ffn)
+    def forward(
+        self, x: Tensor, return_ffn: bool = True, content: Tensor | None = None
+    ) -> tuple[Tensor, list[Tensor]]:
+        """Unmasked encoding of raw fbank (teacher targets, feature extraction); `content` as in contextualize."""
+        return self.contextualize(self.embed(x), return_ffn=return_ffn, content=content)

@@ -100,7 +100,8 @@ def extract_features(
     """Embeddings of raw fbank (B, 1, T, F) or (B, T, F), in eval mode without gradients.
 
     `valid_frames` (B,) long, each clip's frame count before its padding (counts past T count as T), resets the
-    padding frames to 0 as `model.padding: aware` training does and is needed by pooling="content_mean".
+    padding frames to 0 as `model.padding: aware` training does and is needed by pooling="content_mean"; an
+    encoder trained with `model.padding: aware` then also attends to content tokens only, as in training.
     Returns `utterance` (B, D): the CLS output (or the patch mean with pooling="mean", the content tokens'
     mean with "content_mean"); `frames`
     (B, N, D): the patch outputs in time-major order; with layers="all" also `layers`: every block's
@@ -131,7 +132,8 @@ def extract_features(
     encoder.eval()
     try:
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            hidden, _ = encoder(fbank.to(device), return_ffn=False)
+            attended = content if getattr(encoder.cfg, "padding", "reference") == "aware" else None
+            hidden, _ = encoder(fbank.to(device), return_ffn=False, content=attended)
     finally:
         encoder.train(was_training)
         for hook in hooks:

@@ -66,6 +66,44 @@ def block_masks(
     return ~keep_exactly(visible, n_keep, generator)
 
 
+def content_block_masks(
+    content_rows: Tensor, time_patches: int, freq_patches: int, cfg: ModelConfig, generator: torch.Generator
+) -> Tensor:
+    """`model.padding: aware` masks (num_rows, Tp * Fp), True = masked, for rows whose content is their
+    first content_rows[i] >= 1 time rows: the mask ratio applies to the content. Each row keeps
+    c = max(1, floor(C (1 - mask_prob))) of its C content tokens visible, chosen as in block_masks within the
+    content (centres uniform over it, blocks clamped onto its last row), and fills the other n_keep - c
+    visible slots (n_keep of block_masks, the same for every row) with uniformly chosen padding tokens;
+    a row with fewer padding tokens than that keeps more content. Same draws as block_masks, so rows of full
+    length get exactly block_masks' masks."""
+    num_rows = content_rows.shape[0]
+    num_patches = time_patches * freq_patches
+    n_centers, n_keep = mask_counts(num_patches, cfg)
+    content_rows = content_rows.to(generator.device)
+    content_tokens = content_rows * freq_patches
+    centres = sample_centres(num_rows, num_patches, n_centers, generator)
+    centres = centres * content_tokens[:, None] // num_patches  # uniform over each row's content
+    offsets = torch.arange(cfg.mask_length, device=centres.device) - cfg.mask_length // 2
+    t = (centres // freq_patches)[:, :, None, None] + offsets[:, None]
+    f = (centres % freq_patches)[:, :, None, None] + offsets[None, :]
+    t = torch.minimum(t.clamp_min(0), (content_rows - 1)[:, None, None, None])
+    cells = t * freq_patches + f.clamp(0, freq_patches - 1)
+    visible = torch.zeros(num_rows, num_patches, dtype=torch.bool, device=centres.device)
+    visible.scatter_(1, cells.reshape(num_rows, -1), True)
+    keys = torch.rand(visible.shape, generator=generator, device=visible.device)
+    is_content = torch.arange(num_patches, device=visible.device)[None, :] < content_tokens[:, None]
+    padding_slots = num_patches - content_tokens
+    keep_content = (content_tokens.double() * (1.0 - cfg.mask_prob)).floor().long().clamp_min(1)  # as mask_counts
+    keep_content = torch.maximum(keep_content.clamp_max(n_keep), n_keep - padding_slots)
+    # Content first (block cells before the rest), padding after: a row keeps its keep_content best
+    # content cells and n_keep - keep_content padding cells.
+    score = visible.to(keys.dtype) * 2.0 + keys + is_content.to(keys.dtype) * 4.0
+    rank = torch.argsort(torch.argsort(score, dim=1, descending=True), dim=1)
+    padding_rank = rank - content_tokens[:, None]
+    kept = torch.where(is_content, rank < keep_content[:, None], padding_rank < (n_keep - keep_content)[:, None])
+    return ~kept
+
+
 def split_indices(mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(ids_keep (rows, n_keep), ids_masked (rows, n_mask), ids_restore (rows, N)) of a mask whose rows
     all have the same count. Visible and masked positions each come in ascending order."""

@@ -184,17 +184,21 @@ class PretrainedEncoder:
         )
 
     @torch.no_grad()
-    def embed_fbank(self, fbank: Tensor, pooling: str | None = None) -> dict[str, Tensor]:
+    def embed_fbank(
+        self, fbank: Tensor, pooling: str | None = None, valid_frames: Tensor | None = None
+    ) -> dict[str, Tensor]:
         """Raw log-mel (B, target_length, mel_bins) -> {utterance (B, D), frames (B, N, D)} (+ logits, scores
-        with a head), float32 on the CPU."""
+        with a head), float32 on the CPU. `valid_frames` (B,): each clip's frames before its padding, which a
+        `model.padding: aware` encoder attends to alone (model.features.extract_features)."""
         pooling = pooling or self.pooling
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-        features = extract_features(self.encoder, fbank.to(self.device), pooling=pooling)
+        features = extract_features(self.encoder, fbank.to(self.device), pooling=pooling, valid_frames=valid_frames)
         result = {"utterance": features["utterance"].cpu(), "frames": features["frames"].cpu()}
         if self.classifier is not None:
             pooled = features["utterance"] if pooling == self.pooling else (
-                extract_features(self.encoder, fbank.to(self.device), pooling=self.pooling)["utterance"])
+                extract_features(self.encoder, fbank.to(self.device), pooling=self.pooling,
+                                 valid_frames=valid_frames)["utterance"])
             logits = self.classifier(pooled).float().cpu()
             result.update(logits=logits, scores=torch.sigmoid(logits))
         return result

@@ -8,8 +8,9 @@ shards the student alone. The teacher is an fp32 `Encoder` held in the instance 
 With `model.padding: aware` the batch also carries `valid_frames` (N,) and the padding rule of
 model/padding.py applies: padding frames are reset to 0 (in `clean` and in `mixed`, a mixture lasting as
 long as its primary), and tokens that are entirely padding are left out of the teacher's instance norm, of
-the CLS targets' mean, of the patch losses and of S. Masks are drawn as in the reference (§4): a masked
-padding token is simply not scored. With `reference` none of this runs.
+the CLS targets' mean, of the patch losses and of S, and of attention (student and teacher). Masks keep the
+reference's visible count per row (§4) but apply the mask ratio to each clip's content
+(masking.content_block_masks); a masked padding token is not scored. With `reference` none of this runs.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ from torch import Tensor, nn
 from model.config import ModelConfig
 from model.decoder import Decoder, decoder_input
 from model.encoder import Encoder
-from model.masking import block_masks, split_indices
+from model.masking import block_masks, content_block_masks, split_indices
 from model.padding import check_valid_frames, content_tokens, zero_padding
-from model.targets import cls_target, drop_time_rows, make_targets, source_retention_target
+from model.targets import cls_target, drop_time_rows, make_targets, source_retention_target, utterance_target
 
 WeightDecayMode = Literal["all", "exclude_norm_bias"]
 
@@ -182,17 +183,28 @@ class SSLAM(nn.Module):
         """bool (N, Tp * Fp) content tokens, or None in reference mode."""
         return None if valid is None else content_tokens(valid, *grid, self.cfg.patch_size)
 
-    def _masks(self, num_clips: int, grid: tuple[int, int], generator: torch.Generator, device: torch.device):
-        """(ids_keep, ids_masked, ids_restore) for num_clips * K rows, on `device`."""
-        mask = block_masks(num_clips * self.cfg.clone_batch, *grid, self.cfg, generator)
+    def _masks(self, num_clips: int, grid: tuple[int, int], generator: torch.Generator, device: torch.device,
+               valid: Tensor | None = None):
+        """(ids_keep, ids_masked, ids_restore) for num_clips * K rows, on `device`; with `valid` (aware mode)
+        the mask ratio applies to each clip's content (masking.content_block_masks)."""
+        rows = num_clips * self.cfg.clone_batch
+        if valid is None:
+            mask = block_masks(rows, *grid, self.cfg, generator)
+        else:
+            content_rows = (valid.to(generator.device) + self.cfg.patch_size - 1) // self.cfg.patch_size
+            content_rows = content_rows.repeat_interleave(self.cfg.clone_batch)
+            mask = content_block_masks(content_rows, *grid, self.cfg, generator)
         return tuple(ids.to(device, non_blocking=True) for ids in split_indices(mask))
 
-    def _student(self, clips: Tensor, ids_keep: Tensor, ids_restore: Tensor, grid: tuple[int, int]):
-        """Student on K masked clones per clip: (predictions (R, N, D), CLS outputs (R, D)), R = clips * K."""
+    def _student(self, clips: Tensor, ids_keep: Tensor, ids_restore: Tensor, grid: tuple[int, int],
+                 content: Tensor | None = None):
+        """Student on K masked clones per clip: (predictions (R, N, D), CLS outputs (R, D)), R = clips * K.
+        With `content` (clips, N) its visible padding tokens are left out of attention."""
         tokens = self.encoder.embed(clips)
         clip_of_row = self._clip_of_row(ids_keep.shape[0], tokens.device)
         visible = tokens[clip_of_row[:, None], ids_keep]
-        hidden, _ = self.encoder.contextualize(visible, return_ffn=False)
+        visible_content = None if content is None else content[clip_of_row[:, None], ids_keep]
+        hidden, _ = self.encoder.contextualize(visible, return_ffn=False, content=visible_content)
         predictions = self.decoder(decoder_input(hidden[:, 1:], ids_restore, self.cfg.mask_noise_std), *grid)
         return predictions, hidden[:, 0]
 
@@ -234,17 +246,29 @@ class SSLAM(nn.Module):
             "sample_size": sample_size,
         }
 
+    def _utterance_targets(self, ffn_outputs: list[Tensor], top_k: int, patch_targets: Tensor | None,
+                           content: Tensor | None) -> Tensor:
+        """CLS targets (b, D) from the last top_k layers: the token mean of make_targets (reusing
+        `patch_targets` when they are those, stage 1) or, with `model.utterance_norm: layer_norm`,
+        targets.utterance_target."""
+        if self.cfg.utterance_norm == "layer_norm":
+            return utterance_target(ffn_outputs, top_k, content)
+        if patch_targets is None:
+            patch_targets = make_targets(ffn_outputs, top_k, content)
+        return cls_target(patch_targets, content)
+
     def _forward_stage1(self, clean: Tensor, generator: torch.Generator, valid: Tensor | None = None):
         """EAT (§8): L = Σ_masked ℓ(Ŷ, Y) / S + w_cls Σ_rows ℓ(ĉ, c), c = mean_n Y."""
         grid = self.encoder.grid(clean)
         content = self._content(valid, grid)
-        ids_keep, ids_masked, ids_restore = self._masks(clean.shape[0], grid, generator, clean.device)
-        predictions, cls_predictions = self._student(clean, ids_keep, ids_restore, grid)
+        ids_keep, ids_masked, ids_restore = self._masks(clean.shape[0], grid, generator, clean.device, valid)
+        predictions, cls_predictions = self._student(clean, ids_keep, ids_restore, grid, content)
 
         with torch.no_grad():
-            _, ffn_outputs = self.teacher(clean.float())
-            patch_targets = make_targets([f[:, 1:] for f in ffn_outputs], self.cfg.top_k_layers, content)
-            utterance_targets = cls_target(patch_targets, content)
+            _, ffn_outputs = self.teacher(clean.float(), content=content)
+            ffn_outputs = [f[:, 1:] for f in ffn_outputs]
+            patch_targets = make_targets(ffn_outputs, self.cfg.top_k_layers, content)
+            utterance_targets = self._utterance_targets(ffn_outputs, self.cfg.top_k_layers, patch_targets, content)
             del ffn_outputs
 
         clip_of_row = self._clip_of_row(ids_masked.shape[0], clean.device)
@@ -288,23 +312,23 @@ class SSLAM(nn.Module):
         # A mixture row's content is its primary's; the partner's, row-aligned, decides where it is present.
         row_content = None if content is None else torch.cat([content, content])
         partner_content = None if content is None else content[partner]
-        clean_ids = self._masks(num_clips, grid, generator, clean.device)
+        clean_ids = self._masks(num_clips, grid, generator, clean.device, valid)
         ids_keep, ids_masked, ids_restore = (torch.cat([ids, ids]) for ids in clean_ids)
         clips = torch.cat([clean, batch["mixed"]])
-        predictions, cls_predictions = self._student(clips, ids_keep, ids_restore, grid)
+        predictions, cls_predictions = self._student(clips, ids_keep, ids_restore, grid, row_content)
 
         with torch.no_grad():
             tokens = self.teacher.embed(clips.float())
-            _, ffn_outputs = self.teacher.contextualize(tokens)
+            _, ffn_outputs = self.teacher.contextualize(tokens, content=row_content)
             ffn_outputs = [f[:, 1:] for f in ffn_outputs]
             patch_targets = make_targets(ffn_outputs, self.cfg.top_k_layers, row_content)
-            utterance_targets = cls_target(make_targets(ffn_outputs, 1, row_content), row_content)
+            utterance_targets = self._utterance_targets(ffn_outputs, 1, None, row_content)
             del ffn_outputs
             partner_tokens = drop_time_rows(tokens[:num_clips][partner], nomix, grid[1])
             kept_partner_content = None
             if partner_content is not None:
                 kept_partner_content = drop_time_rows(partner_content.unsqueeze(-1), nomix, grid[1]).squeeze(-1)
-            _, partner_ffn = self.teacher.contextualize(partner_tokens)
+            _, partner_ffn = self.teacher.contextualize(partner_tokens, content=kept_partner_content)
             partner_targets = make_targets(
                 [f[:, 1:] for f in partner_ffn], self.cfg.top_k_layers, kept_partner_content
             )

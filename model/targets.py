@@ -54,6 +54,18 @@ def cls_target(patch_targets: Tensor, content: Tensor | None = None) -> Tensor:
     return masked_token_mean(patch_targets, content)
 
 
+def utterance_target(ffn_outputs: list[Tensor], top_k: int, content: Tensor | None = None) -> Tensor:
+    """The `model.utterance_norm: layer_norm` CLS target (b, D) float32: each of the last top_k layers
+    LayerNormed over D per token (no affine), averaged over the layers, then averaged over the (content)
+    tokens. Unlike the instance-normed target, whose per-clip channel means are 0 by construction, this keeps
+    the part of the teacher's features that a clip's tokens share: what the clip is."""
+    if not 1 <= top_k <= len(ffn_outputs):
+        raise ValueError(f"top_k={top_k} outside [1, {len(ffn_outputs)}] layers")
+    layers = ffn_outputs[-top_k:]
+    average = sum(F.layer_norm(layer.float(), layer.shape[-1:], eps=TARGET_NORM_EPS) for layer in layers) / top_k
+    return average.mean(dim=1) if content is None else masked_token_mean(average, content)
+
+
 def masked_token_mean(tokens: Tensor, content: Tensor) -> Tensor:
     """(b, n, D), bool (b, n) -> (b, D) float32: the mean over each row's True tokens (0 for a row with none)."""
     keep = content.to(tokens.device).unsqueeze(-1)

@@ -67,3 +67,17 @@ def test_a_work_dir_holding_a_run_is_refused(tmp_path: Path, capsys: pytest.Capt
     assert main(["--smoke", "--work-dir", str(tmp_path)]) == 2
     assert "is not empty" in capsys.readouterr().err
     assert [path.name for path in tmp_path.iterdir()] == ["reference"]
+
+
+def test_modes_choose_the_padding_modes_and_aware_runs_take_the_layer_norm_utterance_target(tmp_path: Path) -> None:
+    from benchmarks.learning import data_section, parse_args, write_run_configs
+    from jobs.config import load_config
+
+    assert parse_args(["--modes", "aware"]).modes == ["aware"]
+    assert parse_args([]).modes == ["reference", "aware"]
+    data = data_section(tmp_path / "data", tmp_path / "shards", 1)
+    args = parse_args(["--smoke"])
+    for mode, utterance_norm in (("reference", "instance_norm"), ("aware", "layer_norm")):
+        for path in write_run_configs(tmp_path / "work", data, mode, args).values():
+            model = load_config(str(path)).model
+            assert (model.padding, model.utterance_norm) == (mode, utterance_norm), path

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from model.masking import block_masks
+from model.masking import content_block_masks
 from model.padding import content_tokens, zero_padding
 from model.sslam import SSLAM
 from model.targets import cls_target, instance_norm_tokens, make_targets, source_retention_target
@@ -87,7 +87,8 @@ def test_aware_sample_size_counts_the_masked_content_tokens(stage):
     cfg = model.cfg
     batch = _short_batch(model, 0.0)
     _, _, stats, _ = _run(model, batch)
-    mask = block_masks(4 * cfg.clone_batch, cfg.time_patches, cfg.freq_patches, cfg, torch.Generator().manual_seed(7))
+    content_rows = torch.tensor([3, 8, 8, 5]).repeat_interleave(cfg.clone_batch)
+    mask = content_block_masks(content_rows, cfg.time_patches, cfg.freq_patches, cfg, torch.Generator().manual_seed(7))
     content = content_tokens(batch["valid_frames"], cfg.time_patches, cfg.freq_patches, cfg.patch_size)
     expected = int((mask & content.repeat_interleave(cfg.clone_batch, dim=0)).sum())
     assert stats["sample_size"] == expected * (2 if stage == 2 else 1)
