@@ -176,9 +176,11 @@ def test_two_ranks_through_the_launcher(trained):
     (["finetune.layer_decay=1.5"], "finetune.layer_decay"),
     (["finetune.source=no/such/folder"], "not a models:/ URI"),
 ])
-def test_config_refusals_exit_2_naming_the_problem(trained, overrides, message, capfd, caplog):
+def test_config_refusals_exit_2_naming_the_problem(tmp_path, monkeypatch, overrides, message, capfd, caplog):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     sets = [item for o in overrides for item in ("--set", o)]
-    code = cli.main(["finetune", *BASE, "--set", f"train.output_dir={trained.root}/runs/refused", "--set",
-                     "tracking.enabled=false", *sets])
+    code = cli.main(["finetune", *BASE, "--set", "train.output_dir=runs/refused", "--set", "tracking.enabled=false",
+                     *sets])
     assert code == 2
     assert message in capfd.readouterr().err + caplog.text
