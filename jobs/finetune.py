@@ -95,7 +95,7 @@ class Finetuner:
         self.dataset_info = self._dataset_info()
         self._check_shapes()
         encoder = build_encoder(weights, "student").train()
-        self.drop_path_rates = set_drop_path(encoder, ft.drop_path_rate)
+        set_drop_path(encoder, ft.drop_path_rate)
         augmentation = Augmentation(ft.mixup_alpha, ft.mixup_prob, ft.mask_ratio)
         self.model = FinetuneModel(encoder, self.train_set.labels.shape[1], augmentation, ft.pooling)
 
