@@ -210,6 +210,16 @@ def _base_optimizer(engine) -> torch.optim.Optimizer:
     return optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
 
 
+def relink_optimizer_states(engine) -> None:
+    """DeepSpeed's ZeRO-1/2 optimizer steps its param groups one at a time and links each parameter to its Adam
+    state right after the FIRST group's step, so the moments of the later groups (fine-tuning's layer-decay groups, pre-training's exclude_norm_bias groups) stay
+    unreachable for `full_moments`. Link them again once every group has its state."""
+    optimizer = engine.optimizer
+    if hasattr(optimizer, "_hp_optimizer_states_linked") and hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):
+        optimizer._hp_optimizer_states_linked = False
+        optimizer._lazy_init_hp_params_optimizer_state()
+
+
 def full_moments(engine) -> dict[str, torch.Tensor]:
     """`{moment}.{parameter}` full fp32 Adam moments of every trained parameter (a collective under ZeRO)."""
     from deepspeed.utils import safe_get_full_optimizer_state

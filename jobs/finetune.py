@@ -62,16 +62,6 @@ def source_weights(config: Config):
     return exportable.weights, exportable.source
 
 
-def relink_optimizer_states(engine) -> None:
-    """DeepSpeed's ZeRO-1/2 optimizer steps its param groups one at a time and links each parameter to its Adam
-    state right after the FIRST group's step, so the moments of the later groups (layer-decay groups here) stay
-    unreachable for checkpointing.full_moments. Link them again once every group has its state."""
-    optimizer = engine.optimizer
-    if hasattr(optimizer, "_hp_optimizer_states_linked") and hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):
-        optimizer._hp_optimizer_states_linked = False
-        optimizer._lazy_init_hp_params_optimizer_state()
-
-
 class Finetuner:
     """Engine, data plan, best-mAP memory; `run()` is the loop."""
 
@@ -319,7 +309,7 @@ class Finetuner:
                 continue
             self.updates += 1
             if not relinked:
-                relink_optimizer_states(self.engine)
+                checkpointing.relink_optimizer_states(self.engine)
                 relinked = True
             done = self.updates >= self.total_updates
             if self.updates % train.log_interval == 0 or done:

@@ -684,6 +684,7 @@ class Pretrainer:
         accumulation = self.engine.gradient_accumulation_steps()
         queue: deque = deque()
         stopping = False
+        relinked = False
         self._batches = None
         if train.epochs and self.state.epoch >= train.epochs:
             self.loader = None
@@ -708,6 +709,9 @@ class Pretrainer:
                     raise TrainingStopped(self._stop_reason(step, agreement))
                 self.engine.step()
                 if self.engine.was_step_applied():
+                    if not relinked:  # every param group has its Adam state now (checkpointing.full_moments)
+                        checkpointing.relink_optimizer_states(self.engine)
+                        relinked = True
                     self.state.updates += 1
                     decay = self.model.ema_decay(self.state.updates)
                     self.ema.update(decay)
