@@ -210,6 +210,16 @@ def _base_optimizer(engine) -> torch.optim.Optimizer:
     return optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
 
 
+def relink_optimizer_states(engine) -> None:
+    """DeepSpeed's ZeRO-1/2 optimizer steps its param groups one at a time and links each parameter to its Adam
+    state right after the FIRST group's step, so the moments of the later groups (fine-tuning's layer-decay groups, pre-training's exclude_norm_bias groups) stay
+    unreachable for `full_moments`. Link them again once every group has its state."""
+    optimizer = engine.optimizer
+    if hasattr(optimizer, "_hp_optimizer_states_linked") and hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):
+        optimizer._hp_optimizer_states_linked = False
+        optimizer._lazy_init_hp_params_optimizer_state()
+
+
 def full_moments(engine) -> dict[str, torch.Tensor]:
     """`{moment}.{parameter}` full fp32 Adam moments of every trained parameter (a collective under ZeRO)."""
     from deepspeed.utils import safe_get_full_optimizer_state
@@ -247,10 +257,10 @@ def optimizer_scalars(engine, scheduler) -> dict:
     }
 
 
-def save(engine, root: Path, updates: int, run_state: dict, teacher: torch.nn.Module, config_yaml: str, keep: int,
-         scheduler) -> str:
+def save(engine, root: Path, updates: int, run_state: dict, teacher: torch.nn.Module | None, config_yaml: str,
+         keep: int, scheduler) -> str:
     """All ranks call this. Every file is hashed as it is written; rank 0 commits the manifest last, then
-    prunes `root` to its newest `keep` complete tags."""
+    prunes `root` to its newest `keep` complete tags. Without a teacher (fine-tuning) no teacher file is written."""
     tag = tag_for(updates)
     folder = root / tag
     if engine.global_rank == 0:
@@ -267,10 +277,11 @@ def save(engine, root: Path, updates: int, run_state: dict, teacher: torch.nn.Mo
     run_state = {**run_state, "optimizer": optimizer_scalars(engine, scheduler)}
     if engine.global_rank == 0:
         files = {name: record for rank_records in records for name, record in rank_records.items()}
-        teacher_state = {k: v.detach().float().cpu().contiguous() for k, v in teacher.state_dict().items()}
         files[CONFIG_FILE] = write_hashed(folder / CONFIG_FILE, config_yaml.encode())
         files[STUDENT_FILE] = write_hashed(folder / STUDENT_FILE, safetensors_bytes(student))
-        files[TEACHER_FILE] = write_hashed(folder / TEACHER_FILE, safetensors_bytes(teacher_state))
+        if teacher is not None:
+            teacher_state = {k: v.detach().float().cpu().contiguous() for k, v in teacher.state_dict().items()}
+            files[TEACHER_FILE] = write_hashed(folder / TEACHER_FILE, safetensors_bytes(teacher_state))
         files[OPTIMIZER_FILE] = write_hashed(folder / OPTIMIZER_FILE, safetensors_bytes(moments))
         files[RUN_STATE_FILE] = write_hashed(folder / RUN_STATE_FILE, json.dumps(run_state).encode())
         write_manifest(folder, files)

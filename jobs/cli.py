@@ -39,9 +39,18 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    """One rank runs in this process; several ranks go through the `deepspeed` launcher on this machine, in a
-    session this process owns (jobs.launch). Refused before any launch: a run folder in use (exit 2, naming
-    the job holding it) and an op-build lock held too long (jobs.op_builds)."""
+    return _launch(args, "pretrain")
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    return _launch(args, "finetune")
+
+
+def _launch(args: argparse.Namespace, job: str) -> int:
+    """Run `jobs/<job>.py` (pretrain, finetune): one rank in this process; several ranks through the `deepspeed`
+    launcher on this machine, in a session this process owns (jobs.launch). Refused before any launch: a run
+    folder in use (exit 2, naming the job holding it) and an op-build lock held too long (jobs.op_builds)."""
+    import importlib
     import os
     import shutil
     import socket
@@ -58,7 +67,7 @@ def _pretrain(args: argparse.Namespace) -> int:
         run_lock.check_free(config.train.output_dir)
         op_builds.clear_stale_locks(op_builds.configure())
     except (run_lock.RunFolderBusy, op_builds.OpBuildLocked) as error:
-        print(f"sslam pretrain: {error}", file=sys.stderr)
+        print(f"sslam {job}: {error}", file=sys.stderr)
         return 2
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -70,15 +79,13 @@ def _pretrain(args: argparse.Namespace) -> int:
         for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
             os.environ.setdefault(key, value)
         os.environ.setdefault("MASTER_PORT", str(port))
-        from jobs.pretrain import main as pretrain_main
-
-        return pretrain_main(job_args)
+        return importlib.import_module(f"jobs.{job}").main(job_args)
     from jobs.launch import Launch
 
     launch_id = uuid.uuid4().hex
     os.environ[run_lock.LAUNCH_ID_ENV] = launch_id
     launcher = shutil.which("deepspeed") or os.path.join(os.path.dirname(sys.executable), "deepspeed")
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrain.py")
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{job}.py")
     command = [launcher, "--num_gpus", str(args.ranks), "--master_port", str(port), script, *job_args]
     try:
         return Launch(command, config.train.output_dir, launch_id).run()
@@ -137,6 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--ranks", type=int, default=1, help="ranks on this machine (GPUs, or CPU processes)")
     pretrain.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     pretrain.set_defaults(func=_pretrain)
+
+    finetune = commands.add_parser("finetune", allow_abbrev=False,
+                                   help="fine-tune an encoder with a classifier head on labelled shards (mAP, registry)")
+    add_config_arguments(finetune)
+    finetune.add_argument("--ranks", type=int, default=1, help="ranks on this machine (GPUs, or CPU processes)")
+    finetune.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    finetune.set_defaults(func=_finetune)
 
     for name, module, summary in [
         ("preprocess", "jobs.preprocess", "audio -> WebDataset shards with mixtures (Ray)"),

@@ -150,6 +150,34 @@ class EvalConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Supervised fine-tuning (jobs.finetune, SSLAM_SPEC §11); optimisation and run control come from `train`."""
+
+    # models:/NAME@ALIAS (checked, jobs.registry.load_verified), a pre-training run or checkpoint folder, or an
+    # official EAT / SSLAM .pt file. The student encoder is fine-tuned; a head in the source is not used.
+    source: str = ""
+    source_trusted: bool = False  # unpickle an official .pt without the safe allow-list (trusted files only)
+    train_split: str = "train"  # a labelled split of data.loader.shards
+    eval_shards: str = ""  # "" -> data.loader.shards
+    eval_split: str = "eval"
+    eval_interval: int = field(default=1000, metadata={"ge": 1})  # updates between mAP evaluations (and the end)
+    eval_batch_size: int = field(default=64, metadata={"ge": 1})
+    pooling: Literal["cls", "mean"] = "cls"
+    min_lr: float = field(default=1e-6, metadata={"ge": 0})
+    layer_decay: float = field(default=0.65, metadata={"gt": 0, "le": 1})
+    drop_path_rate: float = field(default=0.1, metadata={"ge": 0, "lt": 1})
+    mixup_alpha: float = field(default=0.8, metadata={"ge": 0})  # 0: no mixup
+    mixup_prob: float = field(default=0.9, metadata={"ge": 0, "le": 1})
+    mask_ratio: float = field(default=0.2, metadata={"ge": 0, "lt": 1})  # SpecAugment; 0: none
+    # "permutation": every clip once per epoch, reshuffled; "weighted": `clips_per_epoch` clips drawn without
+    # replacement with torch.multinomial from `sample_weights` (the reference's AS-2M sampling).
+    sampling: Literal["permutation", "weighted"] = "permutation"
+    # One float per line (clips in the split's order) or lines `sample_key,weight`.
+    sample_weights: str = ""
+    clips_per_epoch: int = field(default=0, metadata={"ge": 0})  # weighted sampling; 0: the split's size
+
+
+@dataclass
 class Config:
     name: str = "sslam"
     data: DataConfig = field(default_factory=DataConfig)
@@ -157,6 +185,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def validate(self) -> None:
         self.model.validate()

@@ -143,6 +143,57 @@ def step_seed(seed: int, update: int, micro_step: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, update, micro_step, rank]).generate_state(1)[0])
 
 
+def on_rank0(rank: int, world_size: int, decide):
+    """Rank 0 decides (reading the checkpoint folders once), every rank gets its answer or its ConfigError."""
+    answer = [None]
+    if rank == 0:
+        try:
+            answer = [("ok", decide())]
+        except (ConfigError, OSError) as error:  # the other ranks are waiting in the broadcast
+            answer = [("error", str(error))]
+    if dist.is_initialized() and world_size > 1:
+        dist.broadcast_object_list(answer, src=0)
+    kind, value = answer[0]
+    if kind == "error":
+        raise ConfigError(value)
+    return value
+
+
+def newest_complete(root: Path, key: str, rehash: bool, missing_ok: bool = False) -> Path | None:
+    """The newest complete checkpoint under `root`, each newer partial one reported; ConfigError (naming `key`)
+    when there is none, unless `missing_ok`."""
+    choice = checkpointing.latest_complete(root, rehash)
+    for tag, reason in choice.skipped:
+        log.warning("%s: skipping checkpoint %s: %s", key, root / tag, reason)
+    if choice.folder is None and not missing_ok:
+        reasons = "; ".join(f"{tag}: {reason}" for tag, reason in choice.skipped)
+        raise ConfigError(f"{key}: no checkpoint under {root}" + (f" is complete ({reasons})" if reasons else ""))
+    if choice.folder is not None and choice.skipped:
+        log.warning("%s: continuing from the newest complete checkpoint %s", key, choice.folder)
+    return choice.folder
+
+
+def resume_folder(config: Config, root: Path, rank: int, world_size: int) -> Path | None:
+    """The checkpoint folder to continue from: train.resume=auto takes this run's newest complete one under
+    `root`, a path names a tag folder (which must be complete) or a run / checkpoints folder (its newest
+    complete)."""
+    resume, rehash = config.train.resume, config.train.verify_checkpoint_checksums
+    if resume == "never":
+        return None
+    if resume == "auto":
+        return on_rank0(rank, world_size, lambda: newest_complete(root, "train.resume", rehash, missing_ok=True))
+    path = Path(resume)
+    if checkpointing.TAG_PATTERN.match(path.name) and path.is_dir():
+        problem = on_rank0(rank, world_size, lambda: checkpointing.verify(path, rehash))
+        if problem is not None:
+            raise ConfigError(f"train.resume={resume}: the checkpoint is not complete ({problem})")
+        return path
+    if path.is_dir():
+        tags = checkpointing.checkpoint_root(path) if (path / "checkpoints").is_dir() else path
+        return on_rank0(rank, world_size, lambda: newest_complete(tags, "train.resume", rehash))
+    raise ConfigError(f"train.resume: no checkpoint folder {resume}")
+
+
 @dataclass
 class RunState:
     updates: int = 0
@@ -315,49 +366,13 @@ class Pretrainer:
             raise ConfigError(f"data.loader.shards={self.config.data.loader.shards}: {error}") from None
 
     def _resume_tag(self) -> Path | None:
-        """The checkpoint folder to continue from: train.resume=auto takes this run's newest complete one,
-        a path names a tag folder (which must be complete) or a run / checkpoints folder (its newest complete)."""
-        resume = self.config.train.resume
-        if resume == "never":
-            return None
-        if resume == "auto":
-            return self._on_rank0(lambda: self._newest_complete(self.root, "train.resume", missing_ok=True))
-        path = Path(resume)
-        if checkpointing.TAG_PATTERN.match(path.name) and path.is_dir():
-            problem = self._on_rank0(lambda: checkpointing.verify(path, self.config.train.verify_checkpoint_checksums))
-            if problem is not None:
-                raise ConfigError(f"train.resume={resume}: the checkpoint is not complete ({problem})")
-            return path
-        if path.is_dir():
-            root = checkpointing.checkpoint_root(path) if (path / "checkpoints").is_dir() else path
-            return self._on_rank0(lambda: self._newest_complete(root, "train.resume"))
-        raise ConfigError(f"train.resume: no checkpoint folder {resume}")
+        return resume_folder(self.config, self.root, self.rank, self.world_size)
 
     def _on_rank0(self, decide):
-        """Rank 0 decides (reading the checkpoint folders once), every rank gets its answer or its ConfigError."""
-        answer = [None]
-        if self.rank == 0:
-            try:
-                answer = [("ok", decide())]
-            except (ConfigError, OSError) as error:  # the other ranks are waiting in the broadcast
-                answer = [("error", str(error))]
-        if dist.is_initialized() and self.world_size > 1:
-            dist.broadcast_object_list(answer, src=0)
-        kind, value = answer[0]
-        if kind == "error":
-            raise ConfigError(value)
-        return value
+        return on_rank0(self.rank, self.world_size, decide)
 
     def _newest_complete(self, root: Path, key: str, missing_ok: bool = False) -> Path | None:
-        choice = checkpointing.latest_complete(root, self.config.train.verify_checkpoint_checksums)
-        for tag, reason in choice.skipped:
-            log.warning("%s: skipping checkpoint %s: %s", key, root / tag, reason)
-        if choice.folder is None and not missing_ok:
-            reasons = "; ".join(f"{tag}: {reason}" for tag, reason in choice.skipped)
-            raise ConfigError(f"{key}: no checkpoint under {root}" + (f" is complete ({reasons})" if reasons else ""))
-        if choice.folder is not None and choice.skipped:
-            log.warning("%s: continuing from the newest complete checkpoint %s", key, choice.folder)
-        return choice.folder
+        return newest_complete(root, key, self.config.train.verify_checkpoint_checksums, missing_ok)
 
     def _check_resume(self, folder: Path) -> dict:
         """Before the engine exists: the checkpoint's run state, checked against this run's data and layout.
@@ -669,6 +684,7 @@ class Pretrainer:
         accumulation = self.engine.gradient_accumulation_steps()
         queue: deque = deque()
         stopping = False
+        relinked = False
         self._batches = None
         if train.epochs and self.state.epoch >= train.epochs:
             self.loader = None
@@ -693,6 +709,9 @@ class Pretrainer:
                     raise TrainingStopped(self._stop_reason(step, agreement))
                 self.engine.step()
                 if self.engine.was_step_applied():
+                    if not relinked:  # every param group has its Adam state now (checkpointing.full_moments)
+                        checkpointing.relink_optimizer_states(self.engine)
+                        relinked = True
                     self.state.updates += 1
                     decay = self.model.ema_decay(self.state.updates)
                     self.ema.update(decay)
@@ -811,7 +830,13 @@ def main(argv: list[str] | None = None, exit_deadline_s: float | None = None) ->
     """Exit codes: 0 done or preempted with a checkpoint, 1 failed, 2 config / run folder / op build refused,
     3 a guard stopped the run. `exit_deadline_s`: a failed process ends within that many seconds (set for a
     rank process; never for a caller that keeps running)."""
-    parser = argparse.ArgumentParser(description="SSLAM pre-training (run under the deepspeed launcher)", allow_abbrev=False)
+    return job_main("SSLAM pre-training (run under the deepspeed launcher)", train, argv, exit_deadline_s)
+
+
+def job_main(description: str, run_job, argv: list[str] | None, exit_deadline_s: float | None) -> int:
+    """A rank process of a training job (pre-training, fine-tuning): `--config`, `--set`, `--resume`, logging,
+    `run_job(config)`, the exit codes of `main`, the fail-fast deadline and the process group's teardown."""
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
     add_config_arguments(parser)
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint (train.resume=auto)")
     args = parser.parse_args(argv)
@@ -827,7 +852,7 @@ def main(argv: list[str] | None = None, exit_deadline_s: float | None = None) ->
         if args.resume:
             config.train.resume = "auto"
         op_builds.clear_stale_locks(op_builds.configure())
-        code = train(config)
+        code = run_job(config)
     except (ConfigError, CheckpointError) as error:
         log.error("config error: %s", error)
         code = 2

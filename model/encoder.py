@@ -65,8 +65,21 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+def drop_path(x: Tensor, rate: float, training: bool) -> Tensor:
+    """Stochastic depth: in training, each example's residual branch is zeroed with probability `rate` and
+    the survivors scaled by 1 / (1 - rate). Rate 0 (pre-training) or eval mode returns `x` itself."""
+    if rate == 0.0 or not training:
+        return x
+    keep = 1.0 - rate
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+    return x * mask / keep
+
+
 class Block(nn.Module):
-    """Post-norm block: u = LN1(h + Attn(h)); f = MLP(u); returns (LN2(u + f), f) (§3)."""
+    """Post-norm block: u = LN1(h + Attn(h)); f = MLP(u); returns (LN2(u + f), f) (§3).
+
+    `drop_path` (fine-tuning, SSLAM_SPEC §11) drops the attention and MLP branches per example; it is 0 unless
+    set (model.finetune.set_drop_path), so pre-training is unchanged."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, eps: float) -> None:
         super().__init__()
@@ -74,11 +87,12 @@ class Block(nn.Module):
         self.attn = Attention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = 0.0
 
     def forward(self, h: Tensor, keys: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        u = self.norm1(h + self.attn(h, keys))
+        u = self.norm1(h + drop_path(self.attn(h, keys), self.drop_path, self.training))
         ffn = self.mlp(u)
-        return self.norm2(u + ffn), ffn
+        return self.norm2(u + drop_path(ffn, self.drop_path, self.training)), ffn
 
 
 class Encoder(nn.Module):
@@ -138,10 +152,14 @@ class Encoder(nn.Module):
             x = x.unsqueeze(1)
         if x.dim() != 4 or x.shape[1] != 1:
             raise ValueError(f"expected raw fbank of shape (B, 1, T, F) or (B, T, F), got {tuple(x.shape)}")
-        time_patches, freq_patches = self.grid(x)
         # Normalise in fp32, then meet the conv's weights (fp32, or bf16 when an engine casts the module).
-        x = self.normalize(x.float()).to(self.patch_embed.weight.dtype)
-        tokens = self.patch_embed(x).flatten(2).transpose(1, 2)
+        return self.embed_normalized(self.normalize(x.float()))
+
+    def embed_normalized(self, x: Tensor) -> Tensor:
+        """Normalised fbank (B, 1, T, F) -> (B, N, D) patch tokens plus positions (fine-tuning augments between
+        normalisation and this step, SSLAM_SPEC §11)."""
+        time_patches, freq_patches = self.grid(x)
+        tokens = self.patch_embed(x.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)
         return tokens + self.pos_embed[:, : time_patches * freq_patches].to(tokens.dtype)
 
     def contextualize(
