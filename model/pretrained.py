@@ -126,6 +126,13 @@ class FrontEnd:
         return fitted
 
 
+def content_frames(fbank: Tensor) -> int:
+    """Frames of a FrontEnd.fbank output before its zero padding (a Kaldi log-mel row is never all zeros: every
+    mel energy is floored before the log), so a `model.padding: aware` encoder attends to the clip alone."""
+    filled = (fbank != 0).any(dim=1).nonzero()
+    return int(filled[-1]) + 1 if filled.numel() else 0
+
+
 class PretrainedEncoder:
     """An encoder (+ classifier head) with its front-end: `embed(waveform, sample_rate)` -> embeddings."""
 
@@ -209,7 +216,8 @@ class PretrainedEncoder:
         """One waveform (samples in [-1, 1], mono or (frames, channels)) at any sample rate -> numpy `utterance` (D,)
         and `frames` (N, D)
         (time-major patch tokens); with a head also `scores` (C,) (sigmoid) and `labels` (class names by score)."""
-        outputs = self.embed_fbank(self.front_end.fbank(waveform, sample_rate)[None], pooling)
+        fbank = self.front_end.fbank(waveform, sample_rate)
+        outputs = self.embed_fbank(fbank[None], pooling, valid_frames=torch.tensor([content_frames(fbank)]))
         result = {key: value[0].numpy() for key, value in outputs.items()}
         if "scores" in result:
             order = np.argsort(-result["scores"], kind="stable")

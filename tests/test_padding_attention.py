@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import torch
 
+from model.checkpoint import ImportedCheckpoint
 from model.encoder import Encoder
 from model.features import extract_features
 from model.padding import content_tokens
+from model.pretrained import FrontEnd, PretrainedEncoder, content_frames
 from model.sslam import SSLAM
 from model.targets import cls_target, make_targets, utterance_target
 from tests.test_sslam import group_batch, raw_fbank, tiny_config
@@ -99,3 +101,25 @@ def test_the_registered_model_of_an_aware_encoder_attends_to_each_rows_content(t
     alone = extract_features(model.encoder, torch.nn.functional.pad(torch.from_numpy(short), (0, 0, 0, 8))[None],
                              valid_frames=torch.tensor([40]))["utterance"]
     np.testing.assert_allclose(outputs["utterance"], alone.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def _pretrained(padding: str) -> PretrainedEncoder:
+    encoder = _encoder(padding)
+    weights = ImportedCheckpoint(encoder.cfg, "encoder", encoder.state_dict())
+    return PretrainedEncoder(weights, FrontEnd(sample_rate=16000, mel_bins=encoder.cfg.mel_bins,
+                                               target_length=encoder.cfg.target_length))
+
+
+def test_one_waveform_is_embedded_from_its_content_alone_by_an_aware_encoder():
+    wave = 0.3 * torch.sin(torch.arange(8000) * 0.07)  # 0.5 s: far shorter than the target length
+    for padding in ("aware", "reference"):
+        model = _pretrained(padding)
+        fbank = model.front_end.fbank(wave, 16000)
+        valid = content_frames(fbank)
+        assert valid == 1 + (8000 - 400) // 160 and bool((fbank[valid:] == 0).all()) and bool((fbank[valid - 1] != 0).any())
+        embedded = torch.from_numpy(model.embed(wave, 16000)["utterance"])
+        attended = model.embed_fbank(fbank[None], valid_frames=torch.tensor([valid]))["utterance"][0]
+        padded = model.embed_fbank(fbank[None])["utterance"][0]
+        torch.testing.assert_close(embedded, attended)
+        # Only the aware encoder leaves the padding out of attention; the reference one embeds as before.
+        assert (not torch.allclose(embedded, padded, atol=1e-4)) if padding == "aware" else torch.equal(embedded, padded)
