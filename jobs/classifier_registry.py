@@ -106,6 +106,8 @@ class ClassifierTracker(Tracker):
     """jobs.tracking.Tracker whose registrations are the best classifier (module docstring): call
     `on_checkpoint(best_dir, update)` when a new best is written, and `remember_best` after a resume."""
 
+    entry_point = "jobs.finetune"
+
     def remember_best(self, best_dir: Path, updates: int) -> None:
         self._last_checkpoint = (Path(best_dir), int(updates))
 

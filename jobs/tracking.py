@@ -155,9 +155,10 @@ def param_value(value: Any) -> str:
     return text if len(text) <= MAX_PARAM_VAL_LENGTH else text[: MAX_PARAM_VAL_LENGTH - len(marker)] + marker
 
 
-def run_tags(config: Config, dataset_info: dict | None, world_size: int) -> dict[str, str]:
+def run_tags(config: Config, dataset_info: dict | None, world_size: int,
+             entry_point: str = TRAINING_ENTRY_POINT) -> dict[str, str]:
     """The training run's tags: stage, world size, encoder, config, dataset fingerprint, and lineage (source
-    `jobs.pretrain`, user, git commit: jobs.lineage)."""
+    `entry_point`, user, git commit: jobs.lineage)."""
     from jobs.registry import encoder_name
 
     tags = {
@@ -166,7 +167,7 @@ def run_tags(config: Config, dataset_info: dict | None, world_size: int) -> dict
         "encoder": encoder_name(config.model),
         "config_name": config.name,
         "dataset_fingerprint": str((dataset_info or {}).get("fingerprint", "")),
-        **lineage_tags(TRAINING_ENTRY_POINT),
+        **lineage_tags(entry_point),
     }
     if GIT_COMMIT in tags:
         tags["git_commit"] = tags[GIT_COMMIT]
@@ -337,6 +338,8 @@ class NullTracker:
 
 class Tracker:
     """One MLflow run of a pre-training job, fed from rank 0 without ever waiting on MLflow (module docstring)."""
+
+    entry_point = TRAINING_ENTRY_POINT  # the run's mlflow.source.name
 
     def __init__(
         self,
@@ -609,7 +612,7 @@ class Tracker:
             run = client.create_run(
                 self.experiment_id,
                 run_name=self.config.tracking.run_name or None,
-                tags=run_tags(self.config, self.dataset_info, self.world_size),
+                tags=run_tags(self.config, self.dataset_info, self.world_size, self.entry_point),
             )
             run_id = run.info.run_id
             with self._outbox.condition:  # first tasks of the run, retried like any other

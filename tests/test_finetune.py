@@ -105,6 +105,7 @@ def test_the_best_checkpoint_is_a_registered_classifier_that_loads_and_predicts(
     assert version.tags["kind"] == "finetune" and version.tags["update"] == str(saved["update"])
     assert float(version.tags["eval.mAP"]) == pytest.approx(saved["metrics"]["mAP"])
     assert float(version.tags["eval.baseline_mAP"]) == pytest.approx(trained.prior_map)
+    assert client.get_run(version.run_id).data.tags["mlflow.source.name"] == "jobs.finetune"
     encoder_versions = client.search_model_versions("name = 'sslam-encoder'")
     assert len(encoder_versions) == 1  # fine-tuning registered no encoder
     _, exact, model = registry.load_verified("models:/sslam-encoder-classifier@finetuned",
