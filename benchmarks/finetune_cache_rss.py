@@ -5,8 +5,8 @@
 Writes a synthetic labelled shard set of `--clips` random (frames x mel_bins) float16 clips once, then, each in
 a fresh process: load_split in memory, load_split building the cache, load_split reusing it; each then draws
 `--batches` micro-batches of `--micro-batch` random rows as the training loop does. Prints one JSON line per mode:
-peak RSS (ru_maxrss), anonymous RSS after the batches (VmRSS's RssAnon: what the cache cannot give back to the
-page cache) and the load time.
+peak RSS (ru_maxrss, file-backed pages included), then after the batches RssAnon (the process's own memory)
+and RssFile (mapped page cache of the cache files, which the kernel can drop) and the load time.
 """
 
 from __future__ import annotations
@@ -54,9 +54,10 @@ def write_shard_set(folder: Path, clips: int, frames: int, mel_bins: int) -> Non
     (folder / "dataset.json").write_text(json.dumps(info))
 
 
-def anonymous_rss_mib() -> float:
+def rss_mib(kind: str) -> float:
+    """RssAnon or RssFile of this process (/proc/self/status), MiB."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
+        if line.startswith(f"{kind}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -79,7 +80,7 @@ def measure(args: argparse.Namespace) -> dict:
         checksum += float(clips.fbank[rows].float().sum()) + float(clips.labels[rows].sum())
     return {"mode": args.mode, "clips": len(clips.keys), "fbank_gib": len(clips.keys) * args.frames * args.mel_bins
             * 2 / 2**30, "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-            "rss_anon_mib": round(anonymous_rss_mib()), "load_s": round(load_s, 1), "checksum": round(checksum, 1)}
+            "rss_anon_mib": round(rss_mib("RssAnon")), "rss_file_mib": round(rss_mib("RssFile")), "load_s": round(load_s, 1), "checksum": round(checksum, 1)}
 
 
 def main() -> None:

@@ -131,7 +131,11 @@ def load_cached(loader, split: str, cache_dir: str):
     with exclusive(root / f"{name}.lock"):
         clips = open_cache(folder, key)
         if clips is None:
-            build(loader, key, folder)
+            try:
+                build(loader, key, folder)
+            except OSError as error:
+                raise ConfigError(f"finetune.cache_dir={cache_dir}: writing the clip cache {folder} failed "
+                                  f"({error.strerror or error})") from None
             clips = open_cache(folder, key)
             if clips is None:
                 raise RuntimeError(f"the clip cache {folder} was just built but does not read back")
@@ -151,10 +155,10 @@ def open_cache(folder: Path, key: dict):
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         log.warning("clip cache %s: unreadable manifest (%s); building it again", folder, error)
         return None
-    if manifest.get("key") != key:
+    if not isinstance(manifest, dict) or manifest.get("key") != key or not isinstance(manifest.get("clips"), int):
         log.warning("clip cache %s: its manifest names other data; building it again", folder)
         return None
-    count = int(manifest["clips"])
+    count = manifest["clips"]
     try:
         fbank = np.load(folder / FBANK, mmap_mode="r")
         labels = np.load(folder / LABELS, mmap_mode="r")
@@ -177,9 +181,14 @@ def build(loader, key: dict, folder: Path) -> None:
     for leftover in (staging, folder):  # a killed build, or a folder open_cache refused
         if leftover.exists():
             shutil.rmtree(leftover)
-    staging.mkdir()
     capacity = sum(key["samples"])
     fbank_shape, labels_shape = (capacity, key["frames"], key["mel_bins"]), (capacity, key["classes"])
+    needed = capacity * (key["frames"] * key["mel_bins"] * 2 + key["classes"] * 4)
+    free = shutil.disk_usage(folder.parent).free
+    if free < needed:
+        raise ConfigError(f"finetune.cache_dir={folder.parent}: the clip cache of split {key['split']!r} needs "
+                          f"{needed / 2**30:.1f} GiB, the disk has {free / 2**30:.1f} GiB free")
+    staging.mkdir()
     keys: list[str] = []
     log.info("train split %r: building the clip cache %s (%d clips)", key["split"], folder, capacity)
     with open(staging / FBANK, "wb") as fbank_file, open(staging / LABELS, "wb") as labels_file:

@@ -9,6 +9,7 @@ import json
 import shutil
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -166,3 +167,11 @@ def test_a_shard_set_without_a_fingerprint_or_a_url_cache_is_refused(data, shard
         load_split(data, str(shards), "train", cache_dir=str(tmp_path / "cache"))
     with pytest.raises(ConfigError, match="not a URL"):
         load_split(data, str(shards), "train", cache_dir="s3://bucket/cache")
+
+
+def test_a_disk_without_room_for_the_split_is_refused_before_writing(data, shards, tmp_path, monkeypatch):
+    needed = CLIPS["train"] * (512 * 64 * 2 + NUM_CLASSES * 4)
+    monkeypatch.setattr(finetune_cache.shutil, "disk_usage", lambda path: SimpleNamespace(free=needed - 1))
+    with pytest.raises(ConfigError, match=r"needs 0\.0 GiB, the disk has 0\.0 GiB free"):
+        load_split(data, str(shards), "train", cache_dir=str(tmp_path / "cache"))
+    assert published(tmp_path / "cache") == [] and not list((tmp_path / "cache").glob(".*building"))
