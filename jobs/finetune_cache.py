@@ -104,7 +104,10 @@ def folder_name(key: dict) -> str:
 @contextlib.contextmanager
 def exclusive(lock_path: Path) -> Iterator[None]:
     """Block until this process holds the flock of `lock_path` (module docstring)."""
-    descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as error:
+        raise ConfigError(f"finetune.cache_dir: cannot open {lock_path} ({error.strerror})") from None
     try:
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX)
