@@ -175,6 +175,9 @@ class FinetuneConfig:
     # One float per line (clips in the split's order) or lines `sample_key,weight`.
     sample_weights: str = ""
     clips_per_epoch: int = field(default=0, metadata={"ge": 0})  # weighted sampling; 0: the split's size
+    # "": hold the train split in memory. A local folder (node-local disk): the split is written there once as a
+    # memory-mapped clip cache, reused by later runs and resumes of the same shard set (jobs.finetune_cache).
+    cache_dir: str = ""
 
 
 @dataclass

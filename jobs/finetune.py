@@ -80,7 +80,8 @@ class Finetuner:
 
         weights, self.source = source_weights(config)
         self.model_cfg = weights.config
-        self.train_set = load_split(config.data, config.data.loader.shards, ft.train_split)
+        self.train_set = load_split(config.data, config.data.loader.shards, ft.train_split, cache_dir=ft.cache_dir)
+        self.train_frequencies = self.train_set.class_frequencies()
         self.eval_location = ft.eval_shards or config.data.loader.shards
         self.dataset_info = self._dataset_info()
         self._check_shapes()
@@ -243,7 +244,7 @@ class Finetuner:
         all_labels = np.concatenate([x for ranks_labels, _ in parts for x in ranks_labels])
         all_scores = np.concatenate([x for _, ranks_scores in parts for x in ranks_scores])
         value, scored = mean_average_precision(all_labels, all_scores)
-        prior = label_prior_map(self.train_set.labels, torch.from_numpy(all_labels))
+        prior = label_prior_map(self.train_frequencies, torch.from_numpy(all_labels))
         return {"mAP": value, "baseline_mAP": prior, "classes_scored": float(scored),
                 "eval_clips": float(all_labels.shape[0])}
 

@@ -1,7 +1,8 @@
 """The fine-tuning job's data: a labelled split held in memory, each epoch's clip order, per-update batches.
 
 The train split (a `mix: false` split of the preprocessing job's shards) is read once through
-pipeline.loader.EvalLoader: raw fbank, multi-hot labels and sample keys. Random access makes the clip order a pure
+pipeline.loader.EvalLoader: raw fbank, multi-hot labels and sample keys, held in memory or, with
+`finetune.cache_dir`, in a memory-mapped clip cache on disk (jobs.finetune_cache). Random access makes the clip order a pure
 function of (seed, epoch): a permutation, or (`finetune.sampling: weighted`, the reference's AS-2M sampling)
 `clips_per_epoch` clips drawn without replacement by torch.multinomial over per-clip weights. Update u takes
 the next `clips per update` clips of its epoch's order, rank r and micro-step m their slice, so a resumed run
@@ -19,29 +20,45 @@ import numpy as np
 import torch
 
 from jobs.config import ConfigError
+from jobs.finetune_cache import MappedRows, load_cached
 from pipeline.config import DataConfig
 
 
 @dataclass
 class LabelledClips:
-    fbank: torch.Tensor  # (N, 1, T, F) raw fbank, float16 as stored
-    labels: torch.Tensor  # (N, C) float32 multi-hot
+    """fbank[rows] and labels[rows] (rows: a LongTensor) give tensors: both are tensors held in memory, or
+    jobs.finetune_cache.MappedRows over a clip cache."""
+
+    fbank: torch.Tensor | MappedRows  # (N, 1, T, F) raw fbank, float16 as stored
+    labels: torch.Tensor | MappedRows  # (N, C) float32 multi-hot
     keys: list[str]  # sample key of each clip
     classes: list[dict]
 
+    def class_frequencies(self) -> torch.Tensor:
+        """(C,) float32: the fraction of clips carrying each class."""
+        if isinstance(self.labels, MappedRows):
+            return self.labels.column_means()
+        return self.labels.float().mean(dim=0)
 
-def load_split(data: DataConfig, location: str, split: str, batch_size: int = 256) -> LabelledClips:
-    """Every clip of `split` at `location`, in the split's order."""
+
+def load_split(data: DataConfig, location: str, split: str, batch_size: int = 256,
+               cache_dir: str = "") -> LabelledClips:
+    """Every clip of `split` at `location`, in the split's order; with `cache_dir`, from (and first into) a
+    clip cache there (jobs.finetune_cache)."""
     from pipeline.loader import EvalLoader
 
     loader_cfg = dataclasses.replace(data.loader, shards=location)
     try:
         loader = EvalLoader(dataclasses.replace(data, loader=loader_cfg), split, batch_size=batch_size)
+        if cache_dir:
+            return load_cached(loader, split, cache_dir)
         fbank, labels, keys = [], [], []
         for batch in loader:
             fbank.append(batch["clean"].half())
             labels.append(batch["labels"])
             keys += loader.last_keys
+    except ConfigError:
+        raise
     except (FileNotFoundError, KeyError, ValueError) as error:
         raise ConfigError(f"{location} split {split!r}: {error}") from None
     if not fbank:
@@ -129,9 +146,10 @@ class EpochPlan:
         return min(max_updates, epochs * self.updates_per_epoch) if epochs else max_updates
 
 
-def label_prior_map(train_labels: torch.Tensor, eval_labels: torch.Tensor) -> float:
+def label_prior_map(train_frequencies: torch.Tensor, eval_labels: torch.Tensor) -> float:
     """mAP of scoring every eval clip with the train class frequencies (the baseline of jobs.evaluate)."""
-    from jobs.evaluate import label_prior, mean_average_precision
+    from jobs.evaluate import mean_average_precision
 
-    value, _ = mean_average_precision(eval_labels.numpy(), label_prior(train_labels, eval_labels.shape[0]))
+    scores = np.tile(train_frequencies.numpy(), (eval_labels.shape[0], 1))
+    value, _ = mean_average_precision(eval_labels.numpy(), scores)
     return value if math.isfinite(value) else float("nan")

@@ -37,7 +37,7 @@ FREE_FORM = {
     "tracking.aliases",  # names, checked in TrackingConfig.validate (tests/test_registration_policy.py)
     "eval.train_shards", "eval.test_shards", "eval.train_split", "eval.test_split",
     "finetune.source", "finetune.train_split", "finetune.eval_shards", "finetune.eval_split",
-    "finetune.sample_weights",
+    "finetune.sample_weights", "finetune.cache_dir",
 }
 
 

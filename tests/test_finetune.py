@@ -1,7 +1,7 @@
 """`sslam finetune` end to end on generated labelled shards (tests/test_evaluate.py's sound events): a briefly
 pre-trained tiny encoder registered as the source, fine-tuned on CPU with DeepSpeed; the result against the label
-prior and the linear probe of the same encoder, the classifier version in the registry, resume after SIGTERM,
-a 2-rank launch and the config refusals."""
+prior and the linear probe of the same encoder, the classifier version in the registry, resume after SIGTERM
+(through a clip cache, jobs.finetune_cache), a 2-rank launch and the config refusals."""
 
 from __future__ import annotations
 
@@ -121,7 +121,10 @@ def test_the_best_checkpoint_is_a_registered_classifier_that_loads_and_predicts(
 def test_sigterm_then_resume_ends_where_the_uninterrupted_run_ends(trained):
     root = trained.root
     run_dir = root / "runs" / "resumed"
-    extra = ["--set", "train.output_dir=runs/resumed", "--set", "tracking.enabled=false"]
+    # Both halves read the train split through a clip cache (the first builds it, the resume reuses it): the
+    # result must still be bit for bit the uninterrupted in-memory run's.
+    extra = ["--set", "train.output_dir=runs/resumed", "--set", "tracking.enabled=false",
+             "--set", "finetune.cache_dir=cache"]
     process = subprocess.Popen(finetune_command(*extra), cwd=root, env=cpu_env(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
@@ -138,7 +141,8 @@ def test_sigterm_then_resume_ends_where_the_uninterrupted_run_ends(trained):
     assert stopped["best_update"] in (100, 200, 300)
     result = launch(root, *extra, "--resume")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "resumed from" in result.stderr
+    assert "resumed from" in result.stderr and "reusing the clip cache" in result.stderr
+    assert len([p for p in (root / "cache").iterdir() if p.is_dir()]) == 1
     final = last_checkpoint(run_dir)
     reference = last_checkpoint(trained.run)
     assert final.name == reference.name == "update_00000400"
