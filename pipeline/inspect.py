@@ -110,11 +110,13 @@ def inspect_set(shards_dir: str) -> SetReport:
     listed = listed_shards(info)
     missing = [name for name in listed if not shards.file_exists(location, name)]
     lines.append(f"shards         {len(listed)} listed, {info.get('bytes', 0) / 2**20:.1f} MiB, {len(missing)} missing")
-    problems = [f"{len(missing)} listed shards missing"] if missing else []
+    problems = [f"{len(missing)} listed shards missing: {_first_few(missing)}"] if missing else []
     if missing:
         lines.append(f"  missing: {', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}")
-    fingerprint_lines = _fingerprint_lines(location, info, index, listed)
+    fingerprint_lines, mismatched = _fingerprint_lines(location, info, index, listed)
     problems += [line.removeprefix(MISMATCH).strip() for line in fingerprint_lines if line.startswith(MISMATCH)]
+    if mismatched:
+        problems.append(f"shards of another plan: {_first_few(sorted(mismatched))}")
     lines += fingerprint_lines
     for split, entry in info["splits"].items():
         per_epoch = entry["shards_per_epoch"]
@@ -180,7 +182,10 @@ def fingerprint_mismatches(location: shards.Location, info: dict, index: pa.Tabl
     return {name: "; ".join(reasons) for name, reasons in found.items()}
 
 
-def _fingerprint_lines(location: shards.Location, info: dict, index: pa.Table | None, listed: list[str]) -> list[str]:
+def _fingerprint_lines(
+    location: shards.Location, info: dict, index: pa.Table | None, listed: list[str]
+) -> tuple[list[str], dict[str, str]]:
+    """The summary's fingerprint lines and {shard: why} of the listed shards another plan wrote."""
     expected = str(info.get("fingerprint"))
     lines = []
     held = _read_json(location, FINGERPRINT_RECORD)
@@ -205,7 +210,7 @@ def _fingerprint_lines(location: shards.Location, info: dict, index: pa.Table | 
         )
     else:
         lines.append("fingerprints   index.parquet carries none (an older or hand-made set): shards not checked")
-    return lines
+    return lines, mismatched
 
 
 def _by_stage_reason(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:

@@ -162,14 +162,16 @@ def test_the_loader_skips_members_with_unsafe_names(clean_set, tmp_path, caplog)
 
 def test_inspect_summary_survives_damaged_and_missing_shards(content_damage, tmp_path, capsys):
     """Tried: `sslam inspect` (text summary) on the damaged set with one listed shard deleted. Survives:
-    exit 0, and the summary reports the missing shard by name."""
+    the whole summary is printed, it reports the missing shard by name, and the exit is 1 naming it on stderr
+    (a script can gate on it)."""
     directory = tmp_path / "set"
     shutil.copytree(content_damage.directory, directory, symlinks=True)
     missing = content_damage.damaged["bad_json"]
     (directory / missing).unlink()
-    assert sslam(["inspect", str(directory)]) == 0
-    out = capsys.readouterr().out
-    assert "1 missing" in out and missing in out
+    assert sslam(["inspect", str(directory)]) == 1
+    captured = capsys.readouterr()
+    assert "1 missing" in captured.out and missing in captured.out and "\nsplit train" in captured.out
+    assert f"1 listed shards missing: {missing}" in captured.err
 
 
 def _inspect_png(directory: Path, png: Path, capsys) -> tuple[int, str]:
