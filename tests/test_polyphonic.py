@@ -149,3 +149,36 @@ def test_polyphonic_mode_without_the_sources_of_the_test_split_exits_2(setup, ca
             "--set", "data.source.splits=[]", "--set", "data.source.audio_root="]
     assert evaluate_job.main(argv) == 2
     assert "eval.polyphonic needs the data.source" in caplog.text
+
+
+class _WithHead:
+    """A registered encoder's python model with a classifier head over the dataset's classes (what a fine-tuned
+    classifier version loads as): logits from a fixed projection of the CLS output."""
+
+    def __init__(self, python_model, classes: list[dict]) -> None:
+        self.inner, self.classes, self.model_cfg = python_model, classes, python_model.model_cfg
+        self.head = torch.nn.Linear(python_model.model_cfg.embed_dim, len(classes))
+        torch.nn.init.normal_(self.head.weight, generator=torch.Generator().manual_seed(3))
+        self.embedded_clips = 0
+
+    def embed(self, fbank, pooling=None, valid_frames=None):
+        outputs = self.inner.embed(fbank, pooling, valid_frames=valid_frames)
+        self.embedded_clips += fbank.shape[0]
+        with torch.no_grad():
+            return {**outputs, "logits": self.head(outputs["utterance"])}
+
+
+def test_a_model_with_a_head_is_scored_by_its_head_on_the_mixtures_too(setup, monkeypatch):
+    _, _, python_model = evaluate_job._load(f"models:/{MODEL}/{setup.version.version}", mlflow_client())
+    model = _WithHead(python_model, setup.info["classes"])
+    monkeypatch.setattr(evaluate_job, "_load", lambda uri, client: (None, uri, model))
+
+    def no_probe(*args, **kwargs):
+        raise AssertionError("a model whose head covers the classes is not probed")
+
+    monkeypatch.setattr(evaluate_job, "train_probe", no_probe)
+    results = evaluate_job.evaluate("models:/with-head/1", "shards", "shards", setup.config)
+    assert results["protocol"] == "head"
+    assert results["poly2_mixtures"] == results["poly3_mixtures"] == MIXTURES
+    assert 0.0 < results["poly2_mAP"] <= 1.0 and 0.0 < results["poly3_mAP"] <= 1.0
+    assert model.embedded_clips == sum(CLIPS.values()) + 2 * MIXTURES  # mono splits, then both mixture sets
