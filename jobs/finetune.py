@@ -23,7 +23,6 @@ import logging
 import math
 import os
 import time
-from contextlib import nullcontext
 from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
@@ -33,13 +32,13 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from jobs import checkpointing, run_lock
+from jobs import checkpointing
 from jobs.classifier_registry import BEST_DIR, ClassifierTracker, read_best, write_best
 from jobs.config import Config, ConfigError, dump_yaml
 from jobs.finetune_data import EpochPlan, label_prior_map, load_split, read_sample_weights
 from jobs.pretrain import (
     FAILED_EXIT_DEADLINE_S, StopSignal, TrainingStopped, check_deepspeed_accepts, deepspeed_config, end_rank_process,
-    gradient_accumulation, job_main, resume_folder, step_seed,
+    gradient_accumulation, job_main, resume_folder, run_locked, step_seed,
 )
 from jobs.tracking import NullTracker
 from model.checkpoint import CheckpointError, ImportedCheckpoint, build_encoder, load_state_strict
@@ -351,21 +350,12 @@ def check_config(config: Config) -> None:
 def finetune(config: Config) -> int:
     """One fine-tuning rank in this process; rank 0 holds the run folder's lock (jobs.run_lock)."""
     check_config(config)
-    holding = run_lock.hold(config.train.output_dir) if int(os.environ.get("RANK", "0")) == 0 else nullcontext()
-    with holding as lock:
-        trainer = Finetuner(config)
-        status = "FAILED"
-        try:
-            code = trainer.run()
-            status = "KILLED" if trainer.preempted else "FINISHED"
-            return code
-        finally:
-            if trainer.metrics is not None:
-                trainer.metrics.close()
-            trainer.stop.close()
-            trainer.tracker.finish(status)
-            if lock is not None and status != "FAILED":
-                lock.record("preempted" if trainer.preempted else "finished", update=trainer.updates)
+    return run_locked(config, Finetuner, _close_metrics, lambda trainer: trainer.updates)
+
+
+def _close_metrics(trainer: Finetuner) -> None:
+    if trainer.metrics is not None:
+        trainer.metrics.close()
 
 
 def main(argv: list[str] | None = None, exit_deadline_s: float | None = None) -> int:

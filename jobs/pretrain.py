@@ -768,23 +768,30 @@ FAILED_EXIT_DEADLINE_S = 20.0
 PEER_LOST = ("Connection closed by peer", "Connection reset by peer")
 
 
-def train(config: Config) -> int:
-    """Run one pre-training job in this process (one rank); the process group stays up for the caller.
-    Rank 0 holds the run folder's lock (jobs.run_lock) from before the first collective to the end."""
+def run_locked(config: Config, build, close_outputs, updates_of) -> int:
+    """Build a trainer (`build(config)`) and run it in this process (one rank). Rank 0 holds the run folder's lock
+    (jobs.run_lock) from before the first collective to the end; afterwards `close_outputs(trainer)`, the stop
+    signal and the tracking run are closed, and a run that did not fail is recorded in the lock with
+    `updates_of(trainer)`. The process group stays up for the caller."""
     holding = run_lock.hold(config.train.output_dir) if int(os.environ.get("RANK", "0")) == 0 else nullcontext()
     with holding as lock:
-        trainer = Pretrainer(config)
+        trainer = build(config)
         status = "FAILED"
         try:
             code = trainer.run()
             status = "KILLED" if trainer.preempted else "FINISHED"
             return code
         finally:
-            trainer.trace.close()
+            close_outputs(trainer)
             trainer.stop.close()
             trainer.tracker.finish(status)
             if lock is not None and status != "FAILED":
-                lock.record("preempted" if trainer.preempted else "finished", update=trainer.state.updates)
+                lock.record("preempted" if trainer.preempted else "finished", update=updates_of(trainer))
+
+
+def train(config: Config) -> int:
+    """Run one pre-training job in this process (one rank); see run_locked."""
+    return run_locked(config, Pretrainer, lambda trainer: trainer.trace.close(), lambda trainer: trainer.state.updates)
 
 
 def _exit_after(seconds: float, code: int) -> None:
