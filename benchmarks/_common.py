@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from jobs.config import Config, load_config
+from jobs.train.config import Config, load_config
 
 # Dense bf16 tensor-core peaks (vendor datasheets), matched on the CUDA device name.
 PEAK_BF16_FLOPS = (("H200", 989.4e12), ("H100 PCIe", 756.0e12), ("H100", 989.4e12), ("A100", 312.0e12))

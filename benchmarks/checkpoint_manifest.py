@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from jobs import checkpointing
+from jobs.train import checkpointing
 
 
 class _TorchEngine:

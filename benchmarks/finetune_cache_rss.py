@@ -1,4 +1,4 @@
-"""Resident memory of fine-tuning's train split held in memory against the clip cache (jobs.finetune_cache).
+"""Resident memory of fine-tuning's train split held in memory against the clip cache (jobs.train.finetune_cache).
 
     python benchmarks/finetune_cache_rss.py --clips 2000 --workdir /tmp/ftcache-rss
 
@@ -63,8 +63,8 @@ def rss_mib(kind: str) -> float:
 
 
 def measure(args: argparse.Namespace) -> dict:
-    from jobs.config import load_config
-    from jobs.finetune_data import load_split
+    from jobs.train.config import load_config
+    from jobs.train.finetune_data import load_split
 
     shape = [f"{section}.{field}={value}" for section in ("data.audio", "model")
              for field, value in (("target_length", args.frames), ("mel_bins", args.mel_bins))]

@@ -18,7 +18,7 @@
    loss only).
 4. Probes (jobs.evaluate's `extract` and `train_probe`, config `probe`): the student encoder of each run and a
    random-init encoder of the same config (seeded as stage 1 starts), loaded through the registered model's
-   code (jobs.pyfunc_model). Multi-label protocol on every row (binary cross-entropy probe, mAP) so that mono
+   code (jobs.mlops.pyfunc_model). Multi-label protocol on every row (binary cross-entropy probe, mAP) so that mono
    and polyphonic rows compare: mono = probe trained on train clips, scored on eval clips; poly = trained on
    poly_train, scored on poly_eval. Poolings: CLS and content-mean (`eval.pooling: content_mean`, or `mean`
    over all patches where the config has no `content_mean`). Padding modes: `reference` and `aware`
@@ -50,7 +50,7 @@ import soundfile
 import torch
 import yaml
 
-from jobs.config import Config, EvalConfig, load_config
+from jobs.train.config import Config, EvalConfig, load_config
 from model.config import ModelConfig
 
 EVENT_CLASSES = 10
@@ -249,9 +249,9 @@ def pretrain(config_path: Path, threads: int) -> dict:
 
 
 def encoder_model(weights, config: Config, folder: Path):
-    """The registered model's code (jobs.pyfunc_model) over `weights`, from the artifacts jobs.registry writes."""
-    from jobs.pyfunc_model import SSLAMEncoderModel
-    from jobs.registry import audio_config_for, model_spec, sha256_file
+    """The registered model's code (jobs.mlops.pyfunc_model) over `weights`, from the artifacts jobs.mlops.registry writes."""
+    from jobs.mlops.pyfunc_model import SSLAMEncoderModel
+    from jobs.mlops.registry import audio_config_for, model_spec, sha256_file
     from model.checkpoint import save_weights
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -276,8 +276,8 @@ def random_weights(config: Config):
 
 
 def trained_weights(config: Config):
-    from jobs import checkpointing
-    from jobs.registry import student_encoder_weights
+    from jobs.train import checkpointing
+    from jobs.mlops.registry import student_encoder_weights
 
     root = checkpointing.checkpoint_root(config.train.output_dir)
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's consolidation prints; stdout is the JSON line

@@ -96,8 +96,8 @@ def rank_main(args) -> None:
     import torch
     import torch.distributed as dist
 
-    from jobs.config import load_config
-    from jobs.ema import MasterWeightEMA
+    from jobs.train.config import load_config
+    from jobs.train.ema import MasterWeightEMA
 
     for name in COLLECTIVES:
         if hasattr(dist, name):

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from benchmarks._common import add_config_arguments, load_benchmark_config, peak_flops, peak_memory, time_steps
-from jobs.config import Config
+from jobs.train.config import Config
 from model.config import ModelConfig
 from model.masking import mask_counts
 from model.sslam import SSLAM

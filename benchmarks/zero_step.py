@@ -28,7 +28,7 @@ from benchmarks._common import (
     time_steps,
 )  # fmt: skip
 from benchmarks.train_step import FLOP_CONVENTION, step_flops, synthetic_batch
-from jobs.ema import MasterWeightEMA
+from jobs.train.ema import MasterWeightEMA
 from jobs.pretrain import deepspeed_config
 from model.sslam import SSLAM
 from pipeline.mixing import nomix_rows

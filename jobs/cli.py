@@ -10,7 +10,7 @@ import json
 import logging
 import sys
 
-from jobs.config import ConfigError, add_config_arguments, config_from_args
+from jobs.train.config import ConfigError, add_config_arguments, config_from_args
 
 
 def _make_sample_data(args: argparse.Namespace) -> int:
@@ -48,8 +48,8 @@ def _finetune(args: argparse.Namespace) -> int:
 
 def _launch(args: argparse.Namespace, job: str) -> int:
     """Run `jobs/<job>.py` (pretrain, finetune): one rank in this process; several ranks through the `deepspeed`
-    launcher on this machine, in a session this process owns (jobs.launch). Refused before any launch: a run
-    folder in use (exit 2, naming the job holding it) and an op-build lock held too long (jobs.op_builds)."""
+    launcher on this machine, in a session this process owns (jobs.train.launch). Refused before any launch: a run
+    folder in use (exit 2, naming the job holding it) and an op-build lock held too long (jobs.train.op_builds)."""
     import importlib
     import os
     import shutil
@@ -58,7 +58,7 @@ def _launch(args: argparse.Namespace, job: str) -> int:
 
     import torch
 
-    from jobs import op_builds, run_lock
+    from jobs.train import op_builds, run_lock
 
     if args.ranks < 1:
         raise ConfigError(f"--ranks must be at least 1, got {args.ranks}")
@@ -80,7 +80,7 @@ def _launch(args: argparse.Namespace, job: str) -> int:
             os.environ.setdefault(key, value)
         os.environ.setdefault("MASTER_PORT", str(port))
         return importlib.import_module(f"jobs.{job}").main(job_args)
-    from jobs.launch import Launch
+    from jobs.train.launch import Launch
 
     launch_id = uuid.uuid4().hex
     os.environ[run_lock.LAUNCH_ID_ENV] = launch_id
@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, module, summary in [
         ("preprocess", "jobs.preprocess", "audio -> WebDataset shards with mixtures (Ray)"),
-        ("register", "jobs.registry", "register checkpoints (pending ones, one, or an official EAT/SSLAM file)"),
+        ("register", "jobs.mlops.registry", "register checkpoints (pending ones, one, or an official EAT/SSLAM file)"),
         ("evaluate", "jobs.evaluate", "linear-probe a registered model on evaluation shards (mAP vs label prior)"),
         ("export", "jobs.export", "export an encoder (registry URI, run, checkpoint, official .pt) as a plain folder"),
         ("infer", "jobs.infer", "embed (or tag) audio files, window by window, with a registered or exported model"),

@@ -18,7 +18,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from jobs.config import config_from_args, load_config
+from jobs.train.config import config_from_args, load_config
 
 log = logging.getLogger("sslam.demo")
 
@@ -53,8 +53,8 @@ def _pretrain(config_name: str, ranks: int, overrides: list[str]) -> None:
 def run_demo(args: argparse.Namespace) -> int:
     from jobs.evaluate import evaluate
     from jobs.preprocess import run_preprocess
-    from jobs.registry import register_pending
-    from jobs.tracking import tracking_uri
+    from jobs.mlops.registry import register_pending
+    from jobs.mlops.tracking import tracking_uri
     from pipeline.inspect import render_groups, summarize
     from pipeline.synth import make_sample_dataset
 

@@ -5,7 +5,7 @@
 The protocol (fixed; every knob is in `eval.*` of the config and logged as a param):
 
 1. Model: `models:/NAME@ALIAS` (or `/VERSION`, `/latest`) is resolved to its version first, then that version's
-   files are checked against its sha256 tags and its pyfunc loaded (jobs.registry.load_verified; a tampered
+   files are checked against its sha256 tags and its pyfunc loaded (jobs.mlops.registry.load_verified; a tampered
    model is refused).
 2. Features: the frozen encoder on every clip of `eval.train_split` of `eval.train_shards` and `eval.test_split` of
    `eval.test_shards` (pipeline.loader.EvalLoader, raw fbank from the shards): the last block's CLS token
@@ -24,7 +24,7 @@ The protocol (fixed; every knob is in `eval.*` of the config and logged as a par
    test prevalence of the scored classes; its accuracy that of always answering the most frequent class).
 6. A model with a classifier head whose class MIDs cover the dataset's is scored directly (no probe) unless
    `eval.use_head: false`.
-7. Polyphonic (`eval.polyphonic.enabled`; jobs.polyphonic_eval, pipeline.polyphonic): for each k in
+7. Polyphonic (`eval.polyphonic.enabled`; jobs.train.polyphonic_eval, pipeline.polyphonic): for each k in
    `eval.polyphonic.sources` (default 2, 3), `eval.polyphonic.mixtures` mixtures of k clips of the test split
    with no label in common, drawn with `eval.polyphonic.seed` from the audio of `data.source` (the shards hold
    no waveforms), each source mean-removed and scaled to the quietest source's RMS, summed (peak held at 0.99),
@@ -59,10 +59,10 @@ import torch
 from mlflow.exceptions import MlflowException
 from torch import nn
 
-from jobs.config import Config, ConfigError, EvalConfig, add_config_arguments, config_from_args
-from jobs.lineage import lineage_tags
-from jobs.registry import BEST, load_verified
-from jobs.tracking import ensure_experiment, mlflow_client, param_value
+from jobs.train.config import Config, ConfigError, EvalConfig, add_config_arguments, config_from_args
+from jobs.mlops.lineage import lineage_tags
+from jobs.mlops.registry import BEST, load_verified
+from jobs.mlops.tracking import ensure_experiment, mlflow_client, param_value
 from model.features import content_mean_frames
 
 log = logging.getLogger("sslam.evaluate")
@@ -295,7 +295,7 @@ def evaluate(
     model_uri: str, train_shards: str, test_shards: str, config: Config, promote: bool = False
 ) -> dict[str, Any]:
     """Run the protocol of the module docstring; returns the metrics plus `run_id`, `model_version`, `promoted`."""
-    from jobs.polyphonic_eval import check_polyphonic, mixture_sets
+    from jobs.train.polyphonic_eval import check_polyphonic, mixture_sets
 
     cfg = config.eval
     if cfg.pooling not in POOLINGS:

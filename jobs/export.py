@@ -3,8 +3,8 @@
 
 SOURCE is one of
 * a registry URI `models:/NAME@ALIAS` / `models:/NAME/VERSION`: its files are checked against the version's sha256
-  tags before its code runs (jobs.registry.load_verified), then the loaded encoder (+ head, class names) is saved;
-* a run folder (holding `checkpoints/`): its newest complete checkpoint (jobs.checkpointing.latest_complete, the
+  tags before its code runs (jobs.mlops.registry.load_verified), then the loaded encoder (+ head, class names) is saved;
+* a run folder (holding `checkpoints/`): its newest complete checkpoint (jobs.train.checkpointing.latest_complete, the
   manifest check that resume uses);
 * a checkpoint folder: its `student.safetensors` (`encoder.` keys of the full student) and `config.yaml`; never
   DeepSpeed's pickles;
@@ -27,7 +27,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from jobs.checkpointing import STUDENT_FILE, TAG_PATTERN, checkpoint_root, latest_complete, verify
+from jobs.train.checkpointing import STUDENT_FILE, TAG_PATTERN, checkpoint_root, latest_complete, verify
 from model.checkpoint import CheckpointError, ImportedCheckpoint, import_official, load_weights, save_weights
 from model.pretrained import CONFIG_FILE, EXPORT_FORMAT, EXPORT_VERSION, WEIGHTS_FILE, checkpoint_configs
 from pipeline.config import AudioConfig
@@ -47,7 +47,7 @@ class Exportable:
 
 
 def _audio_for(weights: ImportedCheckpoint, audio: dict | AudioConfig | None) -> AudioConfig:
-    from jobs.registry import audio_config_for
+    from jobs.mlops.registry import audio_config_for
 
     if isinstance(audio, dict):
         audio = AudioConfig(**audio)
@@ -55,8 +55,8 @@ def _audio_for(weights: ImportedCheckpoint, audio: dict | AudioConfig | None) ->
 
 
 def from_registry(uri: str) -> Exportable:
-    """A registered version, checked against its sha256 tags first (jobs.registry.load_verified)."""
-    from jobs.registry import load_verified
+    """A registered version, checked against its sha256 tags first (jobs.mlops.registry.load_verified)."""
+    from jobs.mlops.registry import load_verified
 
     _, exact, model = load_verified(uri, model_config={"device": "cpu"})
     python_model = model.unwrap_python_model()
@@ -127,7 +127,7 @@ def resolve_source(source: str, class_labels_csv: str | None = None, trusted: bo
 
 def write_export(exportable: Exportable, out: str | Path) -> Path:
     """Write `config.json` + `model.safetensors` to `out` (which must not exist or be empty)."""
-    from jobs.registry import sha256_file
+    from jobs.mlops.registry import sha256_file
 
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -166,7 +166,7 @@ def write_export(exportable: Exportable, out: str | Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     from mlflow.exceptions import MlflowException
 
-    from jobs.registry import RegistrationRefused
+    from jobs.mlops.registry import RegistrationRefused
 
     parser = argparse.ArgumentParser(
         prog="sslam export", description="export an encoder as config.json + model.safetensors"

@@ -4,12 +4,12 @@
     sslam finetune --config finetune_as20k --set finetune.source=models:/sslam-encoder@candidate [--ranks N]
     deepspeed jobs/finetune.py --config finetune_as20k [--set k=v ...]
 
-One update: `accumulation` micro-batches per rank (jobs.finetune_data.EpochPlan says which clips), each with
+One update: `accumulation` micro-batches per rank (jobs.train.finetune_data.EpochPlan says which clips), each with
 batch mixup then SpecAugment on the normalised fbank (model.augment, seeded per (seed, update, micro-step,
 rank)), BCE on the soft labels over the label mass, then the optimizer step with layer-wise LR decay groups and
 their own cosine schedules (model.finetune). Every `finetune.eval_interval` updates (and at the end) the model
 scores `finetune.eval_split` (each rank its share, gathered): mAP goes to metrics.jsonl and MLflow; a new best is
-written to `<output_dir>/best/` and registered as a classifier version (jobs.classifier_registry).
+written to `<output_dir>/best/` and registered as a classifier version (jobs.mlops.classifier_registry).
 
 Pre-training's machinery, imported: the run lock, checkpoints with manifests (resume, elastic resume onto
 another rank count), StopSignal (SIGTERM/SIGINT checkpoint at the next update and exit 0), the DeepSpeed config
@@ -32,15 +32,15 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from jobs import checkpointing
-from jobs.classifier_registry import BEST_DIR, ClassifierTracker, read_best, write_best
-from jobs.config import Config, ConfigError, dump_yaml
-from jobs.finetune_data import EpochPlan, label_prior_map, load_split, read_sample_weights
+from jobs.train import checkpointing
+from jobs.mlops.classifier_registry import BEST_DIR, ClassifierTracker, read_best, write_best
+from jobs.train.config import Config, ConfigError, dump_yaml
+from jobs.train.finetune_data import EpochPlan, label_prior_map, load_split, read_sample_weights
 from jobs.pretrain import (
     FAILED_EXIT_DEADLINE_S, StopSignal, TrainingStopped, check_deepspeed_accepts, deepspeed_config, end_rank_process,
     gradient_accumulation, job_main, resume_folder, run_locked, step_seed,
 )
-from jobs.tracking import NullTracker
+from jobs.mlops.tracking import NullTracker
 from model.checkpoint import CheckpointError, ImportedCheckpoint, build_encoder, load_state_strict
 from model.finetune import Augmentation, FinetuneModel, group_learning_rate, layer_decay_groups, set_drop_path
 
@@ -348,7 +348,7 @@ def check_config(config: Config) -> None:
 
 
 def finetune(config: Config) -> int:
-    """One fine-tuning rank in this process; rank 0 holds the run folder's lock (jobs.run_lock)."""
+    """One fine-tuning rank in this process; rank 0 holds the run folder's lock (jobs.train.run_lock)."""
     check_config(config)
     return run_locked(config, Finetuner, _close_metrics, lambda trainer: trainer.updates)
 

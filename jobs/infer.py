@@ -2,7 +2,7 @@
 
 INPUT: files, folders (their audio files, recursively) or glob patterns. MODEL: a registry URI (`models:/NAME@ALIAS`,
 `models:/NAME/VERSION`: its files are checked against the version's sha256 tags before its code runs,
-jobs.registry.load_verified; a tampered model is refused) or a folder written by `sslam export` (model/pretrained.py).
+jobs.mlops.registry.load_verified; a tampered model is refused) or a folder written by `sslam export` (model/pretrained.py).
 
 Each file is streamed in windows of the model's target length (pipeline/windows.py): window k starts at k * hop
 seconds (default: the target length's span, no overlap), a file shorter than one window is one window and the last
@@ -89,7 +89,7 @@ def model_load_errors() -> tuple[type[Exception], ...]:
     if "mlflow" in sys.modules:
         from mlflow.exceptions import MlflowException
 
-        from jobs.registry import RegistrationRefused
+        from jobs.mlops.registry import RegistrationRefused
 
         errors += (MlflowException, RegistrationRefused)
     return errors

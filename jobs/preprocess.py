@@ -19,7 +19,7 @@ from pathlib import Path
 
 import ray
 
-from jobs.config import Config, ConfigError, add_config_arguments, config_from_args, to_dict
+from jobs.train.config import Config, ConfigError, add_config_arguments, config_from_args, to_dict
 from pipeline.locking import OutputLockedError
 from pipeline.preprocess import (
     LedgerError,
@@ -51,7 +51,7 @@ def run_preprocess(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The job's options besides `--config` / `--set` (see jobs.config.add_config_arguments)."""
+    """The job's options besides `--config` / `--set` (see jobs.train.config.add_config_arguments)."""
     parser.add_argument(
         "--address", default=None, help="Ray cluster address, 'auto' for a cluster started on this machine "
         "(default: RAY_ADDRESS, else a new local Ray)"

@@ -4,12 +4,12 @@
     sslam pretrain --config tiny_stage1            # one machine: launches `deepspeed` for you
 
 The DeepSpeed engine wraps the student (encoder + decoder). The teacher is an fp32 encoder on every rank,
-updated from the fp32 master weights after every applied optimizer step (jobs.ema). One loop, one
+updated from the fp32 master weights after every applied optimizer step (jobs.train.ema). One loop, one
 `train_step` per update: its micro-batches forward and backward -> one all-reduce of the control flags (stop,
 data exhausted, non-finite, collapse) -> optimizer step -> EMA -> logs -> checkpoint (SSLAM_SPEC §10, DESIGN.md).
 Losses and stats stay on the device between log intervals.
 
-Lifecycle: rank 0 locks the run folder (jobs.run_lock); SIGTERM/SIGINT checkpoint at the next update boundary
+Lifecycle: rank 0 locks the run folder (jobs.train.run_lock); SIGTERM/SIGINT checkpoint at the next update boundary
 and exit 0 (StopSignal); an error on a rank is logged once, its DataLoader workers are stopped and the process
 exits non-zero within FAILED_EXIT_DEADLINE_S, so the launcher ends the other ranks.
 """
@@ -38,10 +38,10 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from jobs import checkpointing, op_builds, run_lock
-from jobs.config import Config, ConfigError, add_config_arguments, config_from_args, dump_yaml, merge_deepspeed_passthrough
-from jobs.ema import MasterWeightEMA
-from jobs.tracking import NullTracker, Tracker
+from jobs.train import checkpointing, op_builds, run_lock
+from jobs.train.config import Config, ConfigError, add_config_arguments, config_from_args, dump_yaml, merge_deepspeed_passthrough
+from jobs.train.ema import MasterWeightEMA
+from jobs.mlops.tracking import NullTracker, Tracker
 from model.checkpoint import CheckpointError
 from model.sslam import SSLAM
 
@@ -77,7 +77,7 @@ def gradient_accumulation(config: Config, world_size: int) -> int:
 
 
 def deepspeed_config(config: Config, world_size: int) -> dict:
-    """The engine's config: what the job derives from its own settings (jobs.config.DEEPSPEED_OWNED_KEYS), then
+    """The engine's config: what the job derives from its own settings (jobs.train.config.DEEPSPEED_OWNED_KEYS), then
     `train.deepspeed` merged in (communication overlap, bucket sizes, offload, profilers, logging ...)."""
     train = config.train
     accumulation = gradient_accumulation(config, world_size)
@@ -349,7 +349,7 @@ class Pretrainer:
         self.trace = RunTrace(Path(train.output_dir), self.rank, train.record_samples)
         self.stop = StopSignal()
         self.preempted = False
-        # Rank 0 alone talks to MLflow, on a background thread (jobs.tracking).
+        # Rank 0 alone talks to MLflow, on a background thread (jobs.mlops.tracking).
         self.tracker = (
             Tracker.start(config, self.ds_config, self.dataset_info, self.world_size)
             if self.rank == 0 and config.tracking.enabled
@@ -770,7 +770,7 @@ PEER_LOST = ("Connection closed by peer", "Connection reset by peer")
 
 def run_locked(config: Config, build, close_outputs, updates_of) -> int:
     """Build a trainer (`build(config)`) and run it in this process (one rank). Rank 0 holds the run folder's lock
-    (jobs.run_lock) from before the first collective to the end; afterwards `close_outputs(trainer)`, the stop
+    (jobs.train.run_lock) from before the first collective to the end; afterwards `close_outputs(trainer)`, the stop
     signal and the tracking run are closed, and a run that did not fail is recorded in the lock with
     `updates_of(trainer)`. The process group stays up for the caller."""
     holding = run_lock.hold(config.train.output_dir) if int(os.environ.get("RANK", "0")) == 0 else nullcontext()

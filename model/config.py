@@ -12,7 +12,7 @@ from typing import Literal
 @dataclass
 class ModelConfig:
     """Enum fields are `Literal`s and numeric bounds are field metadata (`ge`, `gt`, `le`, `lt`), checked by
-    `jobs.config` at load; `validate()` checks what relates several fields."""
+    `jobs.train.config` at load; `validate()` checks what relates several fields."""
 
     # Input: raw fbank (T, F); the encoder normalises with (x - mean) / (2 * std) (§1.9, §14.8).
     target_length: int = field(default=1024, metadata={"ge": 1})

@@ -1,8 +1,8 @@
 """Typed configuration of the data pipeline: front-end, sources, mixtures, shards, loader, sample data.
 
-Only dataclasses live here; `jobs.config` composes them with the model's and loads YAML.
+Only dataclasses live here; `jobs.train.config` composes them with the model's and loads YAML.
 Every shape the pipeline produces (clip length, mel bins, group size) comes from these fields. Enum fields are
-`Literal`s and numeric bounds are field metadata (`ge`, `gt`, `le`, `lt`); `jobs.config` checks both at load.
+`Literal`s and numeric bounds are field metadata (`ge`, `gt`, `le`, `lt`); `jobs.train.config` checks both at load.
 """
 
 from __future__ import annotations

@@ -20,8 +20,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from jobs import checkpointing
-from jobs.config import add_config_arguments, config_from_args
+from jobs.train import checkpointing
+from jobs.train.config import add_config_arguments, config_from_args
 from jobs.pretrain import Pretrainer, end_rank_process
 
 

@@ -16,7 +16,7 @@ import ray
 import soundfile
 import yaml
 
-from jobs.config import load_config
+from jobs.train.config import load_config
 from jobs.preprocess import run_preprocess
 
 T, F, PATCH = 128, 32, 16

@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from jobs import registry
-from jobs.checkpointing import STUDENT_FILE
-from jobs.config import dump_yaml
-from jobs.tracking import HTTP_DEFAULTS
+from jobs.mlops import registry
+from jobs.train.checkpointing import STUDENT_FILE
+from jobs.train.config import dump_yaml
+from jobs.mlops.tracking import HTTP_DEFAULTS
 from model.sslam import SSLAM
 
 # Cleared for each test (and restored after): Tracker.start sets the HTTP ones for its process.

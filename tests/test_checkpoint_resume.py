@@ -1,4 +1,4 @@
-"""Checkpoint completeness and where a resume reads and writes (jobs.checkpointing, Pretrainer._resume_tag).
+"""Checkpoint completeness and where a resume reads and writes (jobs.train.checkpointing, Pretrainer._resume_tag).
 
 Unit level: the manifest catches every missing or truncated file, a same-size change only when re-hashing,
 a folder without a manifest and DeepSpeed's `latest` naming a missing tag; DeepSpeed's files are hashed
@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from jobs import checkpointing
+from jobs.train import checkpointing
 from test_pretrain_launch import (  # noqa: F401 (shards is a fixture)
     PRETRAIN, deepspeed_command, free_port, pretrain_args, read_jsonl, run, shards, single_rank_env,
 )

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pytest
 from folder_set import preprocess_folder_set
 
-from jobs.config import ConfigError, load_config
+from jobs.train.config import ConfigError, load_config
 from pipeline.inspect import summarize
 from pipeline.manifest import CLASSES_METADATA_KEY, MANIFEST_SCHEMA
 from pipeline.preprocess import QUARANTINE_SCHEMA, class_coverage, coverage_lines, format_summary

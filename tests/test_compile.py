@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from jobs import checkpointing
+from jobs.train import checkpointing
 from shardsets import write_training_set
 
 pytestmark = pytest.mark.slow

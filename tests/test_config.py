@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 import yaml
 
-from jobs.config import (
+from jobs.train.config import (
     CONFIG_DIR,
     Config,
     ConfigError,

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import pytest
 
 from jobs.cli import main as sslam
-from jobs.config import CONFIG_DIR, RANGE_BOUNDS, Config, ConfigError, _build, load_config, save_config
+from jobs.train.config import CONFIG_DIR, RANGE_BOUNDS, Config, ConfigError, _build, load_config, save_config
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from jobs.cli import main as sslam
-from jobs.config import DEEPSPEED_OWNED_KEYS, ConfigError, _leaf_keys, load_config
+from jobs.train.config import DEEPSPEED_OWNED_KEYS, ConfigError, _leaf_keys, load_config
 from jobs.pretrain import check_deepspeed_accepts, deepspeed_config
 from shardsets import write_training_set
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from jobs import checkpointing
-from jobs.config import load_config
+from jobs.train import checkpointing
+from jobs.train.config import load_config
 from model.sslam import SSLAM
 from test_pretrain_launch import (  # noqa: F401 (shards is a fixture)
     REPO, deepspeed_command, free_port, pretrain_args, read_jsonl, run, shards, single_rank_env,

@@ -15,10 +15,10 @@ import torch
 from safetensors.torch import save_file
 
 from jobs import evaluate as evaluate_job
-from jobs import registry
-from jobs.checkpointing import STUDENT_FILE
-from jobs.config import dump_yaml, load_config
-from jobs.tracking import HTTP_DEFAULTS, mlflow_client
+from jobs.mlops import registry
+from jobs.train.checkpointing import STUDENT_FILE
+from jobs.train.config import dump_yaml, load_config
+from jobs.mlops.tracking import HTTP_DEFAULTS, mlflow_client
 from model.sslam import SSLAM
 from pipeline import shards
 from pipeline.audio import fbank_batch

@@ -16,9 +16,9 @@ import soundfile
 import torch
 
 from jobs import export as export_job
-from jobs import registry
-from jobs.checkpointing import STUDENT_FILE, manifest_for_files
-from jobs.config import load_config
+from jobs.mlops import registry
+from jobs.train.checkpointing import STUDENT_FILE, manifest_for_files
+from jobs.train.config import load_config
 from model.checkpoint import CheckpointError, load_weights
 from model.features import extract_features
 from model.sslam import SSLAM
@@ -46,7 +46,7 @@ def config():
 
 
 def checkpoint_folder(run_dir: Path, config, updates: int, complete: bool = True, marker: Path | None = None) -> Path:
-    """A checkpoint folder as jobs.checkpointing writes it (config.yaml, student.safetensors, a pickled DeepSpeed
+    """A checkpoint folder as jobs.train.checkpointing writes it (config.yaml, student.safetensors, a pickled DeepSpeed
     file that touches `marker` when unpickled), committed by a manifest unless `complete` is False."""
     tag_dir, _ = seeded_checkpoint(run_dir, config, updates)
     payload = Payload(marker or run_dir / "pickle-ran")

@@ -1,7 +1,7 @@
 """`sslam finetune` end to end on generated labelled shards (tests/test_evaluate.py's sound events): a briefly
 pre-trained tiny encoder registered as the source, fine-tuned on CPU with DeepSpeed; the result against the label
 prior and the linear probe of the same encoder, the classifier version in the registry, resume after SIGTERM
-(through a clip cache, jobs.finetune_cache), a 2-rank launch and the config refusals."""
+(through a clip cache, jobs.train.finetune_cache), a 2-rank launch and the config refusals."""
 
 from __future__ import annotations
 
@@ -17,12 +17,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from jobs import checkpointing, cli, registry
-from jobs.config import load_config
+from jobs.train import checkpointing
+
+from jobs import cli
+
+from jobs.mlops import registry
+from jobs.train.config import load_config
 from jobs.evaluate import label_prior, mean_average_precision, train_probe
 from jobs.export import from_registry
-from jobs.finetune_data import load_split
-from jobs.tracking import mlflow_client
+from jobs.train.finetune_data import load_split
+from jobs.mlops.tracking import mlflow_client
 from model.checkpoint import build_encoder
 from model.features import extract_features
 from test_evaluate import CLEARED, PRETRAIN_STEPS, pretrain, register, write_evaluation_set

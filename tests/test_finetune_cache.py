@@ -1,4 +1,4 @@
-"""The fine-tuning clip cache (jobs.finetune_cache, `finetune.cache_dir`) on tests/test_evaluate.py's labelled
+"""The fine-tuning clip cache (jobs.train.finetune_cache, `finetune.cache_dir`) on tests/test_evaluate.py's labelled
 shards: the same clips as the in-memory split, reuse without the shards, a killed build, another fingerprint,
 hostile cache folders, memory-mapped rows and one writer at a time."""
 
@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from jobs import finetune_cache
-from jobs.config import ConfigError, load_config
-from jobs.finetune_data import load_split
+from jobs.train import finetune_cache
+from jobs.train.config import ConfigError, load_config
+from jobs.train.finetune_data import load_split
 from pipeline.loader import EvalLoader
 from test_evaluate import CLIPS, NUM_CLASSES, write_evaluation_set
 

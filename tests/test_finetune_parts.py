@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from jobs.config import ConfigError, load_config
-from jobs.finetune_data import EpochPlan, read_sample_weights
+from jobs.train.config import ConfigError, load_config
+from jobs.train.finetune_data import EpochPlan, read_sample_weights
 from model.augment import batch_mixup, mask_ranges, spec_augment
 from model.config import ModelConfig
 from model.encoder import Encoder

@@ -20,9 +20,9 @@ import soundfile
 import torch
 
 from jobs import infer as infer_job
-from jobs.config import load_config
+from jobs.train.config import load_config
 from jobs.export import Exportable, from_official, write_export
-from jobs.registry import audio_config_for
+from jobs.mlops.registry import audio_config_for
 from model import load_encoder
 from model.checkpoint import ImportedCheckpoint
 from model.sslam import SSLAM

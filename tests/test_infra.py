@@ -266,7 +266,7 @@ def test_kuberay_network_policy_admits_the_jobs_own_pods_and_the_operator_only()
 def test_audioset_config_reads_and_writes_on_the_rayjob_volume():
     """The entrypoint runs `--config audioset` as it is: its paths must lie on the shared /data volume, and the
     output must be a URL, because the job refuses a plain local path on a multi-node cluster."""
-    from jobs.config import load_config
+    from jobs.train.config import load_config
 
     data = load_config("audioset", []).data
     assert data.source.audio_root.startswith("/data/")

@@ -17,7 +17,7 @@ from folder_set import T, preprocess_folder_set
 from matplotlib.image import AxesImage
 
 from jobs.cli import main as sslam
-from jobs.config import load_config
+from jobs.train.config import load_config
 from pipeline import audio, shards
 from pipeline.inspect import PADDING_GID, WINDOW_GID, _valid_frames, preview_figure
 

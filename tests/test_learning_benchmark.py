@@ -71,7 +71,7 @@ def test_a_work_dir_holding_a_run_is_refused(tmp_path: Path, capsys: pytest.Capt
 
 def test_modes_choose_the_padding_modes_and_aware_runs_take_the_layer_norm_utterance_target(tmp_path: Path) -> None:
     from benchmarks.learning import data_section, parse_args, write_run_configs
-    from jobs.config import load_config
+    from jobs.train.config import load_config
 
     assert parse_args(["--modes", "aware"]).modes == ["aware"]
     assert parse_args([]).modes == ["reference", "aware"]

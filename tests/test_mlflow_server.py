@@ -20,9 +20,9 @@ import pandas as pd
 import pytest
 import torch
 
-from jobs import registry
-from jobs.config import dump_yaml, load_config
-from jobs.tracking import HTTP_DEFAULTS, Tracker, mlflow_client
+from jobs.mlops import registry
+from jobs.train.config import dump_yaml, load_config
+from jobs.mlops.tracking import HTTP_DEFAULTS, Tracker, mlflow_client
 from model.features import extract_features
 from model.sslam import SSLAM
 

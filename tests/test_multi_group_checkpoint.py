@@ -11,7 +11,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from jobs import checkpointing
+from jobs.train import checkpointing
 from shardsets import write_training_set
 from test_pretrain_launch import cpu_env
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from jobs import evaluate as evaluate_job
-from jobs.config import ConfigError, load_config
+from jobs.train.config import ConfigError, load_config
 from model.encoder import Encoder
 from model.features import content_mean_frames, extract_features, pool_tokens
 from tests.test_padding_loader import F, PATCH, T, write_set

@@ -31,7 +31,7 @@ import torch
 import yaml
 
 from jobs.cli import main as sslam
-from jobs.config import load_config
+from jobs.train.config import load_config
 from jobs.preprocess import main, run_preprocess
 from pipeline import audio, shards
 from pipeline.config import AudioConfig, LoaderConfig, MixingConfig, SynthConfig

@@ -35,7 +35,7 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from jobs.config import load_config
+from jobs.train.config import load_config
 from jobs.preprocess import run_preprocess
 from pipeline.config import SynthConfig
 from pipeline.inspect import listed_shards

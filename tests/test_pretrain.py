@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from jobs.config import ConfigError, load_config
-from jobs.ema import MasterWeightEMA
+from jobs.train.config import ConfigError, load_config
+from jobs.train.ema import MasterWeightEMA
 from jobs.pretrain import check_dataset, deepspeed_config, gradient_accumulation, learning_rate, step_seed
 from model.sslam import SSLAM
 

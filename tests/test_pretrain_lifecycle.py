@@ -1,4 +1,4 @@
-"""Run-folder lock (jobs.run_lock) and op-build locks (jobs.op_builds), in-process; the launches that use
+"""Run-folder lock (jobs.train.run_lock) and op-build locks (jobs.train.op_builds), in-process; the launches that use
 them are in tests/reliability/test_lifecycle.py."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from jobs import op_builds, run_lock
+from jobs.train import op_builds, run_lock
 
 
 def test_a_held_run_folder_is_refused_naming_the_holder(tmp_path):

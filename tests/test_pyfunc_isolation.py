@@ -1,4 +1,4 @@
-"""A registered model runs its own private copy of the project code (jobs.registry.write_private_code): it loads
+"""A registered model runs its own private copy of the project code (jobs.mlops.registry.write_private_code): it loads
 and predicts in an application that already imported top-level `model`, `pipeline` and `config` modules of its
 own, leaves them alone, and pulls nothing from the project checkout."""
 
@@ -18,9 +18,9 @@ import pandas as pd
 import pytest
 import torch
 
-from jobs import registry
-from jobs.config import load_config
-from jobs.tracking import mlflow_client
+from jobs.mlops import registry
+from jobs.train.config import load_config
+from jobs.mlops.tracking import mlflow_client
 from model.features import extract_features
 from registry_support import MLFLOW_ENV, seeded_checkpoint, use_store
 
@@ -128,7 +128,7 @@ def test_the_private_package_name_follows_the_code_and_unshippable_imports_are_r
     assert name(first) != name(second)
 
     for text, message in [("import model.encoder\n", "`import model.encoder`"),
-                          ("from jobs.registry import BEST\n", "does not ship"),
+                          ("from jobs.mlops.registry import BEST\n", "does not ship"),
                           ("from .config import X\n", "relative import"),
                           ("from model.nowhere import X\n", "not a module")]:
         bad = tmp_path / "bad.py"

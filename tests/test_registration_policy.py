@@ -1,4 +1,4 @@
-"""Registration policy (jobs.tracking, jobs.registry, TrackingConfig): which checkpoints of a run become versions
+"""Registration policy (jobs.mlops.tracking, jobs.mlops.registry, TrackingConfig): which checkpoints of a run become versions
 (`tracking.register`: never | end | every_checkpoint) and which aliases a run moves (`tracking.aliases`, none by
 default): a smoke run next to a real one leaves `candidate` where it was. In-process trackers, no launch."""
 
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from jobs import registry
-from jobs.config import ConfigError, TrackingConfig, load_config
-from jobs.tracking import Tracker, mlflow_client
+from jobs.mlops import registry
+from jobs.train.config import ConfigError, TrackingConfig, load_config
+from jobs.mlops.tracking import Tracker, mlflow_client
 from registry_support import seeded_checkpoint, use_store
 
 MODEL = "sslam-policy"

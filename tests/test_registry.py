@@ -1,4 +1,4 @@
-"""jobs.registry + jobs.pyfunc_model + jobs.infer with the project-level store: a real one-process DeepSpeed ZeRO-2
+"""jobs.mlops.registry + jobs.mlops.pyfunc_model + jobs.infer with the project-level store: a real one-process DeepSpeed ZeRO-2
 pre-training (jobs.pretrain) tracked and registered at every checkpoint, the registered pyfunc against the
 in-process encoder, alias rules, and an official fine-tuned checkpoint with a classifier head."""
 
@@ -19,11 +19,11 @@ import torch
 import torch.distributed as dist
 
 from jobs import infer as infer_job
-from jobs import registry
-from jobs.checkpointing import consolidated_student
-from jobs.config import load_config
-from jobs.lineage import MODEL_VERSIONS, link_version
-from jobs.tracking import HTTP_DEFAULTS, mlflow_client
+from jobs.mlops import registry
+from jobs.train.checkpointing import consolidated_student
+from jobs.train.config import load_config
+from jobs.mlops.lineage import MODEL_VERSIONS, link_version
+from jobs.mlops.tracking import HTTP_DEFAULTS, mlflow_client
 from model.checkpoint import build_classifier, import_official, official_name
 from model.encoder import Encoder
 from model.features import extract_features

@@ -1,4 +1,4 @@
-"""Registrations cannot be planted and registered models cannot be swapped (jobs.registry, jobs.pyfunc_model,
+"""Registrations cannot be planted and registered models cannot be swapped (jobs.mlops.registry, jobs.mlops.pyfunc_model,
 jobs.infer, jobs.evaluate): a crafted pickle in a checkpoint folder never runs without --trusted; pending folders
 that do not match their signed export record are refused; a version whose artifact was altered after
 registration is refused by `sslam infer`, `sslam evaluate` and mlflow.pyfunc.load_model itself."""
@@ -21,10 +21,10 @@ from safetensors.torch import load_file
 
 from jobs import evaluate as evaluate_job
 from jobs import infer as infer_job
-from jobs import registry
-from jobs.checkpointing import STUDENT_FILE
-from jobs.config import load_config
-from jobs.tracking import mlflow_client
+from jobs.mlops import registry
+from jobs.train.checkpointing import STUDENT_FILE
+from jobs.train.config import load_config
+from jobs.mlops.tracking import mlflow_client
 from model.checkpoint import ImportedCheckpoint, load_weights, save_weights
 from model.encoder import Encoder
 from registry_support import Payload, seeded_checkpoint, use_store

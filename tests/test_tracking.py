@@ -1,4 +1,4 @@
-"""jobs.tracking: the project-level store, a tracked run's params / tags / artifacts / metrics / system metrics,
+"""jobs.mlops.tracking: the project-level store, a tracked run's params / tags / artifacts / metrics / system metrics,
 the batch preview, and a tracker whose server is unreachable (never blocks, drops oldest, warns once)."""
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from jobs.checkpointing import manifest_for_files
-from jobs.config import ConfigError, flatten, load_config
-from jobs.lineage import shard_location_uri, system_metrics_interval
-from jobs.tracking import (
+from jobs.train.checkpointing import manifest_for_files
+from jobs.train.config import ConfigError, flatten, load_config
+from jobs.mlops.lineage import shard_location_uri, system_metrics_interval
+from jobs.mlops.tracking import (
     DROPPED_METRIC,
     NullTracker,
     Tracker,

@@ -11,7 +11,7 @@ import logging
 
 import torch.distributed as dist
 
-from jobs.config import load_config
+from jobs.train.config import load_config
 from jobs.pretrain import end_rank_process, train
 
 

@@ -22,7 +22,7 @@ if str(TESTS) not in sys.path:
 def hostile_job(tmp_path_factory) -> SimpleNamespace:
     import ray
 
-    from jobs.config import load_config
+    from jobs.train.config import load_config
     from jobs.preprocess import run_preprocess
     from reliability_support import build_hostile_dataset, preprocess_config
 

@@ -3,7 +3,7 @@ as rank 0 of 1) and bad files through `model.checkpoint.import_official`.
 
 Sources: official-format files (tests/test_checkpoint.py's synthetic EAT checkpoint) with a missing key, an extra
 key, a shape that does not fit the configured model, a pickle that would run code, a truncated zip; and stage-1
-run folders in the ZeRO-0 layout that jobs.checkpointing.consolidated_student reads, written for another model
+run folders in the ZeRO-0 layout that jobs.train.checkpointing.consolidated_student reads, written for another model
 size, without their teacher, or with a pickle that would run code. The valid file and the valid folder train
 (controls). A bad source must stop the job before any update with exit 2 and a line naming the keys / the file /
 the `trusted` option, and a malicious pickle must never run. Key-level checks of import_official itself
@@ -23,8 +23,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from jobs import checkpointing
-from jobs.config import load_config
+from jobs.train import checkpointing
+from jobs.train.config import load_config
 from model.checkpoint import CheckpointError, import_official
 from model.sslam import SSLAM
 from reliability_support import PRETRAIN, PYTHON, assert_clean_failure, run_command, single_rank_env

@@ -179,7 +179,7 @@ def hostile_inputs_jobs(tmp_path_factory) -> SimpleNamespace:
     class_labels_indices.csv has an unterminated quote (it must be refused)."""
     import ray
 
-    from jobs.config import load_config
+    from jobs.train.config import load_config
     from jobs.preprocess import run_preprocess
     from pipeline.preprocess import PreprocessConfigError
 

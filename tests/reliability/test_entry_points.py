@@ -20,7 +20,7 @@ import soundfile
 import yaml
 
 from jobs.cli import main as sslam
-from jobs.config import CONFIG_DIR
+from jobs.train.config import CONFIG_DIR
 from reliability_support import (
     PRETRAIN,
     PYTHON,

@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from jobs import checkpointing, run_lock
+from jobs.train import checkpointing, run_lock
 from reliability_support import BIN, PRETRAIN, REPO, cpu_env, free_port
 from shardsets import write_training_set
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from jobs import checkpointing
+from jobs.train import checkpointing
 from reliability_support import BIN, PRETRAIN, cpu_env, free_port, run_command
 from shardsets import write_training_set
 

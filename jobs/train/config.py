@@ -26,7 +26,7 @@ import yaml
 from model.config import ModelConfig
 from pipeline.config import DataConfig
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 # Aliases a run's config may not move (tracking.aliases), and why.
 REFUSED_ALIASES = {
     "latest": "MLflow reserves it: models:/NAME/latest is the newest version",
@@ -79,7 +79,7 @@ class TrainConfig:
 
 @dataclass
 class TrackingConfig:
-    """MLflow tracking and registry (jobs.tracking, jobs.registry)."""
+    """MLflow tracking and registry (jobs.mlops.tracking, jobs.mlops.registry)."""
 
     enabled: bool = True  # false: no MLflow at all (metrics.jsonl and checkpoints only)
     experiment: str = "sslam"
@@ -92,7 +92,7 @@ class TrackingConfig:
     aliases: list[str] = field(default_factory=list)
     system_metrics: bool = True
     # Seconds between system-metrics samples; 0: MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL when set, else scaled to the
-    # run (1/20 of the time elapsed, from 1 s up to MLflow's 10 s: jobs.lineage.system_metrics_interval).
+    # run (1/20 of the time elapsed, from 1 s up to MLflow's 10 s: jobs.mlops.lineage.system_metrics_interval).
     system_metrics_interval_s: float = field(default=0.0, metadata={"ge": 0, "le": 3600})
     # Metric values waiting for MLflow; the oldest are dropped (and counted) beyond.
     queue_size: int = field(default=10000, metadata={"ge": 1})
@@ -119,7 +119,7 @@ class TrackingConfig:
 
 @dataclass
 class PolyphonicConfig:
-    """Polyphonic evaluation (jobs.polyphonic_eval): seeded mixtures of test-split clips of different classes."""
+    """Polyphonic evaluation (jobs.train.polyphonic_eval): seeded mixtures of test-split clips of different classes."""
 
     enabled: bool = False
     sources: list[int] = field(default_factory=lambda: [2, 3], metadata={"ge": 2, "le": 8})  # clips per mixture
@@ -153,7 +153,7 @@ class EvalConfig:
 class FinetuneConfig:
     """Supervised fine-tuning (jobs.finetune, SSLAM_SPEC §11); optimisation and run control come from `train`."""
 
-    # models:/NAME@ALIAS (checked, jobs.registry.load_verified), a pre-training run or checkpoint folder, or an
+    # models:/NAME@ALIAS (checked, jobs.mlops.registry.load_verified), a pre-training run or checkpoint folder, or an
     # official EAT / SSLAM .pt file. The student encoder is fine-tuned; a head in the source is not used.
     source: str = ""
     source_trusted: bool = False  # unpickle an official .pt without the safe allow-list (trusted files only)
@@ -176,7 +176,7 @@ class FinetuneConfig:
     sample_weights: str = ""
     clips_per_epoch: int = field(default=0, metadata={"ge": 0})  # weighted sampling; 0: the split's size
     # "": hold the train split in memory. A local folder (node-local disk): the split is written there once as a
-    # memory-mapped clip cache, reused by later runs and resumes of the same shard set (jobs.finetune_cache).
+    # memory-mapped clip cache, reused by later runs and resumes of the same shard set (jobs.train.finetune_cache).
     cache_dir: str = ""
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from jobs.config import Config, ConfigError, PolyphonicConfig
+from jobs.train.config import Config, ConfigError, PolyphonicConfig
 from pipeline.audio import AudioError, fbank_batch, frame_count, load_waveform
 from pipeline.polyphonic import draw_mixtures, equal_loudness_sum, union_labels
 

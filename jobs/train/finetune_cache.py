@@ -34,7 +34,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from jobs.config import ConfigError
+from jobs.train.config import ConfigError
 
 log = logging.getLogger("sslam.finetune")
 
@@ -149,7 +149,7 @@ def load_cached(loader, split: str, cache_dir: str):
 
 def open_cache(folder: Path, key: dict):
     """LabelledClips over a complete cache folder, or None when it is missing, incomplete or not this key's."""
-    from jobs.finetune_data import LabelledClips
+    from jobs.train.finetune_data import LabelledClips
 
     try:
         manifest = json.loads((folder / MANIFEST).read_text())

@@ -32,7 +32,7 @@ class OpBuildLocked(RuntimeError):
 
 
 def default_dir() -> Path:
-    return Path(__file__).resolve().parents[1] / "build" / "torch_extensions" / socket.gethostname()
+    return Path(__file__).resolve().parents[2] / "build" / "torch_extensions" / socket.gethostname()
 
 
 def configure(environ=os.environ) -> Path:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import psutil
 
-from jobs import run_lock
+from jobs.train import run_lock
 
 log = logging.getLogger("sslam.launch")
 

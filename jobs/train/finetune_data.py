@@ -2,7 +2,7 @@
 
 The train split (a `mix: false` split of the preprocessing job's shards) is read once through
 pipeline.loader.EvalLoader: raw fbank, multi-hot labels and sample keys, held in memory or, with
-`finetune.cache_dir`, in a memory-mapped clip cache on disk (jobs.finetune_cache). Random access makes the clip order a pure
+`finetune.cache_dir`, in a memory-mapped clip cache on disk (jobs.train.finetune_cache). Random access makes the clip order a pure
 function of (seed, epoch): a permutation, or (`finetune.sampling: weighted`, the reference's AS-2M sampling)
 `clips_per_epoch` clips drawn without replacement by torch.multinomial over per-clip weights. Update u takes
 the next `clips per update` clips of its epoch's order, rank r and micro-step m their slice, so a resumed run
@@ -19,15 +19,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from jobs.config import ConfigError
-from jobs.finetune_cache import MappedRows, load_cached
+from jobs.train.config import ConfigError
+from jobs.train.finetune_cache import MappedRows, load_cached
 from pipeline.config import DataConfig
 
 
 @dataclass
 class LabelledClips:
     """fbank[rows] and labels[rows] (rows: a LongTensor) give tensors: both are tensors held in memory, or
-    jobs.finetune_cache.MappedRows over a clip cache."""
+    jobs.train.finetune_cache.MappedRows over a clip cache."""
 
     fbank: torch.Tensor | MappedRows  # (N, 1, T, F) raw fbank, float16 as stored
     labels: torch.Tensor | MappedRows  # (N, C) float32 multi-hot
@@ -44,7 +44,7 @@ class LabelledClips:
 def load_split(data: DataConfig, location: str, split: str, batch_size: int = 256,
                cache_dir: str = "") -> LabelledClips:
     """Every clip of `split` at `location`, in the split's order; with `cache_dir`, from (and first into) a
-    clip cache there (jobs.finetune_cache)."""
+    clip cache there (jobs.train.finetune_cache)."""
     from pipeline.loader import EvalLoader
 
     loader_cfg = dataclasses.replace(data.loader, shards=location)

@@ -4,12 +4,12 @@ The best checkpoint (by eval mAP) lives in `<output_dir>/best/`: `classifier.saf
 ImportedCheckpoint: student encoder + fc_norm/head, model.checkpoint.save_weights) and `best.json` (update, mAP,
 the eval metrics, the class list, the front-end). It is replaced as a whole (written beside, then renamed).
 
-Registration reuses jobs.registry: the same signed pending folder under `<output_dir>/registrations/`, the same
+Registration reuses jobs.mlops.registry: the same signed pending folder under `<output_dir>/registrations/`, the same
 pyfunc (with a head, so predict returns logits / top labels), the same upload and alias rules. The registered
 model is `<tracking.model_name>-classifier`; the version's tags carry `kind=finetune`, `source=finetune`, the
 update and every eval metric (`eval.mAP`, `eval.baseline_mAP`, ...). `tracking.register` decides when: `never`,
 `end` (the best of a run that finished) or `every_checkpoint` (each new best when it is written);
-`tracking.aliases` are the aliases each registration moves. `ClassifierTracker` is jobs.tracking's Tracker with
+`tracking.aliases` are the aliases each registration moves. `ClassifierTracker` is jobs.mlops.tracking's Tracker with
 that export in place of the encoder's.
 """
 
@@ -21,9 +21,9 @@ import os
 import shutil
 from pathlib import Path
 
-from jobs import registry
-from jobs.checkpointing import tag_for
-from jobs.tracking import Tracker
+from jobs.mlops import registry
+from jobs.train.checkpointing import tag_for
+from jobs.mlops.tracking import Tracker
 from model.checkpoint import ImportedCheckpoint, load_weights, save_weights
 from pipeline.config import AudioConfig
 
@@ -103,7 +103,7 @@ def export_classifier(best_dir: str | Path, run_dir: str | Path, config, *, run_
 
 
 class ClassifierTracker(Tracker):
-    """jobs.tracking.Tracker whose registrations are the best classifier (module docstring): call
+    """jobs.mlops.tracking.Tracker whose registrations are the best classifier (module docstring): call
     `on_checkpoint(best_dir, update)` when a new best is written, and `remember_best` after a resume."""
 
     entry_point = "jobs.finetune"

@@ -8,7 +8,7 @@ experiment is created with that artifact location). With `MLFLOW_TRACKING_URI=ht
 The tracker (`Tracker.start(...)`, rank 0 only; other ranks use `NullTracker`) puts everything on a background
 thread: the run's creation, params (the flattened resolved config, long values truncated to MLflow's limit), tags
 (dataset fingerprint, stage, world size; source `jobs.pretrain`, user and git commit as MLflow's own tags), the
-shard set as a dataset input (jobs.lineage: name, source URI, fingerprint, the counts of dataset.json), artifacts
+shard set as a dataset input (jobs.mlops.lineage: name, source URI, fingerprint, the counts of dataset.json), artifacts
 (resolved config YAML, DeepSpeed config JSON, dataset.json, a PNG preview of the first batch), metrics, system metrics (MLflow's own CPU / memory / disk / network
 / GPU collectors, every `tracking.system_metrics_interval_s` or `MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL` seconds,
 else at an interval scaled to the run, 1 s to 10 s, and once more when the run ends) and model registrations.
@@ -26,9 +26,9 @@ RUNNING with a growing backlog.
 
 Registrations follow `tracking.register`: `never`; `end` (the default): the last checkpoint of a run that ends
 FINISHED, at `finish`; `every_checkpoint`: each checkpoint at `on_checkpoint` (the last one included). Each moves
-the aliases of `tracking.aliases` and no others (jobs.registry), so a smoke run next to a real one leaves
+the aliases of `tracking.aliases` and no others (jobs.mlops.registry), so a smoke run next to a real one leaves
 `candidate` where it was unless its config names it. The checkpoint is exported to a local MLflow model folder
-first (jobs.registry), persisted as a pending registration under `<output_dir>/registrations/`, then uploaded and
+first (jobs.mlops.registry), persisted as a pending registration under `<output_dir>/registrations/`, then uploaded and
 registered on the background thread. A failed one stays pending
 and is retried at the next checkpoint, at the end, and by `sslam register RUN_DIR` (`registry.register_pending`).
 """
@@ -51,8 +51,8 @@ from typing import Any
 
 import torch
 
-from jobs.config import Config, dump_yaml, flatten
-from jobs.lineage import GIT_COMMIT, lineage_tags, shard_set_input, system_metrics_interval
+from jobs.train.config import Config, dump_yaml, flatten
+from jobs.mlops.lineage import GIT_COMMIT, lineage_tags, shard_set_input, system_metrics_interval
 from model.config import ModelConfig
 
 log = logging.getLogger("sslam.tracking")
@@ -158,8 +158,8 @@ def param_value(value: Any) -> str:
 def run_tags(config: Config, dataset_info: dict | None, world_size: int,
              entry_point: str = TRAINING_ENTRY_POINT) -> dict[str, str]:
     """The training run's tags: stage, world size, encoder, config, dataset fingerprint, and lineage (source
-    `entry_point`, user, git commit: jobs.lineage)."""
-    from jobs.registry import encoder_name
+    `entry_point`, user, git commit: jobs.mlops.lineage)."""
+    from jobs.mlops.registry import encoder_name
 
     tags = {
         "stage": str(config.model.stage),
@@ -637,7 +637,7 @@ class Tracker:
     def _resumable_run(self, client) -> str | None:
         """The run of an earlier process of this job, when training resumes from one of its checkpoints and the
         run is in this store."""
-        from jobs.checkpointing import checkpoint_root, latest_tag
+        from jobs.train.checkpointing import checkpoint_root, latest_tag
 
         path = self.run_dir / RUN_FILE
         if self.config.train.resume == "never" or not path.is_file():
@@ -678,7 +678,7 @@ class Tracker:
 
     def _export(self, tag_dir: Path, updates: int) -> None:
         """Consolidate + export a checkpoint into a pending registration (local disk only), then queue it."""
-        from jobs import registry
+        from jobs.mlops import registry
 
         if updates in self._exported:
             return
@@ -701,7 +701,7 @@ class Tracker:
             log.exception("could not export checkpoint %s for registration; training continues", tag_dir)
 
     def _register_pending(self) -> None:
-        from jobs import registry
+        from jobs.mlops import registry
 
         registry.register_pending(self.run_dir, run_id=self.run_id, client=self._client)
 

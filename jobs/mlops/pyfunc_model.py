@@ -2,7 +2,7 @@
 model").
 
 MLflow runs this file when a version is loaded (`mlflow.pyfunc.load_model("models:/NAME@candidate")`); nothing is
-unpickled. `load_context` reads two artifacts written by `jobs.registry`:
+unpickled. `load_context` reads two artifacts written by `jobs.mlops.registry`:
 
 * `weights`: `encoder.safetensors`, this project's safetensors format (model.checkpoint): the encoder, plus the
   classifier head (fc_norm + head) for a fine-tuned import; the resolved ModelConfig is in its metadata.
@@ -10,7 +10,7 @@ unpickled. `load_context` reads two artifacts written by `jobs.registry`:
   (AudioConfig of the front-end), "classes" ([{index, mid, name}] of the head, or null), "pooling",
   "weights_sha256"}.
 
-The registered copy of this file is not this file: `jobs.registry.save_pyfunc` ships it with its `from model...`
+The registered copy of this file is not this file: `jobs.mlops.registry.save_pyfunc` ships it with its `from model...`
 / `from pipeline...` imports rewritten to a private package (`code/_sslam_pyfunc_<digest>/` of the model folder,
 holding the modules they need), so the model loads in applications with top-level `model` / `pipeline` modules of
 their own. Import project code here only as `from model.X import Y` / `from pipeline.X import Y` (anything else
@@ -19,7 +19,7 @@ is refused at save time), and nothing from `jobs`.
 Before the weights are read, their sha256 is compared with `weights_sha256` of model_config.json and, when the
 loader passes one (`model_config={"weights_sha256": ...}`, e.g. the version's tag), with that too: a swapped or
 corrupted weights file is refused. (This file is itself an artifact: a party able to rewrite every artifact is
-caught only by loaders that check the version's tags first, `jobs.registry.load_verified`.)
+caught only by loaders that check the version's tags first, `jobs.mlops.registry.load_verified`.)
 
 Input (the signature): a pandas DataFrame, one row per clip, each row holding exactly one of
 

@@ -4,11 +4,11 @@ A registration has two halves, so that a failure of MLflow never loses a checkpo
 
 1. `export_checkpoint` (local disk only): read the checkpoint's full fp32 student from its `student.safetensors`
    (no pickle is opened; only `trusted=True` / `--trusted` lets a folder without it go through DeepSpeed's
-   consolidation, `jobs.checkpointing.consolidated_student`, which unpickles), take the student encoder
+   consolidation, `jobs.train.checkpointing.consolidated_student`, which unpickles), take the student encoder
    (`encoder.` keys), and save an MLflow pyfunc model folder
-   (`mlflow.pyfunc.save_model` with `python_model` = jobs/pyfunc_model.py, artifacts `encoder.safetensors` +
+   (`mlflow.pyfunc.save_model` with `python_model` = jobs/mlops/pyfunc_model.py, artifacts `encoder.safetensors` +
    `model_config.json`, the project code it needs as a private package, a signature and an input example; see
-   jobs/pyfunc_model.py for the input and output format). The folder and a `pending_registration.json` go to
+   jobs/mlops/pyfunc_model.py for the input and output format). The folder and a `pending_registration.json` go to
    `<output_dir>/registrations/update_XXXXXXXX/`, outside the checkpoint folders that keep-last-M pruning removes.
    The pending file records the sha256 of the weights and a digest of every file of the folder (code and MLmodel
    included), signed (HMAC-SHA256) with the exporting user's key (`registration_key`: outside every run folder).
@@ -16,7 +16,7 @@ A registration has two halves, so that a failure of MLflow never loses a checkpo
    refused: RegistrationRefused, unless `trusted`), create a logged model in the run's experiment, upload a
    checked copy of the folder, create a version of the registered model with tags (run_id, update, stage,
    encoder, dataset_fingerprint, source, weights_sha256, model_sha256, and the registering process's lineage:
-   mlflow.source.name / mlflow.user / mlflow.source.git.commit, jobs.lineage), list the version on the logged model
+   mlflow.source.name / mlflow.user / mlflow.source.git.commit, jobs.mlops.lineage), list the version on the logged model
    (its `mlflow.modelVersions` tag, as `mlflow.register_model` does, so the UI shows it), move the aliases its
    record names to it (each unless a newer checkpoint of the same run holds it), then replace the pending file by
    `registration.json` and delete the uploaded copy. Progress is saved after each step, so a retry continues.
@@ -26,7 +26,7 @@ A registration has two halves, so that a failure of MLflow never loses a checkpo
 `sslam register RUN_DIR`). `register_official(path, name)` registers an official EAT / SSLAM checkpoint the same way,
 with the class names of a fine-tuned one's head.
 
-The pyfunc's code is private. The modules of `model/` and `pipeline/` that jobs/pyfunc_model.py imports
+The pyfunc's code is private. The modules of `model/` and `pipeline/` that jobs/mlops/pyfunc_model.py imports
 (transitively, function bodies included) are copied into `code/_sslam_pyfunc_<digest>/` of the model folder with
 every `from model...` / `from pipeline...` rewritten to that package, and the shipped pyfunc_model.py imports from
 it. So a registered model loads in an application that has its own top-level `model`, `pipeline` or `config`
@@ -36,7 +36,7 @@ modules, leaves those alone, and two versions built from different code loaded i
 Aliases. A registration moves exactly the aliases it was exported with: a run's `tracking.aliases` (base presets
 `[candidate]`, everything else none unless asked), `--alias` of `sslam register --checkpoint / --official` (a
 checkpoint defaults to its run's config). Which checkpoints of a run are registered is `tracking.register`
-(jobs.tracking). Refused everywhere: `latest` (MLflow's: `models:/NAME/latest` is the newest version) and `best`
+(jobs.mlops.tracking). Refused everywhere: `latest` (MLflow's: `models:/NAME/latest` is the newest version) and `best`
 (moved only by `sslam evaluate --promote`, which compares the metric with its holder's).
 
 `load_verified(uri)` (sslam infer, sslam evaluate) checks a version's downloaded files against its
@@ -66,17 +66,17 @@ from typing import Any
 import numpy as np
 from mlflow.exceptions import MlflowException
 
-from jobs.checkpointing import sha256_file
-from jobs.config import REFUSED_ALIASES
-from jobs.lineage import lineage_tags, link_version
-from jobs.tracking import ensure_experiment, mlflow_client, tracking_uri
+from jobs.train.checkpointing import sha256_file
+from jobs.train.config import REFUSED_ALIASES
+from jobs.mlops.lineage import lineage_tags, link_version
+from jobs.mlops.tracking import ensure_experiment, mlflow_client, tracking_uri
 from model.checkpoint import CheckpointError, ImportedCheckpoint, import_official, save_weights
 from model.config import ModelConfig
 from pipeline.config import AudioConfig
 
 log = logging.getLogger("sslam.registry")
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 # The project packages the pyfunc's code may import; they ship inside the model under a private package name.
 SHIPPED_PACKAGES = ("model", "pipeline")
@@ -183,8 +183,8 @@ def model_spec(
     pooling: str = "cls",
     weights_sha256: str = "",
 ) -> dict:
-    """The content of `model_config.json` (read by jobs/pyfunc_model.py, which checks the weights' sha256)."""
-    from jobs.pyfunc_model import CONFIG_FORMAT
+    """The content of `model_config.json` (read by jobs/mlops/pyfunc_model.py, which checks the weights' sha256)."""
+    from jobs.mlops.pyfunc_model import CONFIG_FORMAT
 
     return {
         "format": CONFIG_FORMAT,
@@ -201,7 +201,7 @@ def model_signature(model_cfg: ModelConfig, num_classes: int = 0):
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
-    from jobs.pyfunc_model import DEFAULT_TOP_K
+    from jobs.mlops.pyfunc_model import DEFAULT_TOP_K
 
     inputs = Schema([
         ColSpec(Array("double"), "waveform", required=False),
@@ -362,7 +362,7 @@ def save_pyfunc(
     """Write an MLflow pyfunc model folder at `path` (must not exist or be empty) from encoder (+ head) weights."""
     import mlflow
 
-    from jobs.pyfunc_model import MODEL_CONFIG
+    from jobs.mlops.pyfunc_model import MODEL_CONFIG
 
     path = Path(path)
     if weights.head is not None:
@@ -500,7 +500,7 @@ def _stage_folder(folder: Path, weights: ImportedCheckpoint, registration: Regis
 
 
 def _checkpoint_config(tag_dir: Path, fallback):
-    from jobs.config import load_config
+    from jobs.train.config import load_config
 
     saved = tag_dir / "config.yaml"
     if saved.is_file():
@@ -523,11 +523,11 @@ def _dataset_fingerprint(config) -> str:
 
 def student_encoder_weights(tag_dir: str | Path, model_cfg: ModelConfig, trusted: bool = False) -> ImportedCheckpoint:
     """The student encoder of a checkpoint folder, fp32: from its `student.safetensors` (the full fp32 student
-    jobs.checkpointing writes beside DeepSpeed's files; reading it runs no code). Only with `trusted` does a
+    jobs.train.checkpointing writes beside DeepSpeed's files; reading it runs no code). Only with `trusted` does a
     folder without it fall back to DeepSpeed's consolidation, which unpickles the model / optimizer states."""
     from safetensors.torch import load_file
 
-    from jobs.checkpointing import STUDENT_FILE, consolidated_student
+    from jobs.train.checkpointing import STUDENT_FILE, consolidated_student
     from model.encoder import Encoder
 
     tag_dir = Path(tag_dir)
@@ -646,7 +646,7 @@ def _ensure_registered_model(client, name: str) -> None:
         if getattr(error, "error_code", None) != "RESOURCE_DOES_NOT_EXIST":
             raise
         try:
-            client.create_registered_model(name, description="SSLAM audio encoders (jobs.registry)")
+            client.create_registered_model(name, description="SSLAM audio encoders (jobs.mlops.registry)")
         except MlflowException as again:
             if getattr(again, "error_code", None) != "RESOURCE_ALREADY_EXISTS":
                 raise

@@ -1,0 +1,1 @@
+"""The MLflow layer: run tracking, the model registry, lineage and the pyfunc model."""
