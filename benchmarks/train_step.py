@@ -26,6 +26,7 @@ import torch
 
 from benchmarks._common import add_config_arguments, load_benchmark_config, peak_flops, peak_memory, time_steps
 from jobs.train.config import Config
+from jobs.train.ema import MasterWeightEMA
 from model.config import ModelConfig
 from model.masking import mask_counts
 from model.sslam import SSLAM
@@ -102,6 +103,7 @@ class TrainStep:
         self.model.teacher_to(device)
         if train.compile:
             self.model.compile_blocks()
+        self.ema = MasterWeightEMA(self.model.encoder, self.model.teacher)
         self.optimizer = torch.optim.AdamW(
             self.model.param_groups(train.weight_decay, train.weight_decay_mode),
             lr=train.peak_lr, betas=tuple(train.betas), eps=train.eps,
@@ -120,7 +122,7 @@ class TrainStep:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.updates += 1
-        self.model.ema_update(self.updates)
+        self.ema.update(self.model.ema_decay(self.updates))
         return loss.detach()
 
 

@@ -29,7 +29,7 @@ from benchmarks._common import (
 )  # fmt: skip
 from benchmarks.train_step import FLOP_CONVENTION, step_flops, synthetic_batch
 from jobs.train.ema import MasterWeightEMA
-from jobs.pretrain import deepspeed_config
+from jobs.train.engine import deepspeed_config
 from model.sslam import SSLAM
 from pipeline.mixing import nomix_rows
 

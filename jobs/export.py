@@ -8,7 +8,7 @@ SOURCE is one of
   manifest check that resume uses);
 * a checkpoint folder: its `student.safetensors` (`encoder.` keys of the full student) and `config.yaml`; never
   DeepSpeed's pickles;
-* an official EAT / SSLAM `.pt` file (model.checkpoint.import_official, weights_only with the numpy allow-list).
+* an official EAT / SSLAM `.pt` file (model.official.import_official, weights_only with the numpy allow-list).
 
 `config.json` holds the ModelConfig, the front-end settings (AudioConfig: sample rate, mel bins, frame length and
 shift, target length), the pooling, the class names of a head (or null), the source and the weights' sha256. OUT is
@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jobs.train.checkpointing import STUDENT_FILE, TAG_PATTERN, checkpoint_root, latest_complete, verify
-from model.checkpoint import CheckpointError, ImportedCheckpoint, import_official, load_weights, save_weights
+from model.checkpoint import CheckpointError, ImportedCheckpoint, load_weights, save_weights
+from model.official import import_official
 from model.pretrained import CONFIG_FILE, EXPORT_FORMAT, EXPORT_VERSION, WEIGHTS_FILE, checkpoint_configs
 from pipeline.config import AudioConfig
 

@@ -13,7 +13,7 @@ written to `<output_dir>/best/` and registered as a classifier version (jobs.mlo
 
 Pre-training's machinery, imported: the run lock, checkpoints with manifests (resume, elastic resume onto
 another rank count), StopSignal (SIGTERM/SIGINT checkpoint at the next update and exit 0), the DeepSpeed config
-(with `train.deepspeed` passthrough), fail-fast exit and the rank-process end (jobs.pretrain).
+(with `train.deepspeed` passthrough), fail-fast exit and the rank-process end (jobs.train).
 """
 
 from __future__ import annotations
@@ -21,10 +21,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import asdict
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -36,12 +34,15 @@ from jobs.train import checkpointing
 from jobs.mlops.classifier_registry import BEST_DIR, ClassifierTracker, read_best, write_best
 from jobs.train.config import Config, ConfigError, dump_yaml
 from jobs.train.finetune_data import EpochPlan, label_prior_map, load_split, read_sample_weights
-from jobs.pretrain import (
-    FAILED_EXIT_DEADLINE_S, StopSignal, TrainingStopped, check_deepspeed_accepts, deepspeed_config, end_rank_process,
-    gradient_accumulation, job_main, resume_folder, run_locked, step_seed,
+from jobs.train.distributed import any_rank, start_rank
+from jobs.train.engine import check_deepspeed_accepts, deepspeed_config, gradient_accumulation, step_seed
+from jobs.train.lifecycle import (
+    FAILED_EXIT_DEADLINE_S, StopSignal, TrainingStopped, end_rank_process, job_main, run_locked,
 )
+from jobs.train.resume import resume_folder
 from jobs.mlops.tracking import NullTracker
-from model.checkpoint import CheckpointError, ImportedCheckpoint, build_encoder, load_state_strict
+from model.build import build_encoder
+from model.checkpoint import CheckpointError, ImportedCheckpoint, load_state_strict
 from model.finetune import Augmentation, FinetuneModel, group_learning_rate, layer_decay_groups, set_drop_path
 
 log = logging.getLogger("sslam.finetune")
@@ -69,11 +70,7 @@ class Finetuner:
 
         self.config = config
         train, ft = config.train, config.finetune
-        self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-        deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo",
-                                   timeout=timedelta(seconds=train.collective_timeout_s))
+        self.device = start_rank(config)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         torch.manual_seed(train.seed)
 
@@ -206,10 +203,7 @@ class Finetuner:
         return lr, loss.detach()
 
     def _stop_agreed(self) -> bool:
-        flag = torch.tensor([float(self.stop.requested is not None)], device=self.device)
-        if self.world_size > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return any_rank(self.stop.requested is not None, self.device)
 
     # ---- evaluation ----------------------------------------------------------------------------------
     @torch.no_grad()

@@ -9,110 +9,37 @@ updated from the fp32 master weights after every applied optimizer step (jobs.tr
 data exhausted, non-finite, collapse) -> optimizer step -> EMA -> logs -> checkpoint (SSLAM_SPEC §10, DESIGN.md).
 Losses and stats stay on the device between log intervals.
 
-Lifecycle: rank 0 locks the run folder (jobs.train.run_lock); SIGTERM/SIGINT checkpoint at the next update boundary
-and exit 0 (StopSignal); an error on a rank is logged once, its DataLoader workers are stopped and the process
-exits non-zero within FAILED_EXIT_DEADLINE_S, so the launcher ends the other ranks.
+Lifecycle (jobs.train.lifecycle): rank 0 locks the run folder (jobs.train.run_lock); SIGTERM/SIGINT checkpoint at
+the next update boundary and exit 0 (StopSignal); an error on a rank is logged once, its DataLoader workers are
+stopped and the process exits non-zero within FAILED_EXIT_DEADLINE_S, so the launcher ends the other ranks.
 """
 
 from __future__ import annotations
 
-import argparse
-import faulthandler
-import json
 import logging
-import math
-import os
 import random
-import signal
-import sys
-import threading
 import time
 from collections import deque
-from contextlib import nullcontext
-from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file
 
-from jobs.train import checkpointing, op_builds, run_lock
-from jobs.train.config import Config, ConfigError, add_config_arguments, config_from_args, dump_yaml, merge_deepspeed_passthrough
-from jobs.train.ema import MasterWeightEMA
 from jobs.mlops.tracking import NullTracker, Tracker
-from model.checkpoint import CheckpointError
+from jobs.train import checkpointing
+from jobs.train.config import Config, ConfigError, dump_yaml
+from jobs.train.distributed import rank_max, start_rank
+from jobs.train.ema import MasterWeightEMA
+from jobs.train.engine import check_deepspeed_accepts, deepspeed_config, gradient_accumulation, learning_rate, step_seed
+from jobs.train.lifecycle import (
+    FAILED_EXIT_DEADLINE_S, StopSignal, TrainingStopped, end_rank_process, job_main, run_locked,
+)
+from jobs.train.loop_state import Agreement, Meter, RunState, RunTrace, Step
+from jobs.train.resume import newest_complete, on_rank0, resume_folder
 from model.sslam import SSLAM
 
 log = logging.getLogger("sslam.pretrain")
-
-
-class TrainingStopped(RuntimeError):
-    """A guard stopped the run (collapse, non-finite loss): the message says why."""
-
-
-def learning_rate(update: int, peak: float, warmup: int, total: int) -> float:
-    """SSLAM_SPEC §10: linear warmup from 0 (update 0 uses lr 0), then one cosine cycle down to 0."""
-    if update < warmup:
-        return peak * update / warmup
-    if total <= warmup:
-        return peak
-    progress = min(1.0, (update - warmup) / (total - warmup))
-    return 0.5 * peak * (1.0 + math.cos(math.pi * progress))
-
-
-def gradient_accumulation(config: Config, world_size: int) -> int:
-    """`train.clips_per_update` (when set) fixes clean clips per update for any GPU count (SSLAM_SPEC §14.6)."""
-    train = config.train
-    if not train.clips_per_update:
-        return train.gradient_accumulation
-    per_step = config.data.loader.micro_batch_clips * world_size
-    if train.clips_per_update % per_step:
-        raise ConfigError(
-            f"train.clips_per_update ({train.clips_per_update}) is not a multiple of micro_batch_clips x ranks "
-            f"({config.data.loader.micro_batch_clips} x {world_size})"
-        )
-    return train.clips_per_update // per_step
-
-
-def deepspeed_config(config: Config, world_size: int) -> dict:
-    """The engine's config: what the job derives from its own settings (jobs.train.config.DEEPSPEED_OWNED_KEYS), then
-    `train.deepspeed` merged in (communication overlap, bucket sizes, offload, profilers, logging ...)."""
-    train = config.train
-    accumulation = gradient_accumulation(config, world_size)
-    generated = {
-        "train_batch_size": config.data.loader.micro_batch_clips * accumulation * world_size,
-        "train_micro_batch_size_per_gpu": config.data.loader.micro_batch_clips,
-        "gradient_accumulation_steps": accumulation,
-        # DeepSpeed >= 0.19.3 defaults to 1.0; the recipe clips at 4.0 (SSLAM_SPEC §10).
-        "gradient_clipping": train.gradient_clipping,
-        "zero_optimization": {"stage": train.zero_stage},
-        "bf16": {"enabled": train.precision == "bf16"},
-        # fairseq's scaler (§10): initial scale 2^7, window 2^14 / GPUs; DeepSpeed's floor is an integer.
-        "fp16": {
-            "enabled": train.precision == "fp16",
-            "initial_scale_power": 7,
-            "loss_scale_window": max(1, 2**14 // world_size),
-            "min_loss_scale": 1,
-        },
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 2**31 - 1,
-        "wall_clock_breakdown": False,
-    }
-    return merge_deepspeed_passthrough(generated, train.deepspeed)
-
-
-def check_deepspeed_accepts(ds_config: dict) -> None:
-    """DeepSpeed's own schema check of the merged config, so a misspelt `train.deepspeed` key inside a section
-    (DeepSpeed forbids unknown ones) is a ConfigError before the engine is built. Needs the real world size:
-    DeepSpeed reads it from the process group."""
-    from deepspeed.runtime.config import DeepSpeedConfig
-
-    try:
-        DeepSpeedConfig(ds_config)
-    except ValueError as error:  # pydantic's ValidationError included
-        raise ConfigError(f"train.deepspeed: DeepSpeed refuses the config: {' '.join(str(error).split())}") from None
 
 
 def check_dataset(info: dict, config: Config, time_patches: int) -> None:
@@ -138,161 +65,6 @@ def check_dataset(info: dict, config: Config, time_patches: int) -> None:
         raise ConfigError(f"dataset.json does not match the config ({details})")
 
 
-def step_seed(seed: int, update: int, micro_step: int, rank: int) -> int:
-    """Masks and decoder noise are a function of (seed, update, micro-step, rank): resume replays them exactly."""
-    return int(np.random.SeedSequence([seed, update, micro_step, rank]).generate_state(1)[0])
-
-
-def on_rank0(rank: int, world_size: int, decide):
-    """Rank 0 decides (reading the checkpoint folders once), every rank gets its answer or its ConfigError."""
-    answer = [None]
-    if rank == 0:
-        try:
-            answer = [("ok", decide())]
-        except (ConfigError, OSError) as error:  # the other ranks are waiting in the broadcast
-            answer = [("error", str(error))]
-    if dist.is_initialized() and world_size > 1:
-        dist.broadcast_object_list(answer, src=0)
-    kind, value = answer[0]
-    if kind == "error":
-        raise ConfigError(value)
-    return value
-
-
-def newest_complete(root: Path, key: str, rehash: bool, missing_ok: bool = False) -> Path | None:
-    """The newest complete checkpoint under `root`, each newer partial one reported; ConfigError (naming `key`)
-    when there is none, unless `missing_ok`."""
-    choice = checkpointing.latest_complete(root, rehash)
-    for tag, reason in choice.skipped:
-        log.warning("%s: skipping checkpoint %s: %s", key, root / tag, reason)
-    if choice.folder is None and not missing_ok:
-        reasons = "; ".join(f"{tag}: {reason}" for tag, reason in choice.skipped)
-        raise ConfigError(f"{key}: no checkpoint under {root}" + (f" is complete ({reasons})" if reasons else ""))
-    if choice.folder is not None and choice.skipped:
-        log.warning("%s: continuing from the newest complete checkpoint %s", key, choice.folder)
-    return choice.folder
-
-
-def resume_folder(config: Config, root: Path, rank: int, world_size: int) -> Path | None:
-    """The checkpoint folder to continue from: train.resume=auto takes this run's newest complete one under
-    `root`, a path names a tag folder (which must be complete) or a run / checkpoints folder (its newest
-    complete)."""
-    resume, rehash = config.train.resume, config.train.verify_checkpoint_checksums
-    if resume == "never":
-        return None
-    if resume == "auto":
-        return on_rank0(rank, world_size, lambda: newest_complete(root, "train.resume", rehash, missing_ok=True))
-    path = Path(resume)
-    if checkpointing.TAG_PATTERN.match(path.name) and path.is_dir():
-        problem = on_rank0(rank, world_size, lambda: checkpointing.verify(path, rehash))
-        if problem is not None:
-            raise ConfigError(f"train.resume={resume}: the checkpoint is not complete ({problem})")
-        return path
-    if path.is_dir():
-        tags = checkpointing.checkpoint_root(path) if (path / "checkpoints").is_dir() else path
-        return on_rank0(rank, world_size, lambda: newest_complete(tags, "train.resume", rehash))
-    raise ConfigError(f"train.resume: no checkpoint folder {resume}")
-
-
-@dataclass
-class RunState:
-    updates: int = 0
-    epoch: int = 0
-    micro_steps: int = 0  # micro-steps of the current update
-    loader_positions: list = field(default_factory=list)
-
-
-class RunTrace:
-    """`metrics.jsonl` (rank 0: update, lr used, EMA decay, loss) and, with `train.record_samples`,
-    `samples_rank{r}.jsonl` (the sample keys each rank consumed per update): what resume tests compare.
-    Losses stay on the device until `flush()` (log intervals, checkpoints, the end): one host read for many."""
-
-    def __init__(self, output_dir: Path, rank: int, record_samples: bool):
-        output_dir.mkdir(parents=True, exist_ok=True)
-        self.metrics = open(output_dir / "metrics.jsonl", "a") if rank == 0 else None
-        self.samples = open(output_dir / f"samples_rank{rank}.jsonl", "a") if record_samples else None
-        self._updates: list[tuple[int, float, float, torch.Tensor]] = []
-
-    def record_update(self, update: int, lr: float, ema_decay: float, loss: torch.Tensor) -> None:
-        if self.metrics is not None:
-            self._updates.append((update, lr, ema_decay, loss.detach()))
-
-    def record_keys(self, update: int, keys: list[str]) -> None:
-        if self.samples is not None:
-            self.samples.write(json.dumps({"update": update, "keys": keys}) + "\n")
-            self.samples.flush()
-
-    def flush(self) -> None:
-        if not self._updates:
-            return
-        losses = torch.stack([loss for *_, loss in self._updates]).tolist()
-        for (update, lr, decay, _), loss in zip(self._updates, losses):
-            self.metrics.write(json.dumps({"update": update, "lr": lr, "ema_decay": decay, "loss": loss}) + "\n")
-        self.metrics.flush()
-        self._updates = []
-
-    def close(self) -> None:
-        self.flush()
-        for handle in (self.metrics, self.samples):
-            if handle is not None:
-                handle.close()
-
-
-class StopSignal:
-    """SIGTERM or SIGINT (preemption, Ctrl-C) sets a flag: every rank checkpoints at the next update boundary and
-    exits 0. A second signal ends the process at once, exit 128 + signal number, without a checkpoint."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self) -> None:
-        self.requested: str | None = None
-        self._previous = {number: signal.signal(number, self._handle) for number in self.SIGNALS}
-
-    def _handle(self, signum, frame) -> None:
-        name = signal.Signals(signum).name
-        if self.requested:
-            log.error("second signal (%s after %s): exiting now, without a checkpoint", name, self.requested)
-            logging.shutdown()
-            os._exit(128 + signum)
-        self.requested = name
-        log.warning("%s: checkpointing at the next update boundary, then exiting (a second signal exits at once)",
-                    name)
-
-    def close(self) -> None:
-        for number, handler in self._previous.items():
-            signal.signal(number, handler)
-
-
-@dataclass
-class Agreement:
-    """The control flags of one update, agreed by every rank in one all-reduce (`Pretrainer._agree`)."""
-
-    stop: bool
-    nonfinite: bool
-    collapsed: bool
-    batches: int  # the fewest micro-batches any rank has ready
-
-
-@dataclass
-class Meter:
-    start: float = field(default_factory=time.perf_counter)
-    wait: float = 0.0
-    clips: int = 0
-
-
-@dataclass
-class Step:
-    """One update's last loss, parts and stats (device tensors) and what it needs to explain a stop."""
-
-    lr: float
-    loss: torch.Tensor
-    parts: dict
-    stats: dict
-    nonfinite: torch.Tensor
-    collapsed: torch.Tensor
-    finite: list  # per micro-batch: (device bool, sample keys), read only when a stop needs the keys
-
-
 class Pretrainer:
     """Holds the engine, the teacher EMA, the loader and the run state; `run()` is the training loop."""
 
@@ -300,14 +72,8 @@ class Pretrainer:
         import deepspeed
 
         self.config = config
-        self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-        deepspeed.init_distributed(
-            dist_backend="nccl" if self.device.type == "cuda" else "gloo",
-            timeout=timedelta(seconds=config.train.collective_timeout_s),
-        )
-        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.device = start_rank(config)
+        self.rank, self.world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
         torch.manual_seed(config.train.seed)
 
         self.dataset_info = self._read_dataset_info()
@@ -431,7 +197,8 @@ class Pretrainer:
 
     def _initialise_from(self, source: str) -> None:
         """Stage 2 starts from a stage-1 run of ours or an official EAT checkpoint; everything else resets (§10)."""
-        from model.checkpoint import import_official, load_into_sslam, load_state_strict
+        from model.checkpoint import load_into_sslam, load_state_strict
+        from model.official import import_official
 
         path = Path(source)
         if path.is_file():
@@ -544,9 +311,7 @@ class Pretrainer:
         if collapsed is not None:
             flags[2] = collapsed
         flags[3] = -float(batches)
-        if self.world_size > 1:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        stop, bad, collapse, fewest = flags.tolist()
+        stop, bad, collapse, fewest = rank_max(flags).tolist()
         return Agreement(bool(stop), bool(bad), bool(collapse), int(-fewest))
 
     def _fill(self, queue: deque, want: int) -> tuple[Agreement, bool]:
@@ -763,74 +528,10 @@ class Pretrainer:
             log.info("update %d %s", self.state.updates, " ".join(f"{k}={v:.5g}" for k, v in metrics.items()))
             self.tracker.log_metrics(metrics, self.state.updates)
 
-FAILED_EXIT_DEADLINE_S = 20.0
-# How gloo reports a collective whose peer process is gone (a plain RuntimeError; NCCL raises a DistError).
-PEER_LOST = ("Connection closed by peer", "Connection reset by peer")
-
-
-def run_locked(config: Config, build, close_outputs, updates_of) -> int:
-    """Build a trainer (`build(config)`) and run it in this process (one rank). Rank 0 holds the run folder's lock
-    (jobs.train.run_lock) from before the first collective to the end; afterwards `close_outputs(trainer)`, the stop
-    signal and the tracking run are closed, and a run that did not fail is recorded in the lock with
-    `updates_of(trainer)`. The process group stays up for the caller."""
-    holding = run_lock.hold(config.train.output_dir) if int(os.environ.get("RANK", "0")) == 0 else nullcontext()
-    with holding as lock:
-        trainer = build(config)
-        status = "FAILED"
-        try:
-            code = trainer.run()
-            status = "KILLED" if trainer.preempted else "FINISHED"
-            return code
-        finally:
-            close_outputs(trainer)
-            trainer.stop.close()
-            trainer.tracker.finish(status)
-            if lock is not None and status != "FAILED":
-                lock.record("preempted" if trainer.preempted else "finished", update=updates_of(trainer))
-
 
 def train(config: Config) -> int:
     """Run one pre-training job in this process (one rank); see run_locked."""
     return run_locked(config, Pretrainer, lambda trainer: trainer.trace.close(), lambda trainer: trainer.state.updates)
-
-
-def _exit_after(seconds: float, code: int) -> None:
-    """A failed rank leaves even when its teardown hangs (an NCCL communicator with work in flight, a stuck
-    child joined at exit): a daemon timer ends the process with `code`."""
-
-    def end() -> None:
-        log.error("teardown took over %.0f s: exiting now", seconds)
-        logging.shutdown()
-        os._exit(code)
-
-    timer = threading.Timer(seconds, end)
-    timer.daemon = True
-    timer.start()
-
-
-def _report_failure(error: BaseException) -> None:
-    """Name the error and this rank once. A collective that broke because a peer died is that peer's error,
-    reported by it (and by the launcher): here a one-line note without a traceback."""
-    rank = os.environ.get("RANK", "0")
-    if isinstance(error, dist.DistError) or any(marker in str(error) for marker in PEER_LOST):
-        log.error("rank %s stopping: a collective failed, a peer rank is gone (%s)", rank,
-                  str(error).splitlines()[0] if str(error) else type(error).__name__)
-    else:
-        # A DataLoader worker's error arrives as several lines, the worker's own error last.
-        lines = [line for line in str(error).splitlines() if line.strip()] or [""]
-        summary = lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1].strip()}"
-        log.error("rank %s failed: %s: %s", rank, type(error).__name__, summary, exc_info=error)
-
-
-def end_rank_process(code: int) -> None:
-    """End a rank process once main() has torn everything down (tracking finished, checkpoints written,
-    process group destroyed). Interpreter shutdown is skipped on purpose: there, native destructors of
-    torch.distributed / DeepSpeed objects sometimes meet a still-joinable C++ thread and call std::terminate
-    ("terminate called without an active exception", SIGABRT), turning a finished run into a failed launch."""
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 def main(argv: list[str] | None = None, exit_deadline_s: float | None = None) -> int:
@@ -838,46 +539,6 @@ def main(argv: list[str] | None = None, exit_deadline_s: float | None = None) ->
     3 a guard stopped the run. `exit_deadline_s`: a failed process ends within that many seconds (set for a
     rank process; never for a caller that keeps running)."""
     return job_main("SSLAM pre-training (run under the deepspeed launcher)", train, argv, exit_deadline_s)
-
-
-def job_main(description: str, run_job, argv: list[str] | None, exit_deadline_s: float | None) -> int:
-    """A rank process of a training job (pre-training, fine-tuning): `--config`, `--set`, `--resume`, logging,
-    `run_job(config)`, the exit codes of `main`, the fail-fast deadline and the process group's teardown."""
-    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
-    add_config_arguments(parser)
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint (train.resume=auto)")
-    args = parser.parse_args(argv)
-    # A rank that dies inside native code (gloo, NCCL, a DeepSpeed op) prints the Python stack of every thread.
-    faulthandler.enable()
-    logging.basicConfig(
-        level=logging.INFO,
-        format=f"%(asctime)s rank{os.environ.get('RANK', 0)} %(levelname)s %(name)s: %(message)s",
-    )
-    code = 1
-    try:
-        config = config_from_args(args)
-        if args.resume:
-            config.train.resume = "auto"
-        op_builds.clear_stale_locks(op_builds.configure())
-        code = run_job(config)
-    except (ConfigError, CheckpointError) as error:
-        log.error("config error: %s", error)
-        code = 2
-    except (run_lock.RunFolderBusy, op_builds.OpBuildLocked) as error:
-        log.error("%s", error)
-        code = 2
-    except TrainingStopped as error:
-        log.error("%s", error)
-        code = 3
-    except Exception as error:
-        _report_failure(error)
-        code = 1
-    finally:
-        if code not in (0, 2, 3) and exit_deadline_s is not None:
-            _exit_after(exit_deadline_s, code)
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return code
 
 
 if __name__ == "__main__":

@@ -35,7 +35,8 @@ import yaml
 from torch import Tensor
 from torchaudio.compliance import kaldi
 
-from model.checkpoint import CheckpointError, ImportedCheckpoint, build_classifier, build_encoder, load_weights
+from model.build import build_classifier, build_encoder
+from model.checkpoint import CheckpointError, ImportedCheckpoint, load_weights
 from model.config import ModelConfig
 from model.features import extract_features
 

@@ -3,7 +3,8 @@ module tree, and the stage-1 (EAT, SSLAM_SPEC §8) and stage-2 (SSLAM, §9, §14
 
 Only the student is an nn.Module submodule, so a training engine (DeepSpeed) wraps, casts and
 shards the student alone. The teacher is an fp32 `Encoder` held in the instance dict: move it with
-`teacher_to(device)` and update it with `ema_update(u)` after each applied optimizer step.
+`teacher_to(device)`; the training job updates it (jobs.train.ema.MasterWeightEMA) with decay `ema_decay(u)`
+after each applied optimizer step.
 
 With `model.padding: aware` the batch also carries `valid_frames` (N,) and the padding rule of
 model/padding.py applies: padding frames are reset to 0 (in `clean` and in `mixed`, a mixture lasting as
@@ -81,43 +82,6 @@ class SSLAM(nn.Module):
             return cfg.ema_end_decay
         remaining = 1.0 - updates / cfg.ema_anneal_end_step
         return cfg.ema_end_decay - (cfg.ema_end_decay - cfg.ema_decay) * remaining
-
-    @torch.no_grad()
-    def ema_update(self, updates: int, student_params: dict[str, Tensor] | None = None) -> float:
-        """One EMA step with decay d(u), u = completed optimizer updates: θ_T <- d θ_T + (1 - d) θ_S in fp32
-        for every tensor trainable in the student; other parameters and buffers (the positional table) are
-        copied. `student_params` maps `self.encoder.named_parameters()` names to full fp32 tensors (e.g. the
-        engine's master weights); None reads the student encoder itself. Returns the decay used."""
-        decay = self.ema_decay(updates)
-        teacher_params = dict(self.teacher.named_parameters())
-        averaged: list[Tensor] = []
-        sources: list[Tensor] = []
-        for name, param in self.encoder.named_parameters():
-            target = teacher_params[name]
-            if student_params is not None and name in student_params:
-                source = student_params[name]
-            elif student_params is not None and param.requires_grad:
-                raise KeyError(f"student_params lacks the trainable encoder parameter '{name}'")
-            else:
-                source = param
-            if source.shape != target.shape:
-                raise ValueError(
-                    f"EMA source '{name}' has shape {tuple(source.shape)}, teacher {tuple(target.shape)} "
-                    "(pass full, gathered tensors under ZeRO-3)"
-                )
-            source = source.detach().to(device=target.device, dtype=torch.float32)
-            if param.requires_grad:
-                averaged.append(target)
-                sources.append(source)
-            else:
-                target.copy_(source)
-        if averaged:
-            torch._foreach_mul_(averaged, decay)
-            torch._foreach_add_(averaged, sources, alpha=1.0 - decay)
-        teacher_buffers = dict(self.teacher.named_buffers())
-        for name, buffer in self.encoder.named_buffers():
-            teacher_buffers[name].copy_(buffer)
-        return decay
 
     def compile_blocks(self) -> None:
         """torch.compile, in place, the student's transformer blocks and decoder and the teacher's blocks: the

@@ -22,7 +22,8 @@ from safetensors.torch import load_file
 
 from jobs.train import checkpointing
 from jobs.train.config import add_config_arguments, config_from_args
-from jobs.pretrain import Pretrainer, end_rank_process
+from jobs.pretrain import Pretrainer
+from jobs.train.lifecycle import end_rank_process
 
 
 def largest_difference(got: dict, want: dict) -> float:

@@ -18,12 +18,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from model.build import build_classifier, build_encoder
 from model.checkpoint import (
     CheckpointError,
-    build_classifier,
-    build_encoder,
-    convert_official,
-    import_official,
     load_encoder_safetensors,
     load_into_sslam,
     load_sslam_weights,
@@ -35,6 +32,7 @@ from model.checkpoint import (
 )
 from model.config import ModelConfig
 from model.features import extract_features
+from model.official import convert_official, import_official
 from model.sslam import SSLAM
 
 IMAGE = "modality_encoders.IMAGE."

@@ -14,7 +14,7 @@ import pytest
 
 from jobs.cli import main as sslam
 from jobs.train.config import DEEPSPEED_OWNED_KEYS, ConfigError, _leaf_keys, load_config
-from jobs.pretrain import check_deepspeed_accepts, deepspeed_config
+from jobs.train.engine import check_deepspeed_accepts, deepspeed_config
 from shardsets import write_training_set
 
 REPO = Path(__file__).resolve().parents[1]

@@ -18,6 +18,7 @@ from jobs import evaluate as evaluate_job
 from jobs.mlops import registry
 from jobs.train.checkpointing import STUDENT_FILE
 from jobs.train.config import dump_yaml, load_config
+from jobs.train.ema import MasterWeightEMA
 from jobs.mlops.tracking import HTTP_DEFAULTS, mlflow_client
 from model.sslam import SSLAM
 from pipeline import shards
@@ -117,13 +118,14 @@ def pretrain(config, features: torch.Tensor, steps: int, seed: int = 0) -> SSLAM
     optimizer = torch.optim.AdamW(model.param_groups(0.05), lr=config.train.peak_lr, betas=(0.9, 0.95))
     generator = torch.Generator().manual_seed(seed)
     batch = config.data.loader.micro_batch_clips
+    ema = MasterWeightEMA(model.encoder, model.teacher)
     for step in range(steps):
         rows = torch.randint(0, features.shape[0], (batch,), generator=generator)
         loss, _, _ = model({"clean": features[rows].unsqueeze(1)}, generator=generator)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        model.ema_update(step + 1)
+        ema.update(model.ema_decay(step + 1))
     return model
 
 

@@ -27,7 +27,7 @@ from jobs.evaluate import label_prior, mean_average_precision, train_probe
 from jobs.export import from_registry
 from jobs.train.finetune_data import load_split
 from jobs.mlops.tracking import mlflow_client
-from model.checkpoint import build_encoder
+from model.build import build_encoder
 from model.features import extract_features
 from test_evaluate import CLEARED, PRETRAIN_STEPS, pretrain, register, write_evaluation_set
 from test_pretrain_launch import cpu_env

@@ -24,7 +24,8 @@ from jobs.train.checkpointing import consolidated_student
 from jobs.train.config import load_config
 from jobs.mlops.lineage import MODEL_VERSIONS, link_version
 from jobs.mlops.tracking import HTTP_DEFAULTS, mlflow_client
-from model.checkpoint import build_classifier, import_official, official_name
+from model.build import build_classifier
+from model.official import import_official, official_name
 from model.encoder import Encoder
 from model.features import extract_features
 from pipeline.audio import fbank_batch, to_model_rate

@@ -12,7 +12,8 @@ import logging
 import torch.distributed as dist
 
 from jobs.train.config import load_config
-from jobs.pretrain import end_rank_process, train
+from jobs.pretrain import train
+from jobs.train.lifecycle import end_rank_process
 
 
 def main() -> int:

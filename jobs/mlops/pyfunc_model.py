@@ -49,7 +49,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from model.checkpoint import build_classifier, build_encoder, load_weights
+from model.build import build_classifier, build_encoder
+from model.checkpoint import load_weights
 from model.config import ModelConfig
 from model.features import extract_features
 from pipeline.audio import fbank_batch, frame_count, to_model_rate

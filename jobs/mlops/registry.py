@@ -70,8 +70,9 @@ from jobs.train.checkpointing import sha256_file
 from jobs.train.config import REFUSED_ALIASES
 from jobs.mlops.lineage import lineage_tags, link_version
 from jobs.mlops.tracking import ensure_experiment, mlflow_client, tracking_uri
-from model.checkpoint import CheckpointError, ImportedCheckpoint, import_official, save_weights
+from model.checkpoint import CheckpointError, ImportedCheckpoint, save_weights
 from model.config import ModelConfig
+from model.official import import_official
 from pipeline.config import AudioConfig
 
 log = logging.getLogger("sslam.registry")
@@ -843,7 +844,7 @@ def register_official(
     overrides: dict[str, Any] | None = None,
     aliases: list[str] | None = None,
 ):
-    """Register an official EAT / SSLAM checkpoint (model.checkpoint.import_official) as a version of `name`.
+    """Register an official EAT / SSLAM checkpoint (model.official.import_official) as a version of `name`.
 
     A fine-tuned file keeps its classifier head; `class_labels_csv` (AudioSet's `class_labels_indices.csv`)
     names its classes, so predict also returns top labels. The version moves `aliases` only (none by default).

@@ -72,7 +72,7 @@ class TrainConfig:
     record_samples: bool = False  # write each rank's consumed sample keys (resume checks)
     # torch.compile the student's transformer blocks and decoder and the teacher's blocks (ZeRO 0-2).
     compile: bool = False
-    # Merged into the generated DeepSpeed config (jobs.pretrain.deepspeed_config), nested mappings key by key;
+    # Merged into the generated DeepSpeed config (jobs.train.engine.deepspeed_config), nested mappings key by key;
     # keys the project sets itself (DEEPSPEED_OWNED_KEYS) are refused.
     deepspeed: dict[str, Any] = field(default_factory=dict)
 
@@ -229,7 +229,7 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the dataclasses."""
 
 
-# The DeepSpeed settings jobs.pretrain.deepspeed_config generates, as dotted DeepSpeed keys, and what sets them.
+# The DeepSpeed settings jobs.train.engine.deepspeed_config generates, as dotted DeepSpeed keys, and what sets them.
 # train.deepspeed may neither set one nor replace a mapping holding one; everything else passes through.
 DEEPSPEED_OWNED_KEYS = {
     "train_batch_size": "data.loader.micro_batch_clips x ranks x accumulation",

@@ -15,7 +15,8 @@ an exclusive `fcntl.flock` on `{name}.lock` in the cache folder: the first rank 
 node's other ranks block on it and then read the published folder (the kernel drops a dead holder's lock). A
 file lock rather than a process-group barrier, since a long build would outlast the collective timeout and the
 lock also covers two jobs sharing one node's cache. Readers map the arrays read-only (`np.load(mmap_mode="r")`)
-and copy only the rows of each micro-batch.
+and copy only the rows of each micro-batch. `LabelledClips` is the split either way: tensors in memory or `MappedRows`
+over a cache.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import logging
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -119,6 +121,23 @@ def exclusive(lock_path: Path) -> Iterator[None]:
         os.close(descriptor)
 
 
+@dataclass
+class LabelledClips:
+    """fbank[rows] and labels[rows] (rows: a LongTensor) give tensors: both are tensors held in memory, or
+    MappedRows over a clip cache."""
+
+    fbank: torch.Tensor | MappedRows  # (N, 1, T, F) raw fbank, float16 as stored
+    labels: torch.Tensor | MappedRows  # (N, C) float32 multi-hot
+    keys: list[str]  # sample key of each clip
+    classes: list[dict]
+
+    def class_frequencies(self) -> torch.Tensor:
+        """(C,) float32: the fraction of clips carrying each class."""
+        if isinstance(self.labels, MappedRows):
+            return self.labels.column_means()
+        return self.labels.float().mean(dim=0)
+
+
 def load_cached(loader, split: str, cache_dir: str):
     """The split as LabelledClips over the cache in `cache_dir`, built from `loader` first if not complete."""
     if "://" in cache_dir and not cache_dir.startswith("file://"):
@@ -149,8 +168,6 @@ def load_cached(loader, split: str, cache_dir: str):
 
 def open_cache(folder: Path, key: dict):
     """LabelledClips over a complete cache folder, or None when it is missing, incomplete or not this key's."""
-    from jobs.train.finetune_data import LabelledClips
-
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
     except FileNotFoundError:

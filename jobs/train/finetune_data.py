@@ -13,32 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from jobs.train.config import ConfigError
-from jobs.train.finetune_cache import MappedRows, load_cached
+from jobs.train.finetune_cache import LabelledClips, load_cached
 from pipeline.config import DataConfig
-
-
-@dataclass
-class LabelledClips:
-    """fbank[rows] and labels[rows] (rows: a LongTensor) give tensors: both are tensors held in memory, or
-    jobs.train.finetune_cache.MappedRows over a clip cache."""
-
-    fbank: torch.Tensor | MappedRows  # (N, 1, T, F) raw fbank, float16 as stored
-    labels: torch.Tensor | MappedRows  # (N, C) float32 multi-hot
-    keys: list[str]  # sample key of each clip
-    classes: list[dict]
-
-    def class_frequencies(self) -> torch.Tensor:
-        """(C,) float32: the fraction of clips carrying each class."""
-        if isinstance(self.labels, MappedRows):
-            return self.labels.column_means()
-        return self.labels.float().mean(dim=0)
 
 
 def load_split(data: DataConfig, location: str, split: str, batch_size: int = 256,

@@ -1,5 +1,5 @@
 """Bad stage-1 sources through the training job's `train.init_from` (stage 2 started by `python jobs/pretrain.py`
-as rank 0 of 1) and bad files through `model.checkpoint.import_official`.
+as rank 0 of 1) and bad files through `model.official.import_official`.
 
 Sources: official-format files (tests/test_checkpoint.py's synthetic EAT checkpoint) with a missing key, an extra
 key, a shape that does not fit the configured model, a pickle that would run code, a truncated zip; and stage-1
@@ -25,7 +25,8 @@ from safetensors.torch import save_file
 
 from jobs.train import checkpointing
 from jobs.train.config import load_config
-from model.checkpoint import CheckpointError, import_official
+from model.checkpoint import CheckpointError
+from model.official import import_official
 from model.sslam import SSLAM
 from reliability_support import PRETRAIN, PYTHON, assert_clean_failure, run_command, single_rank_env
 from shardsets import write_training_set

@@ -259,7 +259,7 @@ def test_pretrain_missing_or_mistyped_config_exits_2(tmp_path, caplog):
     mistyped = tmp_path / "mistyped.yaml"
     base = str(CONFIG_DIR / "tiny_stage1.yaml")
     mistyped.write_text(yaml.safe_dump({"base": base, "train": {"max_updates": "many"}}))
-    with caplog.at_level(logging.ERROR, logger="sslam.pretrain"):
+    with caplog.at_level(logging.ERROR, logger="sslam.train"):
         assert pretrain_main(["--config", str(tmp_path / "missing.yaml")]) == 2
         assert pretrain_main(["--config", str(mistyped)]) == 2
     assert f"config not found: {tmp_path / 'missing.yaml'}" in caplog.text
