@@ -63,6 +63,7 @@ from jobs.train.config import Config, ConfigError, EvalConfig, add_config_argume
 from jobs.mlops.lineage import lineage_tags
 from jobs.mlops.registry import BEST, load_verified
 from jobs.mlops.tracking import ensure_experiment, mlflow_client, param_value
+from jobs.train.metrics import accuracy, average_precision_per_class, mean_average_precision
 from model.features import content_mean_frames
 
 log = logging.getLogger("sslam.evaluate")
@@ -90,32 +91,6 @@ class SplitSource:
     shards: set[str]
     samples: set[str]
     clips: set[str]
-
-
-# ------------------------------------------------------------------------------------------------ metrics
-
-
-def average_precision_per_class(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """sklearn's average precision of each class; NaN for a class without a positive clip."""
-    from sklearn.metrics import average_precision_score
-
-    per_class = np.full(labels.shape[1], np.nan)
-    for k in range(labels.shape[1]):
-        if labels[:, k].any():
-            per_class[k] = average_precision_score(labels[:, k], scores[:, k])
-    return per_class
-
-
-def mean_average_precision(labels: np.ndarray, scores: np.ndarray) -> tuple[float, int]:
-    """(nanmean over classes of sklearn's average precision, number of classes scored); classes without a
-    positive clip give NaN and are skipped (SSLAM_SPEC §11)."""
-    per_class = average_precision_per_class(labels, scores)
-    scored = int(np.isfinite(per_class).sum())
-    return (float(np.nanmean(per_class)) if scored else float("nan")), scored
-
-
-def accuracy(labels: np.ndarray, scores: np.ndarray) -> float:
-    return float((scores.argmax(axis=1) == labels.argmax(axis=1)).mean())
 
 
 def is_multi_label(*label_sets: torch.Tensor) -> bool:

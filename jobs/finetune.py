@@ -211,7 +211,7 @@ class Finetuner:
         """mAP on the eval split (each rank scores its share; all ranks get the result)."""
         import dataclasses
 
-        from jobs.evaluate import mean_average_precision
+        from jobs.train.metrics import mean_average_precision
         from pipeline.loader import EvalLoader
 
         ft = self.config.finetune

@@ -19,6 +19,7 @@ from jobs.mlops import registry
 from jobs.train.checkpointing import STUDENT_FILE
 from jobs.train.config import dump_yaml, load_config
 from jobs.train.ema import MasterWeightEMA
+from jobs.train.metrics import mean_average_precision
 from jobs.mlops.tracking import HTTP_DEFAULTS, mlflow_client
 from model.sslam import SSLAM
 from pipeline import shards
@@ -158,10 +159,10 @@ def setup(tmp_path_factory):
 def test_metrics_helpers():
     labels = np.array([[1, 0, 0], [0, 1, 0], [1, 1, 0], [0, 0, 0]])
     scores = np.array([[0.9, 0.1, 0.5], [0.2, 0.8, 0.5], [0.7, 0.6, 0.5], [0.1, 0.3, 0.5]])
-    value, scored = evaluate_job.mean_average_precision(labels, scores)
+    value, scored = mean_average_precision(labels, scores)
     assert (value, scored) == (1.0, 2)  # class 2 has no positive: skipped
     prior = evaluate_job.label_prior(torch.tensor(labels, dtype=torch.float32), 4)
-    value, _ = evaluate_job.mean_average_precision(labels, prior)
+    value, _ = mean_average_precision(labels, prior)
     assert value == pytest.approx(0.5)  # a constant score's AP is the class's prevalence
     assert evaluate_job.accuracy(np.eye(3), np.eye(3)[[0, 2, 1]]) == pytest.approx(1 / 3)
 

@@ -23,7 +23,8 @@ from jobs import cli
 
 from jobs.mlops import registry
 from jobs.train.config import load_config
-from jobs.evaluate import label_prior, mean_average_precision, train_probe
+from jobs.evaluate import label_prior, train_probe
+from jobs.train.metrics import mean_average_precision
 from jobs.export import from_registry
 from jobs.train.finetune_data import load_split
 from jobs.mlops.tracking import mlflow_client

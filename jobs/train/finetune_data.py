@@ -130,7 +130,7 @@ class EpochPlan:
 
 def label_prior_map(train_frequencies: torch.Tensor, eval_labels: torch.Tensor) -> float:
     """mAP of scoring every eval clip with the train class frequencies (the baseline of jobs.evaluate)."""
-    from jobs.evaluate import mean_average_precision
+    from jobs.train.metrics import mean_average_precision
 
     scores = np.tile(train_frequencies.numpy(), (eval_labels.shape[0], 1))
     value, _ = mean_average_precision(eval_labels.numpy(), scores)
