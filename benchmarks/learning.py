@@ -118,7 +118,7 @@ def write_polyphonic_split(data_dir: Path, source_csv: Path, name: str, count: i
     WAV files in data_dir/audio and the AudioSet-style CSV data_dir/{name}_segments.csv."""
     from pipeline.audio import load_waveform
     from pipeline.config import AudioConfig
-    from pipeline.manifest import read_segments_csv
+    from pipeline.csv_rows import read_segments_csv
 
     audio_cfg = AudioConfig()
     segments, bad = read_segments_csv(source_csv)

@@ -96,7 +96,7 @@ def from_run(run_dir: Path) -> Exportable:
 
 
 def from_official(path: Path, class_labels_csv: str | None = None, trusted: bool = False) -> Exportable:
-    from pipeline.manifest import read_class_labels
+    from pipeline.csv_rows import read_class_labels
 
     weights = import_official(path, trusted=trusted)
     classes = None

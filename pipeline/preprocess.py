@@ -63,10 +63,11 @@ import torch
 from tqdm import tqdm
 
 from pipeline import audio, mixing, plan, shards
+from pipeline.clips import ManifestError
 from pipeline.config import AudioConfig, DataConfig, MixingConfig
 from pipeline.locking import OutputLock
 from pipeline.manifest import QUARANTINE_SCHEMA as MANIFEST_QUARANTINE_SCHEMA
-from pipeline.manifest import ManifestError, build_manifest, manifest_classes
+from pipeline.manifest import build_manifest, manifest_classes
 
 logger = logging.getLogger(__name__)
 

@@ -1,16 +1,15 @@
 """pipeline.manifest: CSV readers, AudioSet and folder sources, quarantine reasons, leak check, ledger counts,
-hostile CSV encodings and quoting, entries named like audio that are not readable regular files."""
+entries named like audio that are not readable regular files (hostile CSVs: test_manifest_hostile_csv.py;
+folder sources read with the default extensions or from several roots: test_manifest_folders.py)."""
 
 from __future__ import annotations
 
 import os
-import re
 import socket
 import stat
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -18,17 +17,15 @@ import pyarrow as pa
 import pytest
 import soundfile
 
+from pipeline.clips import ManifestError
 from pipeline.config import SourceConfig, SplitConfig
+from pipeline.csv_rows import read_class_labels, read_segments_csv
 from pipeline.manifest import (
     MANIFEST_SCHEMA,
     QUARANTINE_SCHEMA,
-    ManifestError,
     build_manifest,
-    decodable_extensions,
     manifest_classes,
-    read_class_labels,
     read_manifest,
-    read_segments_csv,
     write_manifest,
 )
 
@@ -338,187 +335,6 @@ def test_empty_tables_keep_their_schema(tmp_path: Path) -> None:
     assert manifest.schema.names == MANIFEST_SCHEMA.names
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Hostile CSVs: every data line is written or quarantined, and a quarantined row's clip is never written.
-
-GOOD_KEYS = [f"clip_{index:02d}" for index in range(8)]
-BOM = b"\xef\xbb\xbf"
-
-
-def physical_data_lines(data: bytes, header: bool) -> int:
-    """Non-blank lines that are not `#` comments, the header line excepted (counted without the reader)."""
-    lines = [line for line in re.split(rb"\r\n|\r|\n", data.removeprefix(BOM)) if line.strip()]
-    lines = [line for line in lines if not line.lstrip().startswith(b"#")]
-    return len(lines) - (1 if header else 0)
-
-
-# variant -> (rows replacing clip_03's row, line ending, BOM, {key of a quarantined row: reason substring})
-HOSTILE_VARIANTS = {
-    "bom": (None, "\n", True, {}),
-    "crlf": (None, "\r\n", False, {}),
-    "cr": (None, "\r", True, {}),
-    "unterminated_quote": (['clip_03, 0, 10, "/m/a'], "\n", False, {"clip_03": "unterminated quote"}),
-    "embedded_newline": (['clip_03, 0, 10, "/m/a,', '/m/b"'], "\r\n", False,
-                         {"clip_03": "unterminated quote", '/m/b"': "expected 4 columns"}),
-    "text_after_quote": (['clip_03, 0, 10, "/m/a"x'], "\n", False, {"clip_03": "malformed CSV"}),
-    "not_utf8": (['clip_03, 0, 10, "/m/a\udcff"'], "\n", False, {"clip_03": "not valid UTF-8"}),
-    "every_field_empty": ([" , , , ", 'clip_03, 0, 10, "/m/a,/m/b"'], "\n", False, {None: "every field is empty"}),
-    "bad_row_then_good_row": (['clip_03, abc, 10, "/m/a"', 'clip_03, 0, 10, "/m/a"'], "\n", False,
-                              {"clip_03": "not numbers"}),
-    "good_row_then_bad_row": (['clip_03, 0, 10, "/m/a"', "clip_03, 0, 10"], "\n", False,
-                              {"clip_03": "expected 4 columns"}),
-}
-
-
-def hostile_segments_csv(variant: str) -> tuple[bytes, dict]:
-    replacement, newline, bom, bad = HOSTILE_VARIANTS[variant]
-    rows = [f'{key}, 0.000, 10.000, "/m/a,/m/b"' for key in GOOD_KEYS]
-    if replacement is not None:
-        rows[3:4] = replacement
-    text = newline.join(["# Segments csv", "# YTID, start_seconds, end_seconds, positive_labels", *rows]) + newline
-    return (BOM if bom else b"") + text.encode("utf-8", "surrogateescape"), bad
-
-
-# The same variants in a folder's `path,labels` CSV: variant -> (rows replacing clip_03's, {key: reason}).
-FOLDER_ROWS = {
-    "unterminated_quote": (['clip_03.wav,"/m/a'], {"clip_03": "unterminated quote"}),
-    # The second line read by itself is an absolute path outside the audio root.
-    "embedded_newline": (['clip_03.wav,"/m/a;', '/m/b"'],
-                         {"clip_03": "unterminated quote", None: "path outside audio_root"}),
-    "text_after_quote": (['clip_03.wav,"/m/a"x'], {"clip_03": "malformed CSV"}),
-    "not_utf8": (['clip_03.wav,"/m/a\udcff"'], {"clip_03": "not valid UTF-8"}),
-    "every_field_empty": ([" , ", 'clip_03.wav,"/m/a;/m/b"'], {None: "every field is empty"}),
-    "bad_row_then_good_row": (["clip_03.wav,/m/a,surplus", "clip_03.wav,/m/a"], {"clip_03": "expected 'path,labels'"}),
-    "good_row_then_bad_row": (["clip_03.wav,/m/a", "clip_03,/m/a,surplus"], {"clip_03": "expected 'path,labels'"}),
-}
-
-
-def hostile_labels_csv(variant: str) -> tuple[bytes, dict]:
-    """A folder's labels CSV (with a header row, which the BOM precedes) in the given variant."""
-    _, newline, bom, _ = HOSTILE_VARIANTS[variant]
-    replacement, bad = FOLDER_ROWS.get(variant, (None, {}))
-    rows = [f'{key}.wav,"/m/a;/m/b"' for key in GOOD_KEYS]
-    if replacement is not None:
-        rows[3:4] = replacement
-    text = newline.join(["path,labels", *rows]) + newline
-    return (BOM if bom else b"") + text.encode("utf-8", "surrogateescape"), bad
-
-
-CLASSES_AB = "index,mid,display_name\n0,/m/a,A\n1,/m/b,B\n"
-
-
-@pytest.mark.parametrize("variant", sorted(HOSTILE_VARIANTS))
-def test_hostile_segments_csv_loses_no_row(tmp_path: Path, variant: str) -> None:
-    data, bad = hostile_segments_csv(variant)
-    (tmp_path / "train.csv").write_bytes(data)
-    (tmp_path / "classes.csv").write_text(CLASSES_AB)
-    for key in GOOD_KEYS:
-        write_audio(tmp_path / "audio" / f"{key}.wav", seconds=0.1)
-    source = SourceConfig(
-        audio_root=str(tmp_path / "audio"), class_labels_csv=str(tmp_path / "classes.csv"),
-        splits=[SplitConfig(name="train", csv=str(tmp_path / "train.csv"))],
-    )
-    manifest, quarantine = build_manifest(source)
-    rows = quarantine.to_pylist()
-    withheld = {key for key in bad if key in GOOD_KEYS}
-    assert manifest.column("key").to_pylist() == [key for key in GOOD_KEYS if key not in withheld]
-    assert all(labels == [0, 1] for labels in manifest.column("label_indices").to_pylist())
-    assert manifest.num_rows + quarantine.num_rows == physical_data_lines(data, header=False)
-    bad_rows = [row for row in rows if row["reason"] == "bad_csv_row"]
-    assert {row["key"]: row["detail"] for row in bad_rows}.keys() == bad.keys()
-    for row in bad_rows:
-        assert bad[row["key"]] in row["detail"], row
-        assert re.match(rf"{re.escape(str(tmp_path / 'train.csv'))}:\d+: ", row["detail"]), row
-        assert "\udcff" not in row["detail"]
-    assert {row["reason"] for row in rows} <= {"bad_csv_row", "duplicate_key"}
-
-
-def test_hostile_segments_csv_names_the_physical_line(tmp_path: Path) -> None:
-    data, _ = hostile_segments_csv("embedded_newline")
-    (tmp_path / "train.csv").write_bytes(data)
-    segments, bad = read_segments_csv(tmp_path / "train.csv")
-    assert [(row.line, row.key) for row in bad] == [(6, "clip_03"), (7, '/m/b"')]
-    assert [row.line for row in segments] == [3, 4, 5, 8, 9, 10, 11]
-    # An unterminated quote costs its own line only, however long the file.
-    rows = [f'key_{index}, 0, 10, "/m/a"' for index in range(773)]
-    rows[246] = 'key_246, 0, 10, "/m/a'
-    (tmp_path / "long.csv").write_text("\n".join(rows) + "\n")
-    segments, bad = read_segments_csv(tmp_path / "long.csv")
-    assert (len(segments), [(row.line, row.reason) for row in bad]) == (772, [(247, "unterminated quote")])
-    # A field over the csv module's size limit is a bad row too, not a crash.
-    (tmp_path / "huge.csv").write_text(f'huge, 0, 10, "{"/m/a," * 40000}"\nsmall, 0, 10, "/m/a"\n')
-    segments, bad = read_segments_csv(tmp_path / "huge.csv")
-    assert [row.ytid for row in segments] == ["small"]
-    assert [(row.line, row.key) for row in bad] == [(1, "huge")] and "field larger" in bad[0].reason
-
-
-@pytest.mark.parametrize("variant", sorted(HOSTILE_VARIANTS))
-def test_hostile_folder_labels_csv_loses_no_row(tmp_path: Path, variant: str) -> None:
-    data, bad = hostile_labels_csv(variant)
-    (tmp_path / "labels.csv").write_bytes(data)
-    for key in GOOD_KEYS:
-        write_audio(tmp_path / "audio" / f"{key}.wav", seconds=0.1)
-    write_audio(tmp_path / "audio" / "unlisted.wav", seconds=0.1)
-    source = SourceConfig(kind="folder", audio_root=str(tmp_path / "audio"),
-                          splits=[SplitConfig(name="train", csv=str(tmp_path / "labels.csv"))])
-    manifest, quarantine = build_manifest(source)
-    withheld = {key for key in bad if key in GOOD_KEYS}
-    expected_keys = sorted([key for key in GOOD_KEYS if key not in withheld] + ["unlisted"])
-    assert manifest.column("key").to_pylist() == expected_keys
-    # No class list: the classes are the labels seen, so a BOM'd header adds no class "labels".
-    assert [c.mid for c in manifest_classes(manifest)] == ["/m/a", "/m/b"]
-    rows = quarantine.to_pylist()
-    bad_rows = {row["key"]: row["detail"] for row in rows if row["reason"] == "bad_csv_row"}
-    assert bad_rows.keys() == bad.keys()
-    for key, detail in bad_rows.items():
-        assert bad[key] in detail and detail.startswith(f"{tmp_path / 'labels.csv'}:")
-    # Ledger: CSV data lines + audio files, less the files a CSV line (good or bad) took.
-    listed_with_file = len(GOOD_KEYS)
-    expected = physical_data_lines(data, header=True) + len(GOOD_KEYS) + 1 - listed_with_file
-    assert manifest.num_rows + quarantine.num_rows == expected
-
-
-def test_folder_bad_row_withholds_its_file_in_every_split(tmp_path: Path) -> None:
-    """A key named by a bad row in the eval CSV is not written by the catch-all train split either."""
-    for key in ("a", "b", "c"):
-        write_audio(tmp_path / "audio" / f"{key}.wav", seconds=0.1)
-    (tmp_path / "eval.csv").write_text('b.wav,"/m/x\nc.wav,/m/x\n')
-    source = SourceConfig(kind="folder", audio_root=str(tmp_path / "audio"), splits=[
-        SplitConfig(name="train", csv="", mix=True),
-        SplitConfig(name="eval", csv=str(tmp_path / "eval.csv"), mix=False),
-    ])
-    manifest, quarantine = build_manifest(source)
-    assert list(zip(manifest.column("split").to_pylist(), manifest.column("key").to_pylist())) == [
-        ("train", "a"), ("eval", "c")]
-    assert [(r["key"], r["split"], r["reason"]) for r in quarantine.to_pylist()] == [("b", "eval", "bad_csv_row")]
-
-
-@pytest.mark.parametrize(
-    ("content", "line", "message"),
-    [
-        (BOM + CLASS_LABELS.encode(), None, None),
-        (CLASS_LABELS.replace("\n", "\r\n").encode(), None, None),
-        (CLASS_LABELS.replace('"Music"', '"Music').encode(), 4, "unterminated quote"),
-        (CLASS_LABELS.replace('"Music"', '"Mu\nsic"').encode(), 4, "unterminated quote"),
-        (CLASS_LABELS.encode().replace(b"Music", b"Mus\xffic"), 4, "not valid UTF-8"),
-        (CLASS_LABELS.replace('"Speech"', '"Speech"!').encode(), 2, "malformed CSV"),
-        (b"index,mid,display_name\r\n0,/m/a,A\r\n, , \r\n", 3, "every field is empty"),
-    ],
-)
-def test_hostile_class_labels_csv(tmp_path: Path, content: bytes, line: int | None, message: str | None) -> None:
-    path = tmp_path / "class_labels_indices.csv"
-    path.write_bytes(content)
-    if line is None:
-        assert [c.display_name for c in read_class_labels(path)] == ["Speech", "Male speech, man speaking", "Music"]
-        return
-    with pytest.raises(ManifestError, match=rf"^{re.escape(str(path))}:{line}: {message}"):
-        read_class_labels(path)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Entries named like audio that are not readable regular files: quarantined, never opened.
-
-
 def make_odd_entries(directory: Path, names: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
     """Create entries by kind: dir, fifo, socket, broken_link, loop_link, dir_link, locked (no read permission;
     as root, where chmod does not stop reads, os.access is made to say so)."""
@@ -667,138 +483,3 @@ def test_folder_subdirectory_that_cannot_be_listed_is_quarantined(tmp_path: Path
     assert manifest.column("key").to_pylist() == ["good"]
     assert [(r["key"], r["reason"], r["path"]) for r in quarantine.to_pylist()] == [
         (None, "unreadable_file", str(audio / "closed"))]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Folder sources that just work: every decodable extension, listed files under several roots, clear misses
-
-
-def test_default_extensions_are_every_extension_the_decoder_reads(monkeypatch) -> None:
-    extensions = decodable_extensions()
-    assert extensions[:4] == ["wav", "flac", "ogg", "mp3"]
-    assert {"aiff", "aif", "aifc", "au", "caf", "w64", "rf64", "opus", "oga", "sph"} <= set(extensions)
-    assert "raw" not in extensions and len(extensions) == len(set(extensions))
-    # Derived from soundfile.available_formats(), not a fixed list.
-    monkeypatch.setattr(soundfile, "available_formats", lambda: {"WAV": "", "AIFF": "", "RAW": ""})
-    assert decodable_extensions() == ["wav", "aif", "aifc", "aiff", "wave"]
-
-
-def test_a_folder_of_aiff_au_caf_and_w64_files_is_read_with_the_default_extensions(tmp_path: Path) -> None:
-    audio = tmp_path / "audio"
-    for name, fmt in (("a.aiff", "AIFF"), ("b.aif", "AIFF"), ("c.au", "AU"), ("d.caf", "CAF"), ("e.w64", "W64")):
-        audio.mkdir(exist_ok=True)
-        soundfile.write(audio / name, np.zeros(1600, dtype=np.float32), 16000, format=fmt)
-    (audio / "notes.txt").write_text("not audio")
-    manifest, quarantine = build_manifest(SourceConfig(kind="folder", audio_root=str(audio)), probe_audio=True)
-    assert manifest.column("key").to_pylist() == ["a", "b", "c", "d", "e"]
-    assert manifest.column("duration_s").to_pylist() == [0.1] * 5
-    assert quarantine.num_rows == 0
-
-
-def test_a_listed_file_whose_extension_is_not_accepted_is_missing_naming_the_path_and_the_extensions(
-    tmp_path: Path,
-) -> None:
-    audio = tmp_path / "audio"
-    write_audio(audio / "song.aiff")
-    (tmp_path / "labels.csv").write_text("path,labels\nsong.aiff,Music\n")
-    source = SourceConfig(kind="folder", audio_root=str(audio), extensions=["wav", "flac"],
-                          splits=[SplitConfig(name="train", csv=str(tmp_path / "labels.csv"))])
-    manifest, quarantine = build_manifest(source)
-    assert manifest.num_rows == 0
-    (row,) = quarantine.to_pylist()
-    assert row["reason"] == "missing_file"
-    assert f"{audio}/song.aiff.{{wav,flac}}" in row["detail"]
-    assert f"{audio}/song.aiff exists, but its extension 'aiff' is not among data.source.extensions" in row["detail"]
-
-
-@pytest.fixture
-def spread(tmp_path: Path) -> SimpleNamespace:
-    """Files spread over two roots, the CSV's folder and an absolute path; some files are listed by no CSV."""
-    first, second, lists, elsewhere = (tmp_path / name for name in ("first", "second", "lists", "elsewhere"))
-    write_audio(first / "dog" / "a.wav")
-    write_audio(first / "unlisted.wav")
-    write_audio(second / "dog" / "b.flac")
-    write_audio(second / "a.ogg")  # shadowed: "dog/a.wav" resolves under the first root
-    write_audio(lists / "local" / "c.wav")
-    write_audio(elsewhere / "d.aiff")
-    write_audio(elsewhere / "unlisted.wav")
-    write_audio(first / "held_out.wav")
-    lists.mkdir(exist_ok=True)
-    (lists / "train.csv").write_text(
-        "path,labels\n"
-        "dog/a.wav,Dog\n"
-        "dog/b,Dog\n"  # no extension: every accepted one is tried
-        "local/c.wav,Cat\n"  # relative to the CSV's folder
-        f"{elsewhere / 'd.aiff'},Cat\n"
-        "gone.wav,Cat\n"
-        "gone_too,Cat\n"
-    )
-    (lists / "eval.csv").write_text(f"path,labels\n{first / 'held_out.wav'},Dog\n")
-    return SimpleNamespace(first=first, second=second, lists=lists, elsewhere=elsewhere)
-
-
-def test_a_csv_lists_files_under_several_roots_and_only_those_are_read(spread, monkeypatch) -> None:
-    scanned = []
-    real_scandir = os.scandir
-    monkeypatch.setattr(os, "scandir", lambda path=".": scanned.append(path) or real_scandir(path))
-    source = SourceConfig(kind="folder", audio_roots=[str(spread.first), str(spread.second)], splits=[
-        SplitConfig(name="train", csv=str(spread.lists / "train.csv"), mix=True),
-        SplitConfig(name="test", csv=str(spread.lists / "eval.csv"), mix=False)])
-    manifest, quarantine = build_manifest(source)
-    assert scanned == []  # nothing is scanned: only the listed files are looked up
-    rows = {(row["split"], row["key"]): (row["path"], row["label_mids"]) for row in manifest.to_pylist()}
-    assert rows == {
-        ("train", "dog/a"): (str(spread.first / "dog" / "a.wav"), ["Dog"]),
-        ("train", "dog/b"): (str(spread.second / "dog" / "b.flac"), ["Dog"]),
-        ("train", "local/c"): (str(spread.lists / "local" / "c.wav"), ["Cat"]),
-        ("train", str(spread.elsewhere / "d")): (str(spread.elsewhere / "d.aiff"), ["Cat"]),
-        # An absolute path under a root has the key of its path relative to that root.
-        ("test", "held_out"): (str(spread.first / "held_out.wav"), ["Dog"]),
-    }
-    missing = {row["key"]: row for row in quarantine.to_pylist()}
-    assert missing.keys() == {"gone", "gone_too"} and {row["reason"] for row in missing.values()} == {"missing_file"}
-    tried = missing["gone"]["detail"]
-    assert tried.startswith(f"{spread.lists / 'train.csv'}:6: no audio file ")
-    for folder in (spread.first, spread.second, spread.lists):
-        assert str(folder / "gone.wav") in tried
-    assert f"{spread.first / 'gone_too'}.{{wav,flac,ogg,mp3," in missing["gone_too"]["detail"]
-
-
-def test_one_file_spelled_two_ways_in_a_training_and_an_evaluation_split_is_a_leak(spread) -> None:
-    (spread.lists / "eval.csv").write_text(f"path,labels\n{spread.first / 'dog' / 'a.wav'},Dog\n")
-    source = SourceConfig(kind="folder", audio_roots=[str(spread.first)], splits=[
-        SplitConfig(name="train", csv=str(spread.lists / "train.csv"), mix=True),
-        SplitConfig(name="test", csv=str(spread.lists / "eval.csv"), mix=False)])
-    with pytest.raises(ManifestError, match=r"1 keys are in both .*dog/a \(eval: test, train: train\)"):
-        build_manifest(source)
-
-
-def test_listed_entries_that_are_not_regular_files_are_quarantined_without_opening_them(tmp_path: Path) -> None:
-    root = tmp_path / "root"
-    root.mkdir()
-    os.mkfifo(root / "pipe.wav")
-    (root / "folder.wav").mkdir()
-    os.symlink(root / "nowhere.wav", root / "broken.wav")
-    (tmp_path / "train.csv").write_text("pipe.wav,Dog\nfolder.wav,Dog\nbroken.wav,Dog\n")
-    source = SourceConfig(kind="folder", audio_roots=[str(root)],
-                          splits=[SplitConfig(name="train", csv=str(tmp_path / "train.csv"))])
-    manifest, quarantine = run_bounded(lambda: build_manifest(source, probe_audio=True), 30.0, [root])
-    assert manifest.num_rows == 0
-    found = {row["key"]: (row["reason"], row["detail"].split(" is ", 1)[1]) for row in quarantine.to_pylist()}
-    assert found == {
-        "pipe": ("not_regular_file", "a FIFO, not a regular file"),
-        "folder": ("not_regular_file", "a directory, not a regular file"),
-        "broken": ("not_regular_file", "a symlink whose target cannot be reached (No such file or directory)"),
-    }
-
-
-def test_listed_folder_sources_refuse_a_split_without_csv_and_both_kinds_of_root(tmp_path: Path) -> None:
-    (tmp_path / "train.csv").write_text("a.wav,Dog\n")
-    with pytest.raises(ManifestError, match=r"every split needs a csv listing its files \(splits \['rest'\]"):
-        build_manifest(SourceConfig(kind="folder", audio_roots=[str(tmp_path)], splits=[
-            SplitConfig(name="train", csv=str(tmp_path / "train.csv")), SplitConfig(name="rest", csv="")]))
-    with pytest.raises(ManifestError, match="audio_root .* or data.source.audio_roots .*, not both"):
-        build_manifest(SourceConfig(kind="folder", audio_root=str(tmp_path), audio_roots=[str(tmp_path)]))
-    with pytest.raises(ManifestError, match="audio_roots: .*nope.* are not directories"):
-        build_manifest(SourceConfig(kind="folder", audio_roots=[str(tmp_path / "nope")], splits=[
-            SplitConfig(name="train", csv=str(tmp_path / "train.csv"))]))

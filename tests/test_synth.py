@@ -11,7 +11,8 @@ import pytest
 import soundfile
 
 from pipeline.config import SourceConfig, SplitConfig, SynthConfig
-from pipeline.manifest import build_manifest, read_class_labels, read_segments_csv
+from pipeline.csv_rows import read_class_labels, read_segments_csv
+from pipeline.manifest import build_manifest
 from pipeline.synth import (
     BROKEN_KINDS,
     EVENTS_CLIP_SECONDS,

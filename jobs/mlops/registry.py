@@ -850,7 +850,7 @@ def register_official(
     names its classes, so predict also returns top labels. The version moves `aliases` only (none by default).
     Returns the ModelVersion.
     """
-    from pipeline.manifest import read_class_labels
+    from pipeline.csv_rows import read_class_labels
 
     checkpoint_path = Path(checkpoint_path)
     weights = import_official(checkpoint_path, trusted=trusted, overrides=overrides)
