@@ -18,7 +18,8 @@ from jobs import evaluate as evaluate_job
 from jobs.mlops import registry
 from jobs.train.checkpointing import STUDENT_FILE
 from jobs.train.config import dump_yaml, load_config
-from jobs.mlops.tracking import HTTP_DEFAULTS, mlflow_client
+from jobs.mlops.client import mlflow_client
+from jobs.mlops.tracking import HTTP_DEFAULTS
 from model.sslam import SSLAM
 from pipeline import shards
 from pipeline.audio import fbank_batch

@@ -21,12 +21,12 @@ from jobs.train import checkpointing
 
 from jobs import cli
 
-from jobs.mlops import registry
+from jobs.mlops import registration, registry
 from jobs.train.config import load_config
 from jobs.evaluate import label_prior, mean_average_precision, train_probe
 from jobs.export import from_registry
 from jobs.train.finetune_data import load_split
-from jobs.mlops.tracking import mlflow_client
+from jobs.mlops.client import mlflow_client
 from model.checkpoint import build_encoder
 from model.features import extract_features
 from test_evaluate import CLEARED, PRETRAIN_STEPS, pretrain, register, write_evaluation_set
@@ -65,7 +65,7 @@ def trained(tmp_path_factory):
         for name in CLEARED:
             patch.delenv(name, raising=False)
         patch.chdir(root)
-        patch.setenv(registry.KEY_ENV, str(root / "keys" / "registration.key"))
+        patch.setenv(registration.KEY_ENV, str(root / "keys" / "registration.key"))
         config = load_config("tiny_finetune", ["data.loader.shards=shards"])
         _, train_features = write_evaluation_set(root / "shards", config.data.audio)
         probe_config = load_config("probe", ["data.loader.num_workers=0"])
