@@ -249,9 +249,10 @@ def pretrain(config_path: Path, threads: int) -> dict:
 
 
 def encoder_model(weights, config: Config, folder: Path):
-    """The registered model's code (jobs.mlops.pyfunc_model) over `weights`, from the artifacts jobs.mlops.registry writes."""
+    """The registered model's code (jobs.mlops.pyfunc_model) over `weights`, from the artifacts jobs.mlops.pyfunc_package writes."""
     from jobs.mlops.pyfunc_model import SSLAMEncoderModel
-    from jobs.mlops.registry import audio_config_for, model_spec, sha256_file
+    from jobs.mlops.pyfunc_package import audio_config_for, model_spec
+    from jobs.train.checkpointing import sha256_file
     from model.checkpoint import save_weights
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -277,7 +278,7 @@ def random_weights(config: Config):
 
 def trained_weights(config: Config):
     from jobs.train import checkpointing
-    from jobs.mlops.registry import student_encoder_weights
+    from jobs.mlops.registration import student_encoder_weights
 
     root = checkpointing.checkpoint_root(config.train.output_dir)
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's consolidation prints; stdout is the JSON line

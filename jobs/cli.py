@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, module, summary in [
         ("preprocess", "jobs.preprocess", "audio -> WebDataset shards with mixtures (Ray)"),
-        ("register", "jobs.mlops.registry", "register checkpoints (pending ones, one, or an official EAT/SSLAM file)"),
+        ("register", "jobs.register", "register checkpoints (pending ones, one, or an official EAT/SSLAM file)"),
         ("evaluate", "jobs.evaluate", "linear-probe a registered model on evaluation shards (mAP vs label prior)"),
         ("export", "jobs.export", "export an encoder (registry URI, run, checkpoint, official .pt) as a plain folder"),
         ("infer", "jobs.infer", "embed (or tag) audio files, window by window, with a registered or exported model"),

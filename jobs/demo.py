@@ -54,7 +54,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from jobs.evaluate import evaluate
     from jobs.preprocess import run_preprocess
     from jobs.mlops.registry import register_pending
-    from jobs.mlops.tracking import tracking_uri
+    from jobs.mlops.client import tracking_uri
     from pipeline.inspect import render_groups, summarize
     from pipeline.synth import make_sample_dataset
 

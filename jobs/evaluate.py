@@ -62,7 +62,7 @@ from torch import nn
 from jobs.train.config import Config, ConfigError, EvalConfig, add_config_arguments, config_from_args
 from jobs.mlops.lineage import lineage_tags
 from jobs.mlops.registry import BEST, load_verified
-from jobs.mlops.tracking import ensure_experiment, mlflow_client, param_value
+from jobs.mlops.client import ensure_experiment, mlflow_client, param_value
 from jobs.train.metrics import accuracy, average_precision_per_class, mean_average_precision
 from model.features import content_mean_frames
 

@@ -48,7 +48,7 @@ class Exportable:
 
 
 def _audio_for(weights: ImportedCheckpoint, audio: dict | AudioConfig | None) -> AudioConfig:
-    from jobs.mlops.registry import audio_config_for
+    from jobs.mlops.pyfunc_package import audio_config_for
 
     if isinstance(audio, dict):
         audio = AudioConfig(**audio)
@@ -128,7 +128,7 @@ def resolve_source(source: str, class_labels_csv: str | None = None, trusted: bo
 
 def write_export(exportable: Exportable, out: str | Path) -> Path:
     """Write `config.json` + `model.safetensors` to `out` (which must not exist or be empty)."""
-    from jobs.mlops.registry import sha256_file
+    from jobs.train.checkpointing import sha256_file
 
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -167,7 +167,7 @@ def write_export(exportable: Exportable, out: str | Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     from mlflow.exceptions import MlflowException
 
-    from jobs.mlops.registry import RegistrationRefused
+    from jobs.mlops.registration import RegistrationRefused
 
     parser = argparse.ArgumentParser(
         prog="sslam export", description="export an encoder as config.json + model.safetensors"

@@ -89,7 +89,7 @@ def model_load_errors() -> tuple[type[Exception], ...]:
     if "mlflow" in sys.modules:
         from mlflow.exceptions import MlflowException
 
-        from jobs.mlops.registry import RegistrationRefused
+        from jobs.mlops.registration import RegistrationRefused
 
         errors += (MlflowException, RegistrationRefused)
     return errors

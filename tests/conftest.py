@@ -40,7 +40,7 @@ def remove_deepspeed_shared_memory():
 
 @pytest.fixture(autouse=True, scope="session")
 def registration_key_in_the_session(tmp_path_factory):
-    """Registrations are signed with a key file (jobs.mlops.registry); the suite uses its own, never the user's."""
+    """Registrations are signed with a key file (jobs.mlops.registration); the suite uses its own, never the user's."""
     if "SSLAM_REGISTRATION_KEY_FILE" in os.environ:
         yield
         return

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from jobs.mlops import registry
+from jobs.mlops import registration
 from jobs.train.checkpointing import STUDENT_FILE
 from jobs.train.config import dump_yaml
 from jobs.mlops.tracking import HTTP_DEFAULTS
@@ -29,7 +29,7 @@ def use_store(patch: pytest.MonkeyPatch, root: Path, signing_key: bool = True) -
         patch.delenv(name, raising=False)
     patch.chdir(root)
     if signing_key:
-        patch.setenv(registry.KEY_ENV, str(root / "keys" / "registration.key"))
+        patch.setenv(registration.KEY_ENV, str(root / "keys" / "registration.key"))
 
 
 class Payload:

@@ -20,7 +20,8 @@ from jobs.train.checkpointing import STUDENT_FILE
 from jobs.train.config import dump_yaml, load_config
 from jobs.train.ema import MasterWeightEMA
 from jobs.train.metrics import mean_average_precision
-from jobs.mlops.tracking import HTTP_DEFAULTS, mlflow_client
+from jobs.mlops.client import mlflow_client
+from jobs.mlops.tracking import HTTP_DEFAULTS
 from model.sslam import SSLAM
 from pipeline import shards
 from pipeline.audio import fbank_batch

@@ -16,7 +16,7 @@ import soundfile
 import torch
 
 from jobs import export as export_job
-from jobs.mlops import registry
+from jobs import register as register_job
 from jobs.train.checkpointing import STUDENT_FILE, manifest_for_files
 from jobs.train.config import load_config
 from model.checkpoint import CheckpointError, load_weights
@@ -160,7 +160,7 @@ def test_registry_uri_exports_the_verified_version_matching_the_pyfunc(store, co
     from model import load_encoder
 
     tag_dir = checkpoint_folder(store.root / "runs" / "a", config, 4)
-    assert registry.main(["--checkpoint", str(tag_dir)]) == 0
+    assert register_job.main(["--checkpoint", str(tag_dir)]) == 0
     out = export_job.write_export(export_job.resolve_source(f"models:/{MODEL}/1"), store.root / "out")
     spec = json.loads((out / "config.json").read_text())
     assert spec["source"] == f"models:/{MODEL}/1"

@@ -21,13 +21,13 @@ from jobs.train import checkpointing
 
 from jobs import cli
 
-from jobs.mlops import registry
+from jobs.mlops import registration, registry
 from jobs.train.config import load_config
 from jobs.evaluate import label_prior, train_probe
 from jobs.train.metrics import mean_average_precision
 from jobs.export import from_registry
 from jobs.train.finetune_data import load_split
-from jobs.mlops.tracking import mlflow_client
+from jobs.mlops.client import mlflow_client
 from model.build import build_encoder
 from model.features import extract_features
 from test_evaluate import CLEARED, PRETRAIN_STEPS, pretrain, register, write_evaluation_set
@@ -66,7 +66,7 @@ def trained(tmp_path_factory):
         for name in CLEARED:
             patch.delenv(name, raising=False)
         patch.chdir(root)
-        patch.setenv(registry.KEY_ENV, str(root / "keys" / "registration.key"))
+        patch.setenv(registration.KEY_ENV, str(root / "keys" / "registration.key"))
         config = load_config("tiny_finetune", ["data.loader.shards=shards"])
         _, train_features = write_evaluation_set(root / "shards", config.data.audio)
         probe_config = load_config("probe", ["data.loader.num_workers=0"])

@@ -22,7 +22,7 @@ import torch
 from jobs import infer as infer_job
 from jobs.train.config import load_config
 from jobs.export import Exportable, from_official, write_export
-from jobs.mlops.registry import audio_config_for
+from jobs.mlops.pyfunc_package import audio_config_for
 from model import load_encoder
 from model.checkpoint import ImportedCheckpoint
 from model.sslam import SSLAM

@@ -20,9 +20,10 @@ import pandas as pd
 import pytest
 import torch
 
-from jobs.mlops import registry
+from jobs.mlops import registration, registry
 from jobs.train.config import dump_yaml, load_config
-from jobs.mlops.tracking import HTTP_DEFAULTS, Tracker, mlflow_client
+from jobs.mlops.client import mlflow_client
+from jobs.mlops.tracking import HTTP_DEFAULTS, Tracker
 from model.features import extract_features
 from model.sslam import SSLAM
 
@@ -143,16 +144,16 @@ def test_tracking_and_registry_survive_a_server_outage(server):
     tracker.on_checkpoint(tag20, 20)  # exports locally; the registration fails in the background
     assert time.perf_counter() - started < 15
     assert max(durations) < 2.0
-    pending = run_dir / "registrations" / tag20.name / registry.PENDING_FILE
+    pending = run_dir / "registrations" / tag20.name / registration.PENDING_FILE
     wait_for(lambda: json.loads(pending.read_text())["last_error"], 60, "the failed registration attempt")
-    assert (pending.parent / registry.MODEL_DIR / "MLmodel").is_file()
+    assert (pending.parent / registration.MODEL_DIR / "MLmodel").is_file()
     assert not tracker.flush(timeout_s=1)  # metrics are waiting, not lost
     assert tracker.dropped_metrics == 0
 
     server.start()
     versions = registry.register_pending(run_dir)  # `sslam register RUN_DIR`
     assert [v.tags["update"] for v in versions] == ["20"]
-    assert not pending.exists() and (pending.parent / registry.DONE_FILE).is_file()
+    assert not pending.exists() and (pending.parent / registration.DONE_FILE).is_file()
     tracker.on_checkpoint(tag30, 30)  # the next checkpoint registers too
     assert tracker.flush(timeout_s=120)
     tracker.finish()

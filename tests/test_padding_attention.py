@@ -81,7 +81,8 @@ def test_the_registered_model_of_an_aware_encoder_attends_to_each_rows_content(t
     import pandas as pd
 
     from jobs.mlops.pyfunc_model import SSLAMEncoderModel
-    from jobs.mlops.registry import audio_config_for, model_spec, sha256_file
+    from jobs.mlops.pyfunc_package import audio_config_for, model_spec
+    from jobs.train.checkpointing import sha256_file
     from model.checkpoint import ImportedCheckpoint, save_weights
     from pipeline.config import AudioConfig
 

@@ -18,7 +18,7 @@ import torch
 from jobs import evaluate as evaluate_job
 from jobs.train.config import load_config
 from jobs.train.polyphonic_eval import manifest_test_clips
-from jobs.mlops.tracking import mlflow_client
+from jobs.mlops.client import mlflow_client
 from model.sslam import SSLAM
 from pipeline.config import AudioConfig
 from pipeline.polyphonic import PEAK_LIMIT, draw_mixtures, equal_loudness_sum, rms, union_labels

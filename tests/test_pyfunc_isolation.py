@@ -1,4 +1,4 @@
-"""A registered model runs its own private copy of the project code (jobs.mlops.registry.write_private_code): it loads
+"""A registered model runs its own private copy of the project code (jobs.mlops.pyfunc_package.write_private_code): it loads
 and predicts in an application that already imported top-level `model`, `pipeline` and `config` modules of its
 own, leaves them alone, and pulls nothing from the project checkout."""
 
@@ -18,9 +18,9 @@ import pandas as pd
 import pytest
 import torch
 
-from jobs.mlops import registry
+from jobs.mlops import pyfunc_package, registry
 from jobs.train.config import load_config
-from jobs.mlops.tracking import mlflow_client
+from jobs.mlops.client import mlflow_client
 from model.features import extract_features
 from registry_support import MLFLOW_ENV, seeded_checkpoint, use_store
 
@@ -108,23 +108,23 @@ def test_the_model_folder_ships_only_private_code(registered):
     imported from its staging folder in the registering process."""
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=registered.uri,
                                                      dst_path=str(registered.root / "download")))
-    [package] = (local / registry.CODE_DIR).iterdir()
-    assert package.name.startswith(registry.PRIVATE_PACKAGE_PREFIX)
+    [package] = (local / pyfunc_package.CODE_DIR).iterdir()
+    assert package.name.startswith(pyfunc_package.PRIVATE_PACKAGE_PREFIX)
     assert {"model/checkpoint.py", "model/encoder.py", "pipeline/audio.py", "pipeline/config.py"} <= {
         p.relative_to(package).as_posix() for p in package.rglob("*.py")}
     assert not (package / "pipeline" / "preprocess.py").exists()  # only what the pyfunc needs
     for source in [local / "pyfunc_model.py", *package.rglob("*.py")]:
-        assert registry._project_imports(source) == [], source
+        assert pyfunc_package._project_imports(source) == [], source
     assert registered.saved_private == []
 
 
 def test_the_private_package_name_follows_the_code_and_unshippable_imports_are_refused(tmp_path, monkeypatch):
-    first, _ = registry.write_private_code(tmp_path / "a")
+    first, _ = pyfunc_package.write_private_code(tmp_path / "a")
     changed = tmp_path / "pyfunc_model.py"
-    changed.write_text(registry.PYFUNC_FILE.read_text() + "\n# another version of the code\n")
-    monkeypatch.setattr(registry, "PYFUNC_FILE", changed)
-    second, _ = registry.write_private_code(tmp_path / "b")
-    name = lambda path: next((path.parent / registry.CODE_DIR).iterdir()).name  # noqa: E731
+    changed.write_text(pyfunc_package.PYFUNC_FILE.read_text() + "\n# another version of the code\n")
+    monkeypatch.setattr(pyfunc_package, "PYFUNC_FILE", changed)
+    second, _ = pyfunc_package.write_private_code(tmp_path / "b")
+    name = lambda path: next((path.parent / pyfunc_package.CODE_DIR).iterdir()).name  # noqa: E731
     assert name(first) != name(second)
 
     for text, message in [("import model.encoder\n", "`import model.encoder`"),
@@ -134,4 +134,4 @@ def test_the_private_package_name_follows_the_code_and_unshippable_imports_are_r
         bad = tmp_path / "bad.py"
         bad.write_text(text)
         with pytest.raises(ValueError, match=message):
-            registry.shipped_modules(bad)
+            pyfunc_package.shipped_modules(bad)

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from jobs.mlops import registry
+from jobs import register as register_job
+from jobs.mlops import registration
 from jobs.train.config import ConfigError, TrackingConfig, load_config
-from jobs.mlops.tracking import Tracker, mlflow_client
+from jobs.mlops.client import mlflow_client
+from jobs.mlops.tracking import Tracker
 from registry_support import seeded_checkpoint, use_store
 
 MODEL = "sslam-policy"
@@ -105,11 +107,11 @@ def test_a_smoke_run_next_to_a_real_one_leaves_candidate_where_it_was(store):
 
     never = train(run_config("never", "tracking.register=never", "tracking.aliases=[candidate]"), [5])
     assert versions_of(never) == []
-    assert not registry.registrations_dir("runs/never").exists()
+    assert not registration.registrations_dir("runs/never").exists()
     failed = train(run_config("failed", "tracking.aliases=[candidate]"), [5], status="FAILED")
     assert versions_of(failed) == []
     assert client.get_model_version_by_alias(MODEL, "candidate").version == held
-    assert registry.pending_folders("runs/real") == registry.pending_folders("runs/each") == []
+    assert registration.pending_folders("runs/real") == registration.pending_folders("runs/each") == []
 
 
 def test_sslam_register_moves_the_aliases_it_is_given(store, capsys):
@@ -117,15 +119,15 @@ def test_sslam_register_moves_the_aliases_it_is_given(store, capsys):
     are refused before anything is exported."""
     client = mlflow_client()
     tiny = checkpoint(run_config("tiny"), 3)
-    assert registry.main(["--checkpoint", str(tiny)]) == 0
+    assert register_job.main(["--checkpoint", str(tiny)]) == 0
     [version] = client.search_model_versions(f"name = '{MODEL}'")
     assert client.get_model_version(MODEL, version.version).aliases == []
     base_like = checkpoint(run_config("base_like", "tracking.aliases=[candidate]"), 4)
-    assert registry.main(["--checkpoint", str(base_like)]) == 0
+    assert register_job.main(["--checkpoint", str(base_like)]) == 0
     assert client.get_model_version_by_alias(MODEL, "candidate").tags["update"] == "4"
     bad = checkpoint(run_config("bad"), 5)
-    assert registry.main(["--checkpoint", str(bad), "--alias", "best"]) == 1
+    assert register_job.main(["--checkpoint", str(bad), "--alias", "best"]) == 1
     assert "evaluate --promote" in capsys.readouterr().err
-    assert not registry.registrations_dir("runs/bad").exists()
+    assert not registration.registrations_dir("runs/bad").exists()
     with pytest.raises(SystemExit):
-        registry.main(["runs/tiny", "--alias", "candidate"])
+        register_job.main(["runs/tiny", "--alias", "candidate"])

@@ -19,11 +19,13 @@ import torch
 import torch.distributed as dist
 
 from jobs import infer as infer_job
-from jobs.mlops import registry
+from jobs import register as register_job
+from jobs.mlops import registration, registry
 from jobs.train.checkpointing import consolidated_student
 from jobs.train.config import load_config
 from jobs.mlops.lineage import MODEL_VERSIONS, link_version
-from jobs.mlops.tracking import HTTP_DEFAULTS, mlflow_client
+from jobs.mlops.client import mlflow_client
+from jobs.mlops.tracking import HTTP_DEFAULTS
 from model.build import build_classifier
 from model.official import import_official, official_name
 from model.encoder import Encoder
@@ -122,8 +124,8 @@ def test_every_checkpoint_is_registered_with_tags_and_candidate(trained):
         for tags in (logged.tags, version.tags):
             assert tags["mlflow.user"] and tags["mlflow.source.name"] and tags["mlflow.source.git.commit"]
     run_dir = trained.root / "runs" / "stage1"
-    assert registry.pending_folders(run_dir) == []
-    done = sorted(p.parent.name for p in registry.registrations_dir(run_dir).glob(f"*/{registry.DONE_FILE}"))
+    assert registration.pending_folders(run_dir) == []
+    done = sorted(p.parent.name for p in registration.registrations_dir(run_dir).glob(f"*/{registration.DONE_FILE}"))
     assert done == ["update_00000004", "update_00000008"]
     # keep_checkpoints=1 pruned update 4, but its version was exported before and still loads.
     assert not (trained.checkpoints / "update_00000004").exists()
@@ -177,11 +179,11 @@ def test_candidate_alias_rules_and_reserved_latest(trained):
     other = registry.register_checkpoint(tag_dir, run_dir=trained.root / "other")
     assert client.get_model_version_by_alias(MODEL, "candidate").version == other.version
     assert registry.register_pending(trained.root / "other") == []
-    assert registry.main([str(trained.root / "runs" / "stage1")]) == 0  # `sslam register RUN_DIR`: nothing pending
+    assert register_job.main([str(trained.root / "runs" / "stage1")]) == 0  # `sslam register RUN_DIR`: nothing pending
     with pytest.raises(ValueError, match="reserves"):
-        registry.export_checkpoint(tag_dir, 8, trained.root / "bad", aliases=["latest"])
+        registration.export_checkpoint(tag_dir, 8, trained.root / "bad", aliases=["latest"])
     with pytest.raises(ValueError, match="evaluate --promote"):
-        registry.export_checkpoint(tag_dir, 8, trained.root / "bad", aliases=["best"])
+        registration.export_checkpoint(tag_dir, 8, trained.root / "bad", aliases=["best"])
 
 
 def test_one_process_at_a_time_completes_a_registration(trained):
@@ -190,15 +192,15 @@ def test_one_process_at_a_time_completes_a_registration(trained):
 
     tag_dir = trained.checkpoints / "update_00000008"
     run_dir = trained.root / "claimed"
-    folder = registry.export_checkpoint(tag_dir, 8, run_dir, model_name="sslam-claim-test", aliases=[])
+    folder = registration.export_checkpoint(tag_dir, 8, run_dir, model_name="sslam-claim-test", aliases=[])
     with open(folder / registry.CLAIM_FILE, "a") as other_process:  # its own open file description: a rival lock
         fcntl.flock(other_process, fcntl.LOCK_EX)
         with pytest.raises(registry.RegistrationBusy):
             registry.complete_registration(folder)
         assert registry.register_pending(run_dir) == []
-        assert registry.pending_folders(run_dir) == [folder]
+        assert registration.pending_folders(run_dir) == [folder]
     [version] = registry.register_pending(run_dir)
-    assert registry.pending_folders(run_dir) == []
+    assert registration.pending_folders(run_dir) == []
     # A process that was waiting for the folder finds it done and gets the same version, not a new one.
     assert registry.complete_registration(folder).version == version.version
     assert len(mlflow_client().search_model_versions("name = 'sslam-claim-test'")) == 1

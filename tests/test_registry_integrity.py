@@ -21,10 +21,12 @@ from safetensors.torch import load_file
 
 from jobs import evaluate as evaluate_job
 from jobs import infer as infer_job
-from jobs.mlops import registry
+from jobs import register as register_job
+from jobs.mlops import pyfunc_package, registration, registry
+from jobs.train.checkpointing import sha256_file
 from jobs.train.checkpointing import STUDENT_FILE
 from jobs.train.config import load_config
-from jobs.mlops.tracking import mlflow_client
+from jobs.mlops.client import mlflow_client
 from model.checkpoint import ImportedCheckpoint, load_weights, save_weights
 from model.encoder import Encoder
 from registry_support import Payload, seeded_checkpoint, use_store
@@ -57,16 +59,16 @@ def checkpoint_folder(run_dir: Path, config, updates: int, student: bool = True,
 def test_crafted_pickle_in_a_checkpoint_never_runs_without_trusted(store, capsys):
     marker = store.root / "pickle-ran"
     bare = checkpoint_folder(store.root / "runs" / "bare", store.config, 4, student=False, payload=marker)
-    assert registry.main(["--checkpoint", str(bare)]) == 1
+    assert register_job.main(["--checkpoint", str(bare)]) == 1
     assert "--trusted" in capsys.readouterr().err
     assert not marker.exists()
 
     with_student = checkpoint_folder(store.root / "runs" / "student", store.config, 8, payload=marker)
-    assert registry.main(["--checkpoint", str(with_student)]) == 0
+    assert register_job.main(["--checkpoint", str(with_student)]) == 0
     assert not marker.exists()  # exported from student.safetensors; the pickles were never opened
     version = registry.resolve_version(f"models:/{MODEL}/latest", mlflow_client())
-    registered = artifact_dir(version) / registry.WEIGHTS_ARTIFACT
-    assert version.tags[registry.WEIGHTS_SHA_TAG] == registry.sha256_file(registered)
+    registered = artifact_dir(version) / pyfunc_package.WEIGHTS_ARTIFACT
+    assert version.tags[registry.WEIGHTS_SHA_TAG] == sha256_file(registered)
     assert len(version.tags[registry.MODEL_SHA_TAG]) == 64
     student = load_file(str(with_student / STUDENT_FILE))
     encoder = load_weights(registered).student_encoder
@@ -75,7 +77,7 @@ def test_crafted_pickle_in_a_checkpoint_never_runs_without_trusted(store, capsys
 
     # Control: --trusted is what lets DeepSpeed's pickles be read (here the ZeRO-0 layout's model states).
     (bare / "zero_pp_rank_0_mp_rank_00_optim_states.pt").unlink()
-    assert registry.main(["--checkpoint", str(bare), "--trusted"]) == 0
+    assert register_job.main(["--checkpoint", str(bare), "--trusted"]) == 0
     assert marker.exists()
 
 
@@ -84,46 +86,46 @@ def test_planted_pending_folders_are_refused(store, capsys, monkeypatch):
     run_dir = store.root / "runs" / "planted"
     tag_dir = checkpoint_folder(run_dir, store.config, 12)
     model_name = "sslam-planted"
-    genuine = registry.export_checkpoint(tag_dir, 12, run_dir, model_name=model_name, aliases=["candidate"])
-    root = registry.registrations_dir(run_dir)
+    genuine = registration.export_checkpoint(tag_dir, 12, run_dir, model_name=model_name, aliases=["candidate"])
+    root = registration.registrations_dir(run_dir)
 
     copied = root / "update_00000099"  # a genuine record under another folder name
     shutil.copytree(genuine, copied)
     code_marker = store.root / "planted-code-ran"
     altered = root / "update_00000100"  # genuine record, pyfunc code changed
-    registry.export_checkpoint(checkpoint_folder(run_dir, store.config, 100), 100, run_dir, model_name=model_name)
-    assert (altered / registry.MODEL_DIR / "pyfunc_model.py").is_file()  # the pyfunc's code, run at load
-    with open(altered / registry.MODEL_DIR / "pyfunc_model.py", "a") as handle:
+    registration.export_checkpoint(checkpoint_folder(run_dir, store.config, 100), 100, run_dir, model_name=model_name)
+    assert (altered / registration.MODEL_DIR / "pyfunc_model.py").is_file()  # the pyfunc's code, run at load
+    with open(altered / registration.MODEL_DIR / "pyfunc_model.py", "a") as handle:
         handle.write(f"\nimport os\nos.system('touch {code_marker}')\n")
     unsigned = root / "update_00000101"  # a hand-made record
     shutil.copytree(genuine, unsigned)
-    record = json.loads((unsigned / registry.PENDING_FILE).read_text())
+    record = json.loads((unsigned / registration.PENDING_FILE).read_text())
     record["signature"] = ""
-    (unsigned / registry.PENDING_FILE).write_text(json.dumps(record))
-    monkeypatch.setenv(registry.KEY_ENV, str(store.root / "other-user.key"))
-    foreign = registry.export_checkpoint(checkpoint_folder(run_dir, store.config, 102), 102, run_dir,
+    (unsigned / registration.PENDING_FILE).write_text(json.dumps(record))
+    monkeypatch.setenv(registration.KEY_ENV, str(store.root / "other-user.key"))
+    foreign = registration.export_checkpoint(checkpoint_folder(run_dir, store.config, 102), 102, run_dir,
                                          model_name=model_name)  # signed with another user's key
-    monkeypatch.setenv(registry.KEY_ENV, str(store.root / "keys" / "registration.key"))
+    monkeypatch.setenv(registration.KEY_ENV, str(store.root / "keys" / "registration.key"))
 
-    assert registry.main([str(run_dir)]) == 1  # `sslam register RUN_DIR`
+    assert register_job.main([str(run_dir)]) == 1  # `sslam register RUN_DIR`
     captured = capsys.readouterr()
     assert "registered sslam-planted version 1 (update 12)" in captured.out
     assert "4 registrations are still pending" in captured.err
     versions = client.search_model_versions(f"name = '{model_name}'")
     assert [v.tags["update"] for v in versions] == ["12"]
-    assert sorted(p.name for p in registry.pending_folders(run_dir)) == sorted(
+    assert sorted(p.name for p in registration.pending_folders(run_dir)) == sorted(
         p.name for p in (copied, altered, unsigned, foreign))
     for folder in (copied, altered, unsigned, foreign):
-        assert json.loads((folder / registry.PENDING_FILE).read_text())["last_error"].startswith("RegistrationRefused")
+        assert json.loads((folder / registration.PENDING_FILE).read_text())["last_error"].startswith("RegistrationRefused")
     assert not code_marker.exists()
     assert str(client.get_model_version_by_alias(model_name, "candidate").version) == "1"
 
     # A folder planted under the name of a checkpoint still to come does not block that checkpoint's export.
-    later = registry.export_checkpoint(checkpoint_folder(run_dir, store.config, 101), 101, run_dir,
+    later = registration.export_checkpoint(checkpoint_folder(run_dir, store.config, 101), 101, run_dir,
                                        model_name=model_name)
     assert later == unsigned
     [version] = registry.register_pending(run_dir)  # the three others stay refused
-    assert version.tags["update"] == "101" and len(registry.pending_folders(run_dir)) == 3
+    assert version.tags["update"] == "101" and len(registration.pending_folders(run_dir)) == 3
 
 
 def artifact_dir(version) -> Path:
@@ -143,11 +145,11 @@ def test_tampered_registered_model_is_refused_by_infer_evaluate_and_pyfunc(store
     capsys.readouterr()
 
     artifacts = artifact_dir(version)
-    genuine = (artifacts / registry.WEIGHTS_ARTIFACT).read_bytes()
+    genuine = (artifacts / pyfunc_package.WEIGHTS_ARTIFACT).read_bytes()
     torch.manual_seed(1234)
     other = ImportedCheckpoint(config=store.config.model, kind="encoder",
                                student_encoder=dict(Encoder(store.config.model).state_dict()))
-    save_weights(other, artifacts / registry.WEIGHTS_ARTIFACT)  # valid weights, not the registered ones
+    save_weights(other, artifacts / pyfunc_package.WEIGHTS_ARTIFACT)  # valid weights, not the registered ones
 
     assert infer_job.main([str(wav), "--model", uri]) == 1
     assert "was altered" in capsys.readouterr().err
@@ -158,7 +160,7 @@ def test_tampered_registered_model_is_refused_by_infer_evaluate_and_pyfunc(store
             pd.DataFrame({"fbank": [(-4.0 + torch.randn(512, 64)).tolist()]}))
 
     # The weights back, the code changed: refused before the code runs.
-    (artifacts / registry.WEIGHTS_ARTIFACT).write_bytes(genuine)
+    (artifacts / pyfunc_package.WEIGHTS_ARTIFACT).write_bytes(genuine)
     marker = store.root / "artifact-code-ran"
     assert (artifacts / "pyfunc_model.py").is_file()
     with open(artifacts / "pyfunc_model.py", "a") as handle:

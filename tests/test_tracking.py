@@ -17,15 +17,9 @@ import torch
 from jobs.train.checkpointing import manifest_for_files
 from jobs.train.config import ConfigError, flatten, load_config
 from jobs.mlops.lineage import shard_location_uri, system_metrics_interval
-from jobs.mlops.tracking import (
-    DROPPED_METRIC,
-    NullTracker,
-    Tracker,
-    ensure_experiment,
-    mlflow_client,
-    render_preview,
-    tracking_uri,
-)
+from jobs.mlops.client import ensure_experiment, mlflow_client, tracking_uri
+from jobs.mlops.preview import render_preview
+from jobs.mlops.tracking import DROPPED_METRIC, NullTracker, Tracker
 from registry_support import use_store
 
 REPO = Path(__file__).resolve().parents[1]

@@ -4,8 +4,9 @@ The best checkpoint (by eval mAP) lives in `<output_dir>/best/`: `classifier.saf
 ImportedCheckpoint: student encoder + fc_norm/head, model.checkpoint.save_weights) and `best.json` (update, mAP,
 the eval metrics, the class list, the front-end). It is replaced as a whole (written beside, then renamed).
 
-Registration reuses jobs.mlops.registry: the same signed pending folder under `<output_dir>/registrations/`, the same
-pyfunc (with a head, so predict returns logits / top labels), the same upload and alias rules. The registered
+Registration reuses jobs.mlops.registration and jobs.mlops.registry: the same signed pending folder under
+`<output_dir>/registrations/`, the same pyfunc (with a head, so predict returns logits / top labels), the same
+upload and alias rules. The registered
 model is `<tracking.model_name>-classifier`; the version's tags carry `kind=finetune`, `source=finetune`, the
 update and every eval metric (`eval.mAP`, `eval.baseline_mAP`, ...). `tracking.register` decides when: `never`,
 `end` (the best of a run that finished) or `every_checkpoint` (each new best when it is written);
@@ -21,7 +22,14 @@ import os
 import shutil
 from pathlib import Path
 
-from jobs.mlops import registry
+from jobs.mlops.registration import (
+    DONE_FILE,
+    PENDING_FILE,
+    Registration,
+    _stage_folder,
+    encoder_name,
+    registrations_dir,
+)
 from jobs.train.checkpointing import tag_for
 from jobs.mlops.tracking import Tracker
 from model.checkpoint import ImportedCheckpoint, load_weights, save_weights
@@ -68,13 +76,13 @@ def export_classifier(best_dir: str | Path, run_dir: str | Path, config, *, run_
     best_dir = Path(best_dir)
     record = json.loads((best_dir / BEST_RECORD).read_text())
     updates = int(record["update"])
-    folder = registry.registrations_dir(run_dir) / f"classifier_{tag_for(updates)}"
-    if (folder / registry.DONE_FILE).is_file() or (folder / registry.PENDING_FILE).is_file():
+    folder = registrations_dir(run_dir) / f"classifier_{tag_for(updates)}"
+    if (folder / DONE_FILE).is_file() or (folder / PENDING_FILE).is_file():
         return folder
     weights = load_weights(best_dir / BEST_WEIGHTS)
     weights.num_updates = updates
     metric_tags = {f"eval.{name}": repr(float(value)) for name, value in record["metrics"].items()}
-    registration = registry.Registration(
+    registration = Registration(
         model_name=classifier_model_name(config.tracking.model_name),
         experiment=config.tracking.experiment,
         tags={
@@ -82,7 +90,7 @@ def export_classifier(best_dir: str | Path, run_dir: str | Path, config, *, run_
             "update": str(updates),
             "stage": "finetune",
             "kind": "finetune",
-            "encoder": registry.encoder_name(weights.config),
+            "encoder": encoder_name(weights.config),
             "dataset_fingerprint": dataset_fingerprint,
             "source": "finetune",
             "init_from": str(config.finetune.source),
@@ -95,7 +103,7 @@ def export_classifier(best_dir: str | Path, run_dir: str | Path, config, *, run_
         run_id=run_id,
         updates=updates,
     )
-    registry._stage_folder(folder, weights, registration, audio_cfg=AudioConfig(**record["audio"]),
+    _stage_folder(folder, weights, registration, audio_cfg=AudioConfig(**record["audio"]),
                            classes=record["classes"], pooling=record["pooling"])
     log.info("exported the classifier of update %d (mAP %.4f) to %s (pending registration)", updates,
              record["metrics"]["mAP"], folder)

@@ -2,7 +2,7 @@
 model").
 
 MLflow runs this file when a version is loaded (`mlflow.pyfunc.load_model("models:/NAME@candidate")`); nothing is
-unpickled. `load_context` reads two artifacts written by `jobs.mlops.registry`:
+unpickled. `load_context` reads two artifacts written by `jobs.mlops.pyfunc_package`:
 
 * `weights`: `encoder.safetensors`, this project's safetensors format (model.checkpoint): the encoder, plus the
   classifier head (fc_norm + head) for a fine-tuned import; the resolved ModelConfig is in its metadata.
@@ -10,10 +10,10 @@ unpickled. `load_context` reads two artifacts written by `jobs.mlops.registry`:
   (AudioConfig of the front-end), "classes" ([{index, mid, name}] of the head, or null), "pooling",
   "weights_sha256"}.
 
-The registered copy of this file is not this file: `jobs.mlops.registry.save_pyfunc` ships it with its `from model...`
-/ `from pipeline...` imports rewritten to a private package (`code/_sslam_pyfunc_<digest>/` of the model folder,
-holding the modules they need), so the model loads in applications with top-level `model` / `pipeline` modules of
-their own. Import project code here only as `from model.X import Y` / `from pipeline.X import Y` (anything else
+The registered copy of this file is not this file: `jobs.mlops.pyfunc_package.save_pyfunc` ships it with its
+`from model...` / `from pipeline...` imports rewritten to a private package (`code/_sslam_pyfunc_<digest>/` of the
+model folder, holding the modules they need), so the model loads in applications with top-level `model` /
+`pipeline` modules of their own. Import project code here only as `from model.X import Y` / `from pipeline.X import Y` (anything else
 is refused at save time), and nothing from `jobs`.
 
 Before the weights are read, their sha256 is compared with `weights_sha256` of model_config.json and, when the

@@ -1,21 +1,19 @@
 """MLflow run tracking of the pre-training job: where runs go, and a tracker that never blocks training.
 
-Where runs go. With no `MLFLOW_TRACKING_URI`, every command uses one project-level store in the working
-directory: `sqlite:///mlruns/mlflow.db` for runs and the model registry, `mlruns/artifacts` for artifacts (the
-experiment is created with that artifact location). With `MLFLOW_TRACKING_URI=http://...` the same code talks to an
-`mlflow server` (basic auth from MLflow's own `MLFLOW_TRACKING_USERNAME` / `MLFLOW_TRACKING_PASSWORD`).
+Where runs go: jobs.mlops.client (the project-level store, or `MLFLOW_TRACKING_URI`).
 
 The tracker (`Tracker.start(...)`, rank 0 only; other ranks use `NullTracker`) puts everything on a background
 thread: the run's creation, params (the flattened resolved config, long values truncated to MLflow's limit), tags
 (dataset fingerprint, stage, world size; source `jobs.pretrain`, user and git commit as MLflow's own tags), the
-shard set as a dataset input (jobs.mlops.lineage: name, source URI, fingerprint, the counts of dataset.json), artifacts
-(resolved config YAML, DeepSpeed config JSON, dataset.json, a PNG preview of the first batch), metrics, system metrics (MLflow's own CPU / memory / disk / network
+shard set as a dataset input (jobs.mlops.lineage: name, source URI, fingerprint, the counts of dataset.json),
+artifacts (resolved config YAML, DeepSpeed config JSON, dataset.json, a PNG preview of the first batch:
+jobs.mlops.preview), metrics, system metrics (jobs.mlops.system_metrics: MLflow's own CPU / memory / disk / network
 / GPU collectors, every `tracking.system_metrics_interval_s` or `MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL` seconds,
 else at an interval scaled to the run, 1 s to 10 s, and once more when the run ends) and model registrations.
-Metric values wait in a bounded queue: when it is full the oldest are dropped and counted (`dropped_metrics`, and
-the metric `tracking/dropped_metrics`). HTTP calls use short timeouts and one retry (set in this process unless the
-user set MLflow's variables). An unreachable server is reported once as a warning; the thread keeps retrying every
-`tracking.retry_interval_s` and says when the server is back.
+Metric values wait in a bounded queue (jobs.mlops.outbox): when it is full the oldest are dropped and counted
+(`dropped_metrics`, and the metric `tracking/dropped_metrics`). HTTP calls use short timeouts and one retry (set in
+this process unless the user set MLflow's variables). An unreachable server is reported once as a warning; the
+thread keeps retrying every `tracking.retry_interval_s` and says when the server is back.
 
 A store that refuses writes (HTTP 401 / 403, PERMISSION_DENIED, or a local artifact store failing with an OS
 error: read-only, permissions, a file where a folder should be, a full disk) ends the run's tracking: one warning
@@ -28,9 +26,9 @@ Registrations follow `tracking.register`: `never`; `end` (the default): the last
 FINISHED, at `finish`; `every_checkpoint`: each checkpoint at `on_checkpoint` (the last one included). Each moves
 the aliases of `tracking.aliases` and no others (jobs.mlops.registry), so a smoke run next to a real one leaves
 `candidate` where it was unless its config names it. The checkpoint is exported to a local MLflow model folder
-first (jobs.mlops.registry), persisted as a pending registration under `<output_dir>/registrations/`, then uploaded and
-registered on the background thread. A failed one stays pending
-and is retried at the next checkpoint, at the end, and by `sslam register RUN_DIR` (`registry.register_pending`).
+first (jobs.mlops.registration), persisted as a pending registration under `<output_dir>/registrations/`, then
+uploaded and registered on the background thread. A failed one stays pending and is retried at the next checkpoint,
+at the end, and by `sslam register RUN_DIR` (`registry.register_pending`).
 """
 
 from __future__ import annotations
@@ -43,23 +41,20 @@ import shutil
 import tempfile
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from jobs.train.config import Config, dump_yaml, flatten
-from jobs.mlops.lineage import GIT_COMMIT, lineage_tags, shard_set_input, system_metrics_interval
-from model.config import ModelConfig
+from jobs.mlops.client import ensure_experiment, is_permanent, is_refusal, mlflow_client, param_value, tracking_uri
+from jobs.mlops.lineage import GIT_COMMIT, lineage_tags, shard_set_input
+from jobs.mlops.outbox import Outbox, QueuedMetric
+from jobs.mlops.preview import PREVIEW_CLIPS, render_preview
+from jobs.mlops.system_metrics import SystemSampler
 
 log = logging.getLogger("sslam.tracking")
 
-STORE_DIR = "mlruns"
-STORE_DB = "mlflow.db"
-ARTIFACTS_DIR = "artifacts"
 RUN_FILE = "mlflow_run.json"
 # Short HTTP behaviour for the training process, unless the user chose otherwise (MLflow retries for minutes).
 HTTP_DEFAULTS = {
@@ -67,99 +62,19 @@ HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
 }
-# MLflow errors that retrying cannot fix (the item is dropped with a warning); anything else counts as transient.
-PERMANENT_ERRORS = {"INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST", "BAD_REQUEST"}
-# The store answered and refuses writes: tracking of the run ends (module docstring).
-REFUSED_ERRORS = {"PERMISSION_DENIED", "UNAUTHENTICATED"}
-REFUSED_HTTP_STATUS = {401, 403}
 FAILURE_TAG = "sslam.tracking_error"
 MAX_TAG_LENGTH = 5000
 DROPPED_METRIC = "tracking/dropped_metrics"
 MAX_PARAMS_PER_BATCH = 100  # MLflow's limit
 RETRY_REGISTRATIONS = "register pending models"
-PREVIEW_CLIPS = 3
 TRAINING_ENTRY_POINT = "jobs.pretrain"  # the module every rank runs (mlflow.source.name of training runs)
-
-
-# ---------------------------------------------------------------------------------------------- the store
-
-
-def tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI when set, else the project-level SQLite store in the working directory."""
-    configured = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
-    if configured:
-        return configured
-    return "sqlite:///" + str((Path(STORE_DIR) / STORE_DB).resolve())
-
-
-def default_artifact_location(uri: str) -> str | None:
-    """`mlruns/artifacts` for the project-level store; None (the server's or MLflow's choice) otherwise."""
-    if uri != "sqlite:///" + str((Path(STORE_DIR) / STORE_DB).resolve()):
-        return None
-    return (Path(STORE_DIR) / ARTIFACTS_DIR).resolve().as_uri()
-
-
-def mlflow_client(uri: str | None = None):
-    """An MlflowClient for tracking and registry at `uri` (default `tracking_uri()`), the store folder created."""
-    import mlflow
-
-    uri = uri or tracking_uri()
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
-def ensure_experiment(client, name: str) -> str:
-    """The id of experiment `name`, created (with the project artifact location when it applies) if missing."""
-    from mlflow.exceptions import MlflowException
-
-    experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        if experiment.lifecycle_stage == "deleted":
-            raise ValueError(f"MLflow experiment {name!r} is deleted: restore it or choose tracking.experiment")
-        return experiment.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=default_artifact_location(client.tracking_uri))
-    except MlflowException:  # created meanwhile by another process
-        experiment = client.get_experiment_by_name(name)
-        if experiment is None:
-            raise
-        return experiment.experiment_id
-
-
-def is_permanent(error: BaseException) -> bool:
-    return getattr(error, "error_code", None) in PERMANENT_ERRORS
-
-
-def is_refusal(error: BaseException) -> bool:
-    """The store refuses writes (as opposed to being unreachable, which is retried): an MLflow permission
-    error, an HTTP 401 / 403 answer (artifact uploads), or an OS error of a local store."""
-    import requests
-
-    if getattr(error, "error_code", None) in REFUSED_ERRORS:
-        return True
-    if isinstance(error, requests.RequestException):  # before OSError: requests' errors are OSErrors too
-        response = getattr(error, "response", None)
-        return response is not None and response.status_code in REFUSED_HTTP_STATUS
-    return isinstance(error, OSError)
-
-
-def param_value(value: Any) -> str:
-    """A config value as an MLflow param: text, truncated to MLflow's length limit with a marker."""
-    from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
-
-    text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
-    marker = "...[truncated]"
-    return text if len(text) <= MAX_PARAM_VAL_LENGTH else text[: MAX_PARAM_VAL_LENGTH - len(marker)] + marker
 
 
 def run_tags(config: Config, dataset_info: dict | None, world_size: int,
              entry_point: str = TRAINING_ENTRY_POINT) -> dict[str, str]:
     """The training run's tags: stage, world size, encoder, config, dataset fingerprint, and lineage (source
     `entry_point`, user, git commit: jobs.mlops.lineage)."""
-    from jobs.mlops.registry import encoder_name
+    from jobs.mlops.registration import encoder_name
 
     tags = {
         "stage": str(config.model.stage),
@@ -172,143 +87,6 @@ def run_tags(config: Config, dataset_info: dict | None, world_size: int,
     if GIT_COMMIT in tags:
         tags["git_commit"] = tags[GIT_COMMIT]
     return tags
-
-
-# -------------------------------------------------------------------------------------------- the preview
-
-
-def _runs(flags: torch.Tensor) -> list[tuple[int, int]]:
-    """[start, stop) ranges of the True entries of a 1-D bool tensor."""
-    ranges, start = [], None
-    for index, flag in enumerate(flags.tolist() + [False]):
-        if flag and start is None:
-            start = index
-        elif not flag and start is not None:
-            ranges.append((start, index))
-            start = None
-    return ranges
-
-
-def render_preview(batch: dict[str, torch.Tensor], model_cfg: ModelConfig, path: str | Path, seed: int = 0) -> Path:
-    """PNG of a training batch: the first clean clips, their mixtures with the no-mix windows outlined (stage-2
-    batches), and one student mask (model.masking.block_masks) over the first clip. Matplotlib's Agg canvas."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Rectangle
-
-    from model.masking import block_masks
-
-    clean = batch["clean"].detach().float().cpu()[:, 0]
-    count = min(PREVIEW_CLIPS, clean.shape[0])
-    frames, bins = clean.shape[1:]
-    patch = model_cfg.patch_size
-    time_patches, freq_patches = frames // patch, bins // patch
-    mixed = batch.get("mixed")
-    rows = 3 if mixed is not None else 2
-    figure = Figure(figsize=(4.0 * count, 2.4 * rows), layout="constrained")
-    FigureCanvasAgg(figure)
-    axes = figure.subplots(rows, count, squeeze=False)
-
-    def show(ax, image: torch.Tensor, title: str) -> None:
-        ax.imshow(image.T.numpy(), origin="lower", aspect="auto", cmap="magma", interpolation="nearest")
-        ax.set_title(title, fontsize=8)
-        ax.set_xlabel("frame", fontsize=7)
-        ax.set_ylabel("mel bin", fontsize=7)
-        ax.tick_params(labelsize=6)
-
-    for i in range(count):
-        show(axes[0][i], clean[i], f"clean clip {i}")
-    if mixed is not None:
-        mixed = mixed.detach().float().cpu()[:, 0]
-        partner = batch.get("partner")
-        nomix = batch.get("nomix")
-        for i in range(count):
-            foreign = f" + clip {int(partner[i])}" if partner is not None else ""
-            show(axes[1][i], mixed[i], f"mixture {i}{foreign}, no-mix windows outlined")
-            for start, stop in _runs(nomix[i].cpu()) if nomix is not None else []:
-                axes[1][i].add_patch(
-                    Rectangle((start * patch - 0.5, -0.5), (stop - start) * patch, bins, fill=False, edgecolor="cyan",
-                              linewidth=1.5)
-                )
-    generator = torch.Generator().manual_seed(seed)
-    mask = block_masks(1, time_patches, freq_patches, model_cfg, generator)[0].reshape(time_patches, freq_patches)
-    cells = mask.repeat_interleave(patch, dim=0).repeat_interleave(patch, dim=1).float()
-    mask_ax = axes[-1][0]
-    show(mask_ax, clean[0], f"student mask on clip 0 ({int(mask.sum())}/{mask.numel()} patches masked)")
-    mask_ax.imshow(cells.T.numpy(), origin="lower", aspect="auto", cmap="gray", alpha=0.55, interpolation="nearest")
-    for ax in axes[-1][1:]:
-        ax.axis("off")
-    path = Path(path)
-    figure.savefig(path, format="png", dpi=80)
-    return path
-
-
-# ------------------------------------------------------------------------------------------- the outbox
-
-
-@dataclass
-class _Metric:
-    key: str
-    value: float
-    step: int
-    timestamp: int
-
-
-class _Outbox:
-    """Metric values (bounded, oldest dropped first and counted) and tasks (params, tags, artifacts,
-    registrations: few, never dropped), shared by the training thread and the tracking thread."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = max(1, capacity)
-        self.metrics: deque[_Metric] = deque()
-        self.tasks: deque[tuple[str, Callable[[], None]]] = deque()
-        self.dropped = 0
-        self.busy = False
-        self.closed = False  # tracking ended (a refused write): only final tasks are still taken
-        self.final: set[str] = set()  # names of the tasks that end the run
-        self.condition = threading.Condition()
-
-    def put_metrics(self, items: list[_Metric]) -> None:
-        with self.condition:
-            if self.closed:
-                return
-            for item in items:
-                if len(self.metrics) >= self.capacity:
-                    self.metrics.popleft()
-                    self.dropped += 1
-                self.metrics.append(item)
-            self.condition.notify()
-
-    def put_task(self, name: str, task: Callable[[], None], final: bool = False) -> None:
-        with self.condition:
-            if self.closed and not final:
-                return
-            if final:
-                self.final.add(name)
-            self.tasks.append((name, task))
-            self.condition.notify()
-
-    def close(self, keep_final: bool) -> tuple[int, int]:
-        """Discard what is queued (final tasks stay when `keep_final`); returns (metric values, tasks) dropped."""
-        with self.condition:
-            self.closed = True
-            kept = deque(t for t in self.tasks if keep_final and t[0] in self.final)
-            dropped = (len(self.metrics), len(self.tasks) - len(kept))
-            self.metrics.clear()
-            self.tasks = kept
-            self.condition.notify_all()
-            return dropped
-
-    def return_metrics(self, items: list[_Metric]) -> None:
-        """Put unsent values back at the front, keeping the newest when there is no room for all."""
-        with self.condition:
-            room = self.capacity - len(self.metrics)
-            kept = items[-room:] if room > 0 else []
-            self.dropped += len(items) - len(kept)
-            self.metrics.extendleft(reversed(kept))
-
-    def empty(self) -> bool:
-        return not self.metrics and not self.tasks and not self.busy
 
 
 # ----------------------------------------------------------------------------------------- the trackers
@@ -355,7 +133,7 @@ class Tracker:
         self.run_dir = Path(config.train.output_dir)
         self.run_id: str | None = None
         self.experiment_id: str | None = None
-        self._outbox = _Outbox(config.tracking.queue_size)
+        self._outbox = Outbox(config.tracking.queue_size)
         self._staging = Path(tempfile.mkdtemp(prefix="sslam-tracking-"))
         self._unreachable = False
         self.refused: str | None = None  # why the store refused a write (tracking ended), if it did
@@ -369,7 +147,7 @@ class Tracker:
         self._client = None
         self._queue_start_artifacts(ds_config)
         self._thread = threading.Thread(target=self._work, name="sslam-mlflow", daemon=True)
-        self._sampler: _SystemSampler | None = None
+        self._sampler: SystemSampler | None = None
 
     @classmethod
     def start(
@@ -385,7 +163,7 @@ class Tracker:
         tracker = cls(config, ds_config, dataset_info, world_size)
         tracker._thread.start()
         if config.tracking.system_metrics:
-            tracker._sampler = _SystemSampler(tracker._outbox, config.tracking.system_metrics_interval_s)
+            tracker._sampler = SystemSampler(tracker._outbox, config.tracking.system_metrics_interval_s)
             tracker._sampler.start()
         log.info("tracking to %s (experiment %r)", tracker.uri, config.tracking.experiment)
         return tracker
@@ -397,7 +175,7 @@ class Tracker:
     # ---- calls from the training loop (all return at once) ----------------------------------------------
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
-        self._outbox.put_metrics([_Metric(k, float(v), int(step), now) for k, v in metrics.items()])
+        self._outbox.put_metrics([QueuedMetric(k, float(v), int(step), now) for k, v in metrics.items()])
 
     def log_preview(self, batch: dict[str, torch.Tensor]) -> None:
         """Queue the PNG preview of (the first clips of) a training batch."""
@@ -484,7 +262,7 @@ class Tracker:
         outbox = self._outbox
         while True:
             task: tuple[str, Callable[[], None]] | None = None
-            batch: list[_Metric] = []
+            batch: list[QueuedMetric] = []
             with outbox.condition:
                 while not outbox.metrics and not outbox.tasks and not self._stopping:
                     outbox.condition.wait()
@@ -573,7 +351,7 @@ class Tracker:
                 return
             raise
 
-    def _send_metrics(self, batch: list[_Metric]) -> None:
+    def _send_metrics(self, batch: list[QueuedMetric]) -> None:
         from mlflow.entities import Metric
 
         metrics = [Metric(m.key, m.value, m.timestamp, m.step) for m in batch]
@@ -678,13 +456,13 @@ class Tracker:
 
     def _export(self, tag_dir: Path, updates: int) -> None:
         """Consolidate + export a checkpoint into a pending registration (local disk only), then queue it."""
-        from jobs.mlops import registry
+        from jobs.mlops import registration
 
         if updates in self._exported:
             return
         self._exported.add(updates)
         try:
-            registry.export_checkpoint(
+            registration.export_checkpoint(
                 tag_dir,
                 updates,
                 self.run_dir,
@@ -704,103 +482,3 @@ class Tracker:
         from jobs.mlops import registry
 
         registry.register_pending(self.run_dir, run_id=self.run_id, client=self._client)
-
-
-def _torch_gpu_memory_monitor():
-    """GPU memory of this process's device through torch, when MLflow's NVML-based GPU monitor is unavailable
-    (the `nvidia-ml-py` package is missing): `gpu_{i}_memory_usage_megabytes` / `_percentage`, MLflow's names."""
-    from mlflow.system_metrics.metrics.base_metrics_monitor import BaseMetricsMonitor
-
-    class TorchGPUMemoryMonitor(BaseMetricsMonitor):
-        def __init__(self) -> None:
-            super().__init__()
-            self.device = int(os.environ.get("LOCAL_RANK", 0))
-
-        def collect_metrics(self) -> None:
-            free, total = torch.cuda.mem_get_info(self.device)
-            self._metrics[f"gpu_{self.device}_memory_usage_megabytes"].append((total - free) / 1e6)
-            self._metrics[f"gpu_{self.device}_memory_usage_percentage"].append(100.0 * (total - free) / total)
-
-        def aggregate_metrics(self) -> dict[str, float]:
-            return {key: round(sum(values) / len(values), 1) for key, values in self._metrics.items() if values}
-
-    return TorchGPUMemoryMonitor()
-
-
-class _SystemSampler:
-    """MLflow's system-metrics collectors (psutil CPU / memory / disk / network, NVIDIA or ROCm GPUs when
-    present) sampled on their own thread into the tracker's queue, so an unreachable server neither stops
-    sampling (MLflow's own monitor gives up) nor blocks anything."""
-
-    def __init__(self, outbox: _Outbox, interval_s: float = 0.0) -> None:
-        self.outbox = outbox
-        self.interval_s = interval_s  # 0: MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL, else scaled to the run
-        self.started = time.monotonic()
-        self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._sample, name="sslam-system-metrics", daemon=True)
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def stop(self) -> None:
-        """Take the last sample now and end; waits for it (collectors still being built included) up to 10 s."""
-        self.stopped.set()
-        self.thread.join(timeout=10.0)
-
-    @staticmethod
-    def _collectors() -> list:
-        """The collectors MLflow's SystemMetricsMonitor uses: CPU and memory, disk, network, a GPU when present."""
-        from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
-        from mlflow.system_metrics.metrics.disk_monitor import DiskMonitor
-        from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
-        from mlflow.system_metrics.metrics.network_monitor import NetworkMonitor
-        from mlflow.system_metrics.metrics.rocm_monitor import ROCMMonitor
-
-        collectors = [CPUMonitor(), DiskMonitor(), NetworkMonitor()]
-        for gpu in (GPUMonitor, ROCMMonitor):
-            try:
-                collectors.append(gpu())
-                return collectors
-            except Exception:  # noqa: BLE001 - no such GPU or library
-                continue
-        if torch.cuda.is_available():
-            collectors.append(_torch_gpu_memory_monitor())
-        return collectors
-
-    def _sample(self) -> None:
-        try:  # built here, off the training thread: importing MLflow and probing GPUs takes seconds
-            monitors = self._collectors()
-        except Exception as error:  # noqa: BLE001
-            log.warning("no system metrics: %s", error)
-            return
-        from mlflow.environment_variables import (
-            MLFLOW_SYSTEM_METRICS_NODE_ID,
-            MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING,
-            MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL,
-        )
-
-        node = MLFLOW_SYSTEM_METRICS_NODE_ID.get()
-        prefix = "system/" + (f"{node}/" if node else "")
-        configured = self.interval_s or float(MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL.get() or 0)
-        per_log = max(1, int(MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING.get() or 1))
-        step, collected = 0, 0
-        while True:
-            try:
-                for collector in monitors:
-                    collector.collect_metrics()
-                collected += 1
-                stopping = self.stopped.wait(system_metrics_interval(time.monotonic() - self.started, configured))
-                if collected < per_log and not stopping:
-                    continue
-                values: dict[str, float] = {}
-                for collector in monitors:
-                    values.update(collector.aggregate_metrics())
-                    collector.clear_metrics()
-            except Exception as error:  # noqa: BLE001 - a broken collector must not reach training
-                log.warning("system metrics sampling stopped: %s", error)
-                return
-            now = int(time.time() * 1000)
-            self.outbox.put_metrics([_Metric(prefix + k, float(v), step, now) for k, v in values.items()])
-            step, collected = step + 1, 0
-            if stopping:  # the last values, taken when the run ends: a run shorter than the interval has one
-                return
