@@ -21,14 +21,9 @@ import ray
 
 from jobs.train.config import Config, ConfigError, add_config_arguments, config_from_args, to_dict
 from pipeline.locking import OutputLockedError
-from pipeline.preprocess import (
-    LedgerError,
-    PreprocessConfigError,
-    PreprocessError,
-    check_config,
-    format_summary,
-    run_pipeline,
-)
+from pipeline.ledger import format_summary
+from pipeline.preprocess import check_config, run_pipeline
+from pipeline.preprocess_errors import LedgerError, PreprocessConfigError, PreprocessError
 
 logger = logging.getLogger("sslam.preprocess")
 

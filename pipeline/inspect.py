@@ -32,14 +32,8 @@ import torch
 
 from pipeline import mixing, shards
 from pipeline.loader import read_dataset_info
-from pipeline.preprocess import (
-    FINGERPRINT_RECORD,
-    INDEX_TABLE,
-    MANIFEST_STAGE,
-    QUARANTINE_TABLE,
-    RECORDS_DIR,
-    coverage_lines,
-)
+from pipeline.ledger import MANIFEST_STAGE, coverage_lines
+from pipeline.shardset import FINGERPRINT_RECORD, INDEX_TABLE, QUARANTINE_TABLE, RECORDS_DIR
 
 logger = logging.getLogger(__name__)
 

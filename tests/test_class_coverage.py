@@ -16,7 +16,7 @@ from folder_set import preprocess_folder_set
 from jobs.train.config import ConfigError, load_config
 from pipeline.inspect import summarize
 from pipeline.manifest import CLASSES_METADATA_KEY, MANIFEST_SCHEMA
-from pipeline.preprocess import QUARANTINE_SCHEMA, class_coverage, coverage_lines, format_summary
+from pipeline.ledger import QUARANTINE_SCHEMA, class_coverage, coverage_lines, format_summary
 
 
 @pytest.fixture(scope="module")

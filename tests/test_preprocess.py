@@ -40,15 +40,10 @@ from pipeline.loader import EvalLoader, MixedShardSetError, ShardSource, TrainLo
 from pipeline.locking import LOCK_NAME, OutputLock, OutputLockedError
 from pipeline.mixing import nomix_rows
 from pipeline.plan import shard_name
-from pipeline.preprocess import (
-    LedgerError,
-    ShardJob,
-    changed_sources,
-    check_ledger,
-    finished_record,
-    process_shard,
-    source_state,
-)
+from pipeline.ledger import check_ledger
+from pipeline.preprocess_errors import LedgerError
+from pipeline.shard_task import ShardJob, process_shard
+from pipeline.shardset import changed_sources, finished_record, source_state
 from pipeline.synth import make_sample_dataset
 
 T, F, PATCH, G, EPOCHS = 128, 32, 16, 3, 2

@@ -1,7 +1,8 @@
 """Multi-process scenarios of the preprocessing job: every run must give the shard set of one uninterrupted run.
 
 * a SIGKILLed driver, then a re-run (resume from the published shards and their records);
-* a worker that SIGKILLs itself in one task (test fault hook): Ray retries the task, no clip is lost;
+* a worker that SIGKILLs itself in one task (the fault hook tests/preprocess_faults/sitecustomize.py): Ray
+  retries the task, no clip is lost;
 * a two-node `ray.cluster_utils.Cluster`: a plain local output path is refused; a `file://` URL (the
   operator's statement that the path is a mount every node shares) gives byte-identical shards;
 * a real `ray start --head` + `ray job submit --working-dir .` of `python -m jobs.preprocess`.
@@ -39,7 +40,7 @@ from jobs.train.config import load_config
 from jobs.preprocess import run_preprocess
 from pipeline.config import SynthConfig
 from pipeline.inspect import listed_shards
-from pipeline.preprocess import FAULTS_ENV, PreprocessConfigError
+from pipeline.preprocess_errors import PreprocessConfigError
 from pipeline.synth import make_sample_dataset
 from test_preprocess import write_config as write_job_config
 
@@ -47,6 +48,9 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
 RAY = str(Path(sys.executable).parent / "ray")
+# The fault hook (tests/preprocess_faults/sitecustomize.py) reads this; on PYTHONPATH it reaches every job process.
+FAULTS_ENV = "SSLAM_PREPROCESS_FAULTS"
+FAULT_HOOKS = REPO / "tests" / "preprocess_faults"
 UPLOAD_EXCLUDES = [".git", ".venv", "data", "runs", "mlruns"]
 MAX_UPLOAD_MIB = 10.0
 
@@ -60,6 +64,12 @@ def _environment(**extra: str) -> dict[str, str]:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", **extra}
     env.pop("RAY_ADDRESS", None)
     return env
+
+
+def _faults(faults: dict) -> dict[str, str]:
+    """The environment of a job whose processes install the fault hook with `faults`."""
+    path = os.pathsep.join(filter(None, [str(FAULT_HOOKS), os.environ.get("PYTHONPATH")]))
+    return {"PYTHONPATH": path, FAULTS_ENV: json.dumps(faults)}
 
 
 def _job_command(config: Path, summary: Path | None = None) -> list[str]:
@@ -115,7 +125,7 @@ def test_driver_sigkill_then_rerun_equals_an_uninterrupted_run(tmp_path, sample,
         driver = subprocess.Popen(
             _job_command(config),
             cwd=REPO,
-            env=_environment(**{FAULTS_ENV: json.dumps({"delay_s": 0.75})}),
+            env=_environment(**_faults({"delay_s": 0.75})),
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -148,7 +158,7 @@ def test_a_killed_worker_is_retried_and_no_clip_is_lost(tmp_path, sample, refere
     fault = {"kill_once": {"shard": "train-e00-000002.tar", "marker": str(marker)}}
     summary = _run_job(
         write_config(tmp_path / "job.yaml", sample, str(output)), tmp_path / "summary.json",
-        **{FAULTS_ENV: json.dumps(fault)},
+        **_faults(fault),
     )
     assert marker.exists()  # the first attempt died
     assert summary["shards"]["written"] == len(reference.shards)

@@ -181,7 +181,7 @@ def hostile_inputs_jobs(tmp_path_factory) -> SimpleNamespace:
 
     from jobs.train.config import load_config
     from jobs.preprocess import run_preprocess
-    from pipeline.preprocess import PreprocessConfigError
+    from pipeline.preprocess_errors import PreprocessConfigError
 
     root = tmp_path_factory.mktemp("hostile_inputs")
     make_sample_dataset(root / "audioset", SynthConfig(train_clips=9, eval_clips=3, broken_files=False, seed=11))

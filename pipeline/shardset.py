@@ -1,0 +1,204 @@
+"""The layout of a shard-set folder, as the preprocessing job writes it and `sslam inspect` reads it: the
+names of its files (manifest, plan, index and quarantine tables, dataset.json, fingerprint.json, the
+`_records/` folder), the dataset fingerprint and its inputs, the per-shard resume records (what a later run
+reads to skip a finished shard: fingerprint, size, sha256, and the state of every source file), the
+fingerprint an output holds, and the removal of a whole set (`--overwrite`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections import Counter
+from typing import Any
+
+import pyarrow as pa
+
+from pipeline import plan, shards
+from pipeline.config import AudioConfig, DataConfig, MixingConfig
+from pipeline.preprocess_errors import PreprocessConfigError
+
+FORMAT_VERSION = 1
+MANIFEST_TABLE = "manifest.parquet"
+PLAN_TABLE = "plan.parquet"
+INDEX_TABLE = "index.parquet"
+QUARANTINE_TABLE = "quarantine.parquet"
+DATASET_INFO = "dataset.json"
+FINGERPRINT_RECORD = "fingerprint.json"
+RECORDS_DIR = "_records"
+# Records of format 1 lack the source files' states: their shards are built again.
+RECORD_FORMAT = 2
+
+
+def feature_parameters(audio_cfg: AudioConfig, patch_size: int) -> dict[str, Any]:
+    """Everything that decides a clip's features: the front-end config and the patch size."""
+    return {**dataclasses.asdict(audio_cfg), "patch_size": patch_size}
+
+
+def dataset_fingerprint(
+    plan_fingerprint: str, audio_cfg: AudioConfig, mixing_cfg: MixingConfig, patch_size: int
+) -> str:
+    """sha256 of (format version, plan fingerprint, feature parameters, mixing config)."""
+    payload = {
+        "format": FORMAT_VERSION,
+        "plan": plan_fingerprint,
+        "features": feature_parameters(audio_cfg, patch_size),
+        "mixing": dataclasses.asdict(mixing_cfg),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def _flat(prefix: str, values: dict) -> dict[str, Any]:
+    return {f"{prefix}.{name}": value for name, value in sorted(values.items())}
+
+
+def fingerprint_inputs(data: DataConfig, patch_size: int, manifest: pa.Table, plan_table: pa.Table) -> dict[str, Any]:
+    """What decides the dataset fingerprint, flat and named like the config keys (fingerprint.json, dataset.json)."""
+    clips = Counter(manifest.column("split").to_pylist())
+    return {
+        "format": FORMAT_VERSION,
+        "manifest.sha256": plan.manifest_digest(manifest),
+        **{f"manifest.clips.{split}": count for split, count in sorted(clips.items())},
+        "data.shards.seed": data.shards.seed,
+        "data.shards.groups_per_shard": data.shards.groups_per_shard,
+        "data.shards.clips_per_eval_shard": data.shards.clips_per_eval_shard,
+        "model.patch_size": patch_size,
+        **_flat("data.audio", dataclasses.asdict(data.audio)),
+        **_flat("data.mixing", dataclasses.asdict(data.mixing)),
+        "plan.sha256": plan.plan_fingerprint(plan_table),
+    }
+
+
+def fingerprint_differences(held: dict[str, Any] | None, planned: dict[str, Any]) -> list[str]:
+    """`name: value in the output != value now` for every input that differs (held None: none recorded)."""
+    if held is None:
+        return ["the output records no fingerprint inputs (written by an earlier version of the job)"]
+    differences = []
+    for name in sorted(set(held) | set(planned)):
+        if held.get(name) != planned.get(name):
+            before, now = held.get(name, "absent"), planned.get(name, "absent")
+            differences.append(f"{name}: {before!r} in the output != {now!r} now")
+    return differences or ["none of the recorded inputs (the planning code differs)"]
+
+
+def records_directory(output: str) -> str:
+    return f"{output.rstrip('/')}/{RECORDS_DIR}" if "://" in output else os.path.join(output, RECORDS_DIR)
+
+
+def record_name(shard: str) -> str:
+    return f"{shard}.json"
+
+
+def source_state(path: str, with_hash: bool) -> list | None:
+    """[size, mtime_ns] of a source file (+ its sha256 hex with `with_hash`); None when it cannot be read."""
+    try:
+        info = os.stat(path)
+        state: list = [info.st_size, info.st_mtime_ns]
+        if with_hash:
+            digest = hashlib.sha256()
+            with open(path, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+            state.append(digest.hexdigest())
+    except OSError:
+        return None
+    return state
+
+
+def read_optional(location: shards.Location, relative: str) -> bytes | None:
+    path = location.join(relative)
+    try:
+        if location.filesystem is None:
+            with open(path, "rb") as handle:
+                return handle.read()
+        with location.filesystem.open_input_stream(path) as stream:
+            return stream.read()
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def compact_record(record: dict) -> dict:
+    """A record as the driver keeps it: its index rows as an Arrow table (far smaller than dicts at scale)."""
+    return {**record, "index": shards.index_table(record["index"])}
+
+
+def finished_record(location: shards.Location, name: str, fingerprint: str, rehash: bool = False) -> dict | None:
+    """The record of a shard a previous run finished with this fingerprint, or None. A local shard must have the
+    recorded size (and, with `rehash`, the recorded sha256); a remote one a done-marker holding the sha256.
+    The source files are compared separately (`changed_sources`)."""
+    raw = read_optional(location, f"{RECORDS_DIR}/{record_name(name)}")
+    if raw is None:
+        return None
+    try:
+        record = json.loads(raw)
+    except json.JSONDecodeError:
+        return None
+    if record.get("format") != RECORD_FORMAT or record.get("fingerprint") != fingerprint or record.get("shard") != name:
+        return None
+    local = location.filesystem is None
+    checksum = record.get("sha256") if rehash or not local else None
+    if not shards.is_published(location.directory, name, checksum, filesystem=location.filesystem,
+                               size=record.get("bytes", -1) if local else None):
+        return None
+    return record
+
+
+def changed_sources(recorded: dict, current: dict[str, list | None], with_hash: bool) -> list[str]:
+    """Keys whose recorded source state differs from `current` (size and mtime; the sha256 too with `with_hash`,
+    when a recorded state without one counts as changed). A file that cannot be read now has changed."""
+    compared = 3 if with_hash else 2
+    changed = []
+    for key, state in current.items():
+        before = recorded.get(key)
+        if state is None or before is None or len(before) < compared or before[:compared] != state[:compared]:
+            changed.append(key)
+    return changed
+
+
+def held_fingerprint(location: shards.Location) -> tuple[str, dict | None] | None:
+    """(fingerprint, its inputs or None) of the set an output holds: fingerprint.json, else an older dataset.json."""
+    for name in (FINGERPRINT_RECORD, DATASET_INFO):
+        raw = read_optional(location, name)
+        if raw is None:
+            continue
+        try:
+            held = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise PreprocessConfigError(
+                f"{location.join(name)} is not JSON: remove it, or run with --overwrite"
+            ) from None
+        if isinstance(held, dict) and isinstance(held.get("fingerprint"), str):
+            inputs = held.get("inputs", held.get("fingerprint_inputs"))
+            return held["fingerprint"], inputs if isinstance(inputs, dict) else None
+    return None
+
+
+def _is_set_file(name: str) -> bool:
+    """A shard, its done-marker, or a temporary of an interrupted publication."""
+    shard = name[: -len(shards.DONE_SUFFIX)] if name.endswith(shards.DONE_SUFFIX) else name
+    return bool(plan.SHARD_NAME.fullmatch(shard) or shards.TEMPORARY.fullmatch(name))
+
+
+def remove_shard_set(location: shards.Location) -> int:
+    """Remove every file of the shard set in `location`; returns how many. dataset.json goes first (no reader
+    takes a half-removed set for a set), fingerprint.json last (an interrupted removal is still refused
+    without --overwrite). Other files, and the lock, stay."""
+    records = shards.Location(location.join(RECORDS_DIR), location.filesystem)
+    present = set(shards.list_files(location))
+    doomed = [name for name in (DATASET_INFO, INDEX_TABLE, QUARANTINE_TABLE) if name in present]
+    doomed += sorted(name for name in present if _is_set_file(name))
+    removed = 0
+    for name in doomed:
+        shards.remove_file(location, name)
+        removed += 1
+    for name in shards.list_files(records):
+        if name.endswith(".json") or shards.TEMPORARY.fullmatch(name):
+            shards.remove_file(records, name)
+            removed += 1
+    for name in (MANIFEST_TABLE, PLAN_TABLE, FINGERPRINT_RECORD):
+        if name in present:
+            shards.remove_file(location, name)
+            removed += 1
+    return removed
