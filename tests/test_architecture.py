@@ -14,6 +14,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("jobs", "model", "pipeline")
 MAX_LINES = 600
+# Still over the limit (issue 13 open): the loader and the shard format are split next. The list can only shrink.
+OVERSIZED = {"pipeline.loader", "pipeline.shards"}
 # Which top-level package may import which (the rule of direction): jobs -> model, pipeline; model and pipeline are
 # independent of each other and of jobs.
 ALLOWED = {"jobs": {"jobs", "model", "pipeline"}, "model": {"model"}, "pipeline": {"pipeline"}}
@@ -136,6 +138,9 @@ def test_module_is_small_and_opens_with_what_it_owns(module):
     path = MODULES[module]
     text = path.read_text()
     lines = text.count("\n")
-    assert lines <= MAX_LINES, f"{path.relative_to(REPO)}: {lines} lines (limit {MAX_LINES})"
+    if module in OVERSIZED:
+        assert lines > MAX_LINES, f"{module} is small now: take it off OVERSIZED"
+    else:
+        assert lines <= MAX_LINES, f"{path.relative_to(REPO)}: {lines} lines (limit {MAX_LINES})"
     if text.strip():
         assert ast.get_docstring(ast.parse(text)), f"{path.relative_to(REPO)} has no module docstring"
