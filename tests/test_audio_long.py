@@ -121,10 +121,13 @@ def test_input_frames_cover_the_filter_of_the_kept_samples() -> None:
         needed = input_frames(kept, rate, RATE)
         wave = torch.randn(needed + 3 * rate // 100, generator=generator)
         full = audio.to_model_rate(wave, rate, CFG)
-        assert torch.equal(audio.to_model_rate(wave[:needed], rate, CFG)[:kept], full[:kept]), rate
+        # Equal up to float rounding: torch may pick another conv kernel for another length (seen on one CPU: 1e-7);
+        # a sample of the filter's reach missing moves the result by ~1e-2.
+        gap = (audio.to_model_rate(wave[:needed], rate, CFG)[:kept] - full[:kept]).abs().max().item()
+        assert gap <= 1e-5, (rate, gap)
         last_centre = (kept - 1) * rate // RATE  # input position of the last kept sample
         cut = audio.to_model_rate(wave[: last_centre + 1], rate, CFG)
-        assert not torch.equal(cut[:kept], full[:kept]), rate
+        assert (cut[:kept] - full[:kept]).abs().max().item() > 1e-3, rate  # the filter's reach is needed
         common = math.gcd(rate, RATE)
         assert needed <= last_centre + audio._filter_half_width(rate, RATE) + rate // common + 2, rate
 
