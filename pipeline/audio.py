@@ -410,12 +410,12 @@ def _windowed_sinc_resample(wave: torch.Tensor, orig: int, new: int) -> torch.Te
 def head_samples(cfg: AudioConfig) -> int:
     """Model-rate samples of a clip that `load_waveform` keeps: those the target_length frames read, or the
     minimum duration when that is longer."""
-    window, shift, _ = _frame_geometry(cfg)
+    window, shift, _ = frame_geometry(cfg)
     return max(window + (cfg.target_length - 1) * shift, _minimum_samples(cfg))
 
 
 def _minimum_samples(cfg: AudioConfig) -> int:
-    window, _, _ = _frame_geometry(cfg)
+    window, _, _ = frame_geometry(cfg)
     return max(round(cfg.min_duration_s * cfg.sample_rate), window)
 
 
@@ -441,8 +441,9 @@ def load_waveform(path: str | os.PathLike, cfg: AudioConfig) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------ features
 
 
-def _frame_geometry(cfg: AudioConfig) -> tuple[int, int, int]:
-    """(window, shift, fft_size) in samples, truncated exactly as Kaldi does."""
+def frame_geometry(cfg: AudioConfig) -> tuple[int, int, int]:
+    """(window, shift, fft_size) in samples, truncated exactly as Kaldi does; the one frame geometry of the project
+    (the front-end frames with it, and `pipeline.mixing` silences the samples those frames read)."""
     window = int(cfg.sample_rate * cfg.frame_length_ms * 0.001)
     shift = int(cfg.sample_rate * cfg.frame_shift_ms * 0.001)
     if window < 2 or shift < 1:
@@ -452,7 +453,7 @@ def _frame_geometry(cfg: AudioConfig) -> tuple[int, int, int]:
 
 def frame_count(num_samples: int, cfg: AudioConfig) -> int:
     """Kaldi frames (snip_edges) of a clip of num_samples at cfg.sample_rate, before padding or cropping."""
-    window, shift, _ = _frame_geometry(cfg)
+    window, shift, _ = frame_geometry(cfg)
     return 0 if num_samples < window else 1 + (num_samples - window) // shift
 
 
@@ -483,7 +484,7 @@ def _log_mel(signal: torch.Tensor, cfg: AudioConfig) -> torch.Tensor:
     with y[0] = x[0] - a·x[0]): the lowest mel bins of pre-emphasised audio are ill-conditioned in float32, so
     any other order of rounding moves them by more than 1e-4 from `kaldi.fbank`.
     """
-    window, shift, fft_size = _frame_geometry(cfg)
+    window, shift, fft_size = frame_geometry(cfg)
     frames = signal.unfold(1, window, shift)  # (B, T, window), a view
     centred = frames - frames.mean(dim=-1, keepdim=True)
     padded_frames = torch.empty(*frames.shape[:2], fft_size, dtype=torch.float32, device=signal.device)
@@ -506,7 +507,7 @@ def fbank_batch(waves: list[torch.Tensor], cfg: AudioConfig) -> torch.Tensor:
     Per clip: mean removal, then Kaldi fbank (§1.7) of its first min(frames, target_length) frames; the rows
     after a clip's own frames are zeros (§1.8). Clips may differ in length; each needs at least one frame.
     """
-    window, shift, _ = _frame_geometry(cfg)
+    window, shift, _ = frame_geometry(cfg)
     clips = []
     for index, wave in enumerate(waves):
         clip = torch.as_tensor(wave, dtype=torch.float32)

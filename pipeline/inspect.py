@@ -7,8 +7,8 @@ with another fingerprint than dataset.json, or a record whose sha256 is not the 
 before and after quarantine, warnings). `render_groups` draws the clips and mixtures of the first groups of the
 first mix split, with each mixture's no-mix windows outlined (where only the primary is present), on one colour
 scale, padding hatched, time in seconds and class names in the titles. Mixtures that were not materialised
-are formed here exactly as the loader forms them (log-mel max). Rendering uses matplotlib's Agg canvas
-directly, without touching the global backend.
+are formed here exactly as the loader forms them (the `pipeline.mixers` mixer of dataset.json's domain).
+Rendering uses matplotlib's Agg canvas directly, without touching the global backend.
 
 A damaged or missing shard, or a sample that does not decode, is skipped with a warning (and counted in the
 preview's title), so the preview comes from the next good samples. Errors: those of `pipeline.loader.read_dataset_info`
@@ -30,15 +30,17 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline import mixing, shards
+from pipeline import shards
 from pipeline.loader import read_dataset_info
+from pipeline.mixers import mixer
+from pipeline.mixers.base import MixSettings, assemble_group
 from pipeline.ledger import MANIFEST_STAGE, coverage_lines
 from pipeline.shardset import FINGERPRINT_RECORD, INDEX_TABLE, QUARANTINE_TABLE, RECORDS_DIR
+from pipeline.spectrogram_plot import draw_spectrogram
 
 logger = logging.getLogger(__name__)
 
 WINDOW_COLOUR = "#00e5ff"
-PADDING_COLOUR = "0.6"
 HATCH_COLOUR = "0.3"
 # gids of the preview's patches, so a test (or a viewer of the SVG) can tell them apart.
 PADDING_GID = "padding"
@@ -336,7 +338,7 @@ def preview_figure(shards_dir: str, n_groups: int = 2):
     for panel in panels:
         axis = axes[rows_per_sample * panel.sample + panel.row, panel.column]
         axis.set_visible(True)
-        image = _draw(axis, panel, norm, shift_s)
+        image = draw_spectrogram(axis, panel.values, panel.title, frame_s=shift_s, padded=panel.padded, norm=norm)
         for start, end in _runs(panel.padded):
             axis.add_patch(Rectangle(
                 (start * shift_s, 0), (end - start) * shift_s, panel.values.shape[1], facecolor="none",
@@ -417,32 +419,11 @@ def _valid_frames(clip: np.ndarray, declared) -> int:
 
 
 def _loader_mixtures(sample: dict, info: dict) -> list[np.ndarray]:
-    """Log-mel max mixtures of a sample whose mixtures were not materialised (as the loader forms them)."""
+    """Mixtures of a sample whose mixtures were not materialised, formed as the loader forms them."""
     meta = sample["meta"]
-    clean = torch.from_numpy(np.stack(sample["clips"]).astype(np.float32))
-    size, frames = clean.shape[0], clean.shape[1]
     patch = int(info["patch_size"])
-    nomix = torch.zeros(size, frames // patch, dtype=torch.bool)
-    for i, spec in enumerate(meta["mixtures"]):
-        for start, end in spec["nomix"]:
-            nomix[i, start:end] = True
-    partner = torch.tensor([spec["partner"] for spec in meta["mixtures"]], dtype=torch.long)
-    valid = torch.tensor(meta["frames"], dtype=torch.long) if "frames" in meta else None
-    mixed = mixing.logmel_max_batch(clean, partner, nomix, patch, info.get("mix_padding", "zero"), valid)
+    clean = torch.from_numpy(np.stack(sample["clips"]).astype(np.float32))
+    group = assemble_group(meta["mixtures"], clean, patch, meta.get("frames"))
+    settings = MixSettings(patch, info.get("mix_padding", "zero"))
+    mixed = mixer(info.get("domain", "logmel_max")).mix([group], settings)[0]
     return [mixture.numpy() for mixture in mixed]
-
-
-def _draw(axis, panel: _Panel, norm, shift_s: float):
-    """The panel's spectrogram with time in seconds; padding frames masked (drawn grey). Returns the image."""
-    from matplotlib import colormaps
-
-    frames, bins = panel.values.shape
-    masked = np.ma.masked_array(panel.values.T, mask=np.broadcast_to(panel.padded, panel.values.T.shape))
-    colours = colormaps["magma"].with_extremes(bad=PADDING_COLOUR)
-    image = axis.imshow(masked, origin="lower", aspect="auto", cmap=colours, norm=norm,
-                        extent=(0.0, frames * shift_s, 0.0, bins), interpolation="nearest")
-    axis.set_title(panel.title, fontsize=7)
-    axis.set_xlabel("time (s)", fontsize=6)
-    axis.set_ylabel("mel bin", fontsize=6)
-    axis.tick_params(labelsize=5)
-    return image

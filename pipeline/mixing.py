@@ -30,13 +30,13 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from pipeline.audio import frame_geometry
 from pipeline.config import AudioConfig
 
 # The reference's window length for Tp = 64 time patches (240 frames).
 REFERENCE_NOMIX_ROWS = 15
 REFERENCE_TIME_PATCHES = 64
 MIX_PADDINGS = ("zero", "silence")
-DOMAINS = ("logmel_max", "waveform_sum")
 
 # No-mix windows as half-open time-patch row ranges: [[i1, i1 + r], [i2, i2 + r]].
 Windows = Sequence[Sequence[int]]
@@ -192,13 +192,6 @@ def logmel_max_batch(
     return mixed.view_as(clean)
 
 
-def frame_geometry(cfg: AudioConfig) -> tuple[int, int]:
-    """(frame shift, frame length) in samples, rounded down as Kaldi does (160, 400 at 16 kHz, 10/25 ms)."""
-    shift = int(cfg.sample_rate * cfg.frame_shift_ms / 1000)
-    length = int(cfg.sample_rate * cfg.frame_length_ms / 1000)
-    return shift, length
-
-
 def silenced_sample_ranges(
     windows: Windows, patch_size: int, cfg: AudioConfig, num_samples: int
 ) -> list[tuple[int, int]]:
@@ -207,7 +200,7 @@ def silenced_sample_ranges(
     Frame k reads samples [k * shift, k * shift + length); windows cover frames [a * p, b * p), widened to
     [a * p - 1, b * p + 1).
     """
-    shift, length = frame_geometry(cfg)
+    length, shift, _ = frame_geometry(cfg)
     ranges = []
     for start, end in windows:
         first_frame = max(0, start * patch_size - 1)

@@ -49,6 +49,7 @@ import ray
 from tqdm import tqdm
 
 from pipeline import mixing, plan, shards
+from pipeline.mixers import MIXERS
 from pipeline.config import DataConfig
 from pipeline.ledger import check_ledger, class_coverage, dataset_info, quarantine_summary, quarantine_table
 from pipeline.locking import OutputLock
@@ -88,19 +89,16 @@ def check_config(data: DataConfig, patch_size: int) -> None:
         raise PreprocessConfigError(
             f"data.audio.target_length ({audio_cfg.target_length}) must be a multiple of the patch size ({patch_size})"
         )
-    if mixing_cfg.domain not in mixing.DOMAINS:
-        raise PreprocessConfigError(f"data.mixing.domain must be one of {mixing.DOMAINS}, got {mixing_cfg.domain!r}")
+    if mixing_cfg.domain not in MIXERS:
+        raise PreprocessConfigError(f"data.mixing.domain must be one of {tuple(MIXERS)}, got {mixing_cfg.domain!r}")
     if mixing_cfg.mix_padding not in mixing.MIX_PADDINGS:
         raise PreprocessConfigError(
             f"data.mixing.mix_padding must be one of {mixing.MIX_PADDINGS}, got {mixing_cfg.mix_padding!r}"
         )
-    if mixing_cfg.domain == "waveform_sum" and not mixing_cfg.materialize_mixtures:
-        raise PreprocessConfigError(
-            "data.mixing.domain=waveform_sum needs materialize_mixtures: true (the loader can only form "
-            "log-mel max mixtures)"
-        )
-    if mixing_cfg.domain == "waveform_sum" and mixing_cfg.mix_padding != "zero":
-        raise PreprocessConfigError("data.mixing.mix_padding applies to logmel_max only; use 'zero' with waveform_sum")
+    try:
+        MIXERS[mixing_cfg.domain].check_config(mixing_cfg)
+    except ValueError as error:
+        raise PreprocessConfigError(str(error)) from None
     try:
         mixing.nomix_rows(audio_cfg.target_length // patch_size, mixing_cfg.nomix_rows)
     except ValueError as error:

@@ -2,8 +2,8 @@
 publication of the shard and its resume record.
 
 `process_shard`: decode every distinct clip of the shard (`audio.load_waveform`), run the one batched
-front-end (`audio.fbank_batch`) over them, form the mixtures (`logmel_max` or `waveform_sum`, or none when
-`materialize_mixtures` is false), encode the samples and publish the shard (`shards.write_shard`: visible under
+front-end (`audio.fbank_batch`) over them, form the mixtures (the `pipeline.mixers` mixer of data.mixing.domain, or
+none when `materialize_mixtures` is false), encode the samples and publish the shard (`shards.write_shard`: visible under
 its final name only when complete). A clip that fails becomes a quarantine row (stage `decode` with
 `AudioError.reason`, or `features`); the slots it leaves in a group are completed with filler clips of the same
 shard (recorded as `filler` in the sample json and the index); a group without any valid primary is dropped.
@@ -20,12 +20,13 @@ from collections import Counter
 from dataclasses import dataclass
 from itertools import groupby
 
-import numpy as np
 import ray
 import torch
 
 from pipeline import audio, mixing, plan, shards
 from pipeline.config import AudioConfig, MixingConfig
+from pipeline.mixers import mixer
+from pipeline.mixers.base import MixSettings, assemble_group
 from pipeline.ledger import DECODE_STAGE, FEATURES_STAGE
 from pipeline.shardset import RECORD_FORMAT, record_name, records_directory, source_state
 
@@ -144,36 +145,17 @@ def _mixtures(
     """(G, T, F) float32 mixtures per group (mixture i has primary i, partner i - 1), or None when not materialised."""
     if not job.mixing.materialize_mixtures:
         return [None] * len(groups)
-    time_patches = job.audio.target_length // job.patch_size
-    r = job.nomix_rows
-    if job.mixing.domain == "logmel_max":
-        result: list[torch.Tensor | None] = []
-        for group in groups:
-            size = len(group.keys)
-            clean = torch.stack([features[key] for key in group.keys])
-            masks = [mixing.nomix_mask(i1, i2, r, time_patches) for i1, i2 in group.windows]
-            nomix = torch.from_numpy(np.stack(masks))
-            partner = torch.tensor([(i - 1) % size for i in range(size)], dtype=torch.long)
-            valid_frames = torch.tensor([frames[key] for key in group.keys], dtype=torch.long)
-            result.append(
-                mixing.logmel_max_batch(clean, partner, nomix, job.patch_size, job.mixing.mix_padding, valid_frames)
-            )
-        return result
-    sums = []
+    inputs = []
     for group in groups:
-        size = len(group.keys)
-        for i, (i1, i2) in enumerate(group.windows):
-            primary, foreign = waves[group.keys[i]], waves[group.keys[(i - 1) % size]]
-            windows = mixing.window_ranges(i1, i2, r)
-            gain = job.mixing.waveform_gain
-            sums.append(mixing.waveform_sum_mixture(primary, foreign, windows, gain, job.audio, job.patch_size))
-    spectra = audio.fbank_batch(sums, job.audio) if sums else None
-    result = []
-    offset = 0
-    for group in groups:
-        result.append(spectra[offset : offset + len(group.keys)])
-        offset += len(group.keys)
-    return result
+        layout = [
+            {"partner": partner, "nomix": mixing.window_ranges(i1, i2, job.nomix_rows)}
+            for partner, (i1, i2) in zip(mixing.group_cycle(len(group.keys)), group.windows)
+        ]
+        clean = torch.stack([features[key] for key in group.keys])
+        valid_frames = [frames[key] for key in group.keys]
+        inputs.append(assemble_group(layout, clean, job.patch_size, valid_frames, [waves[key] for key in group.keys]))
+    settings = MixSettings(job.patch_size, job.mixing.mix_padding, job.mixing.waveform_gain, job.audio)
+    return mixer(job.mixing.domain).mix(inputs, settings)
 
 
 def _feature_sums(values: torch.Tensor) -> tuple[float, float, int]:

@@ -47,7 +47,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline.mixing import DOMAINS
+from pipeline.mixers import MIXERS
 from pipeline.plan import parse_shard_name
 
 logger = logging.getLogger(__name__)
@@ -234,8 +234,8 @@ def _validate_group_meta(meta: dict, count: int, time_patches: int | None) -> No
             raise ShardFormatError(f"json: mixture {i} must be an object")
         if mixture.get("primary") != i or mixture.get("partner") != (i - 1) % count:
             raise ShardFormatError(f"json: mixture {i} must have primary {i} and partner {(i - 1) % count}")
-        if mixture.get("domain") not in DOMAINS:
-            raise ShardFormatError(f"json: mixture {i} domain must be one of {DOMAINS}")
+        if mixture.get("domain") not in MIXERS:
+            raise ShardFormatError(f"json: mixture {i} domain must be one of {tuple(MIXERS)}")
         nomix = mixture.get("nomix")
         if (
             not isinstance(nomix, list)
@@ -281,8 +281,10 @@ def decode_sample(
         raise ShardFormatError(f"missing clip members {sorted(clip_names - names)}")
     if present_mixtures and present_mixtures != mixture_names:
         raise ShardFormatError(f"mixture members must be all or none, missing {sorted(mixture_names - names)}")
-    if is_group and not present_mixtures and any(m["domain"] != "logmel_max" for m in meta["mixtures"]):
-        raise ShardFormatError("waveform_sum mixtures must be materialised (m*.npy members missing)")
+    if is_group and not present_mixtures:
+        unformable = sorted({m["domain"] for m in meta["mixtures"] if not MIXERS[m["domain"]].loader_can_form})
+        if unformable:
+            raise ShardFormatError(f"{', '.join(unformable)} mixtures must be materialised (m*.npy members missing)")
     clips = [decode_array(members[f"c{i}.npy"], f"c{i}.npy", expected_shape) for i in range(count)]
     shape = clips[0].shape
     for i, clip in enumerate(clips):

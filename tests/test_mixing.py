@@ -8,6 +8,7 @@ import torch
 import torchaudio
 
 from pipeline import mixing
+from pipeline.audio import frame_geometry
 from pipeline.config import AudioConfig
 
 
@@ -171,7 +172,7 @@ def _reference_fbank(wave: torch.Tensor, cfg: AudioConfig) -> torch.Tensor:
 
 def test_silenced_sample_ranges() -> None:
     cfg = AudioConfig()
-    assert mixing.frame_geometry(cfg) == (160, 400)
+    assert frame_geometry(cfg) == (400, 160, 512)
     # Rows [2, 5) with patch 16 = frames [32, 80), widened to [31, 81): samples [31*160, 80*160 + 400).
     assert mixing.silenced_sample_ranges([[2, 5]], 16, cfg, 100_000) == [(4960, 13200)]
     assert mixing.silenced_sample_ranges([[0, 2]], 16, cfg, 3000) == [(0, 3000)]
@@ -182,7 +183,7 @@ def test_waveform_sum_windows_equal_primary_fbank() -> None:
     patch = 16
     time_patches = cfg.target_length // patch
     rows = mixing.nomix_rows(time_patches)
-    shift, length = mixing.frame_geometry(cfg)
+    length, shift, _ = frame_geometry(cfg)
     num_samples = (cfg.target_length - 1) * shift + length
     generator = torch.Generator().manual_seed(3)
     primary = 0.05 * torch.randn(num_samples, generator=generator) + 0.02

@@ -8,8 +8,10 @@ from pathlib import Path
 import torch
 
 from model.config import ModelConfig
+from pipeline.spectrogram_plot import draw_spectrogram
 
 PREVIEW_CLIPS = 3
+FONT_SIZE = 8
 
 
 def _runs(flags: torch.Tensor) -> list[tuple[int, int]]:
@@ -44,22 +46,16 @@ def render_preview(batch: dict[str, torch.Tensor], model_cfg: ModelConfig, path:
     FigureCanvasAgg(figure)
     axes = figure.subplots(rows, count, squeeze=False)
 
-    def show(ax, image: torch.Tensor, title: str) -> None:
-        ax.imshow(image.T.numpy(), origin="lower", aspect="auto", cmap="magma", interpolation="nearest")
-        ax.set_title(title, fontsize=8)
-        ax.set_xlabel("frame", fontsize=7)
-        ax.set_ylabel("mel bin", fontsize=7)
-        ax.tick_params(labelsize=6)
-
     for i in range(count):
-        show(axes[0][i], clean[i], f"clean clip {i}")
+        draw_spectrogram(axes[0][i], clean[i].numpy(), f"clean clip {i}", fontsize=FONT_SIZE)
     if mixed is not None:
         mixed = mixed.detach().float().cpu()[:, 0]
         partner = batch.get("partner")
         nomix = batch.get("nomix")
         for i in range(count):
             foreign = f" + clip {int(partner[i])}" if partner is not None else ""
-            show(axes[1][i], mixed[i], f"mixture {i}{foreign}, no-mix windows outlined")
+            title = f"mixture {i}{foreign}, no-mix windows outlined"
+            draw_spectrogram(axes[1][i], mixed[i].numpy(), title, fontsize=FONT_SIZE)
             for start, stop in _runs(nomix[i].cpu()) if nomix is not None else []:
                 axes[1][i].add_patch(
                     Rectangle((start * patch - 0.5, -0.5), (stop - start) * patch, bins, fill=False, edgecolor="cyan",
@@ -69,7 +65,8 @@ def render_preview(batch: dict[str, torch.Tensor], model_cfg: ModelConfig, path:
     mask = block_masks(1, time_patches, freq_patches, model_cfg, generator)[0].reshape(time_patches, freq_patches)
     cells = mask.repeat_interleave(patch, dim=0).repeat_interleave(patch, dim=1).float()
     mask_ax = axes[-1][0]
-    show(mask_ax, clean[0], f"student mask on clip 0 ({int(mask.sum())}/{mask.numel()} patches masked)")
+    title = f"student mask on clip 0 ({int(mask.sum())}/{mask.numel()} patches masked)"
+    draw_spectrogram(mask_ax, clean[0].numpy(), title, fontsize=FONT_SIZE)
     mask_ax.imshow(cells.T.numpy(), origin="lower", aspect="auto", cmap="gray", alpha=0.55, interpolation="nearest")
     for ax in axes[-1][1:]:
         ax.axis("off")
