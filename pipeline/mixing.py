@@ -21,6 +21,8 @@ the partner is set to exact zeros over every sample that an analysis frame in th
 frame on each side reads, scaled by a gain, cut or zero-padded to the primary's length and added to the
 primary. The caller runs the front-end on the sum. Its clip-mean removal then subtracts a constant, which
 Kaldi's per-frame DC removal (`remove_dc_offset`) cancels, so window frames equal the primary's fbank.
+
+This module is the math; the strategies that preprocessing, the loader and inspect call are `pipeline.mixers`.
 """
 
 from __future__ import annotations

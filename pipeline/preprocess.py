@@ -49,12 +49,12 @@ import ray
 from tqdm import tqdm
 
 from pipeline import mixing, plan, shards
-from pipeline.mixers import MIXERS
 from pipeline.config import DataConfig
 from pipeline.ledger import check_ledger, class_coverage, dataset_info, quarantine_summary, quarantine_table
 from pipeline.locking import OutputLock
 from pipeline.clips import ManifestError
 from pipeline.manifest import build_manifest
+from pipeline.mixers import MIXERS
 from pipeline.preprocess_errors import FingerprintMismatchError, PreprocessConfigError, PreprocessError
 from pipeline.shard_task import ShardJob, process_shard_task
 from pipeline.shardset import (
