@@ -30,8 +30,8 @@ def _patch_torch(module) -> None:
     module.save = save
 
 
-def _patch_loader(module) -> None:
-    original = module._decode_group
+def _patch_reader(module) -> None:
+    original = module.decode_group
     calls = {"n": 0}
 
     def decode(sample, geometry):
@@ -41,10 +41,10 @@ def _patch_loader(module) -> None:
                 raise RuntimeError("injected worker fault")
         return original(sample, geometry)
 
-    module._decode_group = decode
+    module.decode_group = decode
 
 
-PATCHES = {"checkpoint_enospc": ("torch", _patch_torch), "worker_error": ("pipeline.loader", _patch_loader)}
+PATCHES = {"checkpoint_enospc": ("torch", _patch_torch), "worker_error": ("pipeline.share_reader", _patch_reader)}
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):
