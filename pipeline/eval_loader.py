@@ -13,6 +13,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.config import DataConfig, LoaderConfig
 from pipeline.shard_source import ShardSource
+from pipeline.shards import ShardFormatError, decode_sample
+from pipeline.shardset import DATASET_INFO
 from pipeline.share_reader import (
     Geometry,
     Skips,
@@ -25,8 +27,6 @@ from pipeline.share_reader import (
     unchanged,
     valid_frame_counts,
 )
-from pipeline.shardset import DATASET_INFO
-from pipeline.shards import ShardFormatError, decode_sample
 from pipeline.shares import Share, assign_shares
 
 

@@ -36,6 +36,8 @@ from webdataset.filters import shuffle
 
 from pipeline.config import DataConfig, LoaderConfig
 from pipeline.shard_source import ShardSource
+from pipeline.shards import ShardFormatError
+from pipeline.shardset import DATASET_INFO
 from pipeline.share_reader import (
     Geometry,
     Skips,
@@ -50,8 +52,6 @@ from pipeline.share_reader import (
     stop_workers,
     unchanged,
 )
-from pipeline.shardset import DATASET_INFO
-from pipeline.shards import ShardFormatError
 from pipeline.shares import Share, assign_shares, deal_rests
 
 logger = logging.getLogger(__name__)
