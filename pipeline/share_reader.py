@@ -5,10 +5,10 @@ only the members of the share's samples). A sample's key is checked against `SAM
 decoded (`pipeline.shards.decode_sample`), so a member named with '..' or an absolute path is refused; a
 bad sample or shard is logged, counted (`Skips`, reported as `skipped_samples` / `skipped_shards`) and
 skipped. `decode_group` checks a mixture group against the set's `Geometry` (from dataset.json) and
-`collate_groups` forms the training batch contract of DESIGN.md ("Training batch"), forming logmel_max
-mixtures when the set does not store them. `valid_frames` is each clip's frame count before its zero
-padding (the samples' json "frames"); a shard written without it counts its clips as full length (T),
-and that is logged once per process.
+`collate_groups` forms the training batch contract of DESIGN.md ("Training batch"), forming the mixtures with
+the set's `pipeline.mixers` mixer when the set does not store them. `valid_frames` is each clip's frame count
+before its zero padding (the samples' json "frames"); a shard written without it counts its clips as full
+length (T), and that is logged once per process.
 
 Workers ignore SIGTERM (the rank checkpoints first) and die with their rank (`init_worker`);
 `stop_workers` ends a DataLoader iterator's workers without waiting on a busy one. `derive_seed` derives
@@ -31,7 +31,9 @@ from torch.utils.data import get_worker_info
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
 from pipeline.config import DataConfig, LoaderConfig
-from pipeline.mixing import MIX_PADDINGS, logmel_max_batch
+from pipeline.mixers import mixer
+from pipeline.mixers.base import MixSettings, assemble_group
+from pipeline.mixing import MIX_PADDINGS
 from pipeline.shard_source import ShardSource, open_shard
 from pipeline.shards import SAMPLE_KEY, ShardFormatError, decode_sample
 from pipeline.shares import Share
@@ -170,6 +172,7 @@ class Geometry:
     num_classes: int
     materialized: bool
     mix_padding: str
+    domain: str  # data.mixing.domain: its `pipeline.mixers` mixer forms the mixtures a set does not store
 
     @property
     def time_patches(self) -> int:
@@ -231,23 +234,20 @@ def collate_groups(groups: Sequence[dict], geometry: Geometry) -> dict[str, torc
     nomix = torch.zeros(count, geometry.time_patches, dtype=torch.bool)
     partner = torch.empty(count, dtype=torch.long)
     valid_frames = torch.empty(count, dtype=torch.long)
+    settings = MixSettings(geometry.patch_size, geometry.mix_padding)
     for g, group in enumerate(groups):
         rows = slice(g * size, (g + 1) * size)
         meta = group["meta"]
         valid_frames[rows] = torch.tensor(valid_frame_counts(meta, size, geometry.target_length))
-        for i, mixture in enumerate(meta["mixtures"]):
-            partner[g * size + i] = g * size + mixture["partner"]
-            for start, end in mixture["nomix"]:
-                nomix[g * size + i, start:end] = True
+        for i in range(size):
             clean[g * size + i, 0].copy_(torch.from_numpy(group["clips"][i]))
             if group["mixtures"]:
                 mixed[g * size + i, 0].copy_(torch.from_numpy(group["mixtures"][i]))
+        layout = assemble_group(meta["mixtures"], clean[rows, 0], geometry.patch_size, meta.get("frames"))
+        partner[rows] = layout.partner + g * size
+        nomix[rows] = layout.nomix
         if not group["mixtures"]:
-            local_partner = partner[rows] - g * size
-            frames = valid_frames[rows] if "frames" in meta else None
-            mixed[rows, 0] = logmel_max_batch(
-                clean[rows, 0], local_partner, nomix[rows], geometry.patch_size, geometry.mix_padding, frames
-            )
+            mixed[rows, 0] = mixer(geometry.domain).mix([layout], settings)[0]
     return {"clean": clean, "mixed": mixed, "partner": partner, "nomix": nomix, "valid_frames": valid_frames}
 
 
@@ -277,4 +277,5 @@ def dataset_geometry(source: ShardSource, mix_padding: str | None) -> Geometry:
         num_classes=len(info.get("classes", [])),
         materialized=bool(info.get("materialize_mixtures", False)),
         mix_padding=padding,
+        domain=info.get("domain", "logmel_max"),
     )

@@ -1,5 +1,6 @@
 """The mixer registry (pipeline.mixers): a third strategy registered in `MIXERS` alone reaches every dispatch
-point (preprocessing's refusals and mixing, shard validation, inspect, the loader) with no other file touched.
+point (preprocessing's refusals and mixing, shard validation, inspect, the loader's collation) with no other
+file touched.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pipeline.mixers import MIXERS, mixer
 from pipeline.mixers.base import MixSettings, MixtureGroup, assemble_group
 from pipeline.preprocess import check_config
 from pipeline.preprocess_errors import PreprocessConfigError
+from pipeline.share_reader import Geometry, collate_groups
 from pipeline.shard_task import ShardJob, process_shard
 
 T, F, PATCH, G = 128, 32, 16, 3
@@ -135,3 +137,21 @@ def test_shard_validation_asks_the_registry_whether_the_loader_can_form_a_domain
         shards.encode_sample(domain="toy_waves", **arguments)
     with pytest.raises(shards.ShardFormatError, match="domain must be one of"):
         shards.encode_sample(domain="unregistered", **arguments)
+
+
+def test_the_loader_forms_unstored_mixtures_with_the_sets_mixer(toy):
+    rng = np.random.default_rng(1)
+    groups = []
+    for seed in range(2):
+        clips = [rng.standard_normal((T, F)).astype(np.float16) for _ in range(G)]
+        members = shards.encode_sample(clips=clips, clip_keys=["a", "b", "c"], labels=[[0]] * G, filler=[False] * G,
+                                       windows=[WINDOWS] * G, rows=ROWS, domain="toy_mean", seed=seed, frames=[T] * G)
+        groups.append(shards.decode_sample(members))
+    geometry = Geometry(target_length=T, mel_bins=F, patch_size=PATCH, group_size=G, rows=ROWS, num_classes=1,
+                        materialized=False, mix_padding="zero", domain="toy_mean")
+    batch = collate_groups(groups, geometry)
+    assert batch["partner"].tolist() == [2, 0, 1, 5, 3, 4]
+    clean = batch["clean"][:, 0]
+    inside = batch["nomix"].repeat_interleave(PATCH, dim=1)[..., None]
+    expected = torch.where(inside, clean, (clean + clean[batch["partner"]]) / 2)
+    assert torch.equal(batch["mixed"][:, 0], expected)
