@@ -44,7 +44,7 @@ log = logging.getLogger("sslam.pretrain")
 
 def check_dataset(info: dict, config: Config, time_patches: int) -> None:
     """Refuse a dataset whose shapes or mixture layout do not match the config, before any step."""
-    from pipeline.mixers import MIXERS
+    from pipeline.mixers import DEFAULT_DOMAIN, MIXERS
     from pipeline.mixing import nomix_rows
 
     expected = {
@@ -57,7 +57,7 @@ def check_dataset(info: dict, config: Config, time_patches: int) -> None:
     if config.train.dataset_fingerprint and info.get("fingerprint") != config.train.dataset_fingerprint:
         wrong["fingerprint"] = (info.get("fingerprint"), config.train.dataset_fingerprint)
     aware_mixing = config.model.padding == "aware" and config.model.stage == 2
-    stored_mixer = MIXERS.get(info.get("domain", "logmel_max")) if info.get("materialize_mixtures") else None
+    stored_mixer = MIXERS.get(info.get("domain", DEFAULT_DOMAIN)) if info.get("materialize_mixtures") else None
     if aware_mixing and stored_mixer is not None and "silence" in stored_mixer.allowed_mix_paddings:
         # Stored mixtures of a mixer that honours mix_padding, made with "zero", let a short partner's padding win
         # over the primary's content.

@@ -32,7 +32,7 @@ import torch
 
 from pipeline import shards
 from pipeline.ledger import MANIFEST_STAGE, coverage_lines
-from pipeline.mixers import mixer
+from pipeline.mixers import DEFAULT_DOMAIN, mixer
 from pipeline.mixers.base import MixSettings, assemble_group
 from pipeline.shardset import FINGERPRINT_RECORD, INDEX_TABLE, QUARANTINE_TABLE, RECORDS_DIR, read_dataset_info
 from pipeline.spectrogram_plot import draw_spectrogram
@@ -424,5 +424,5 @@ def _loader_mixtures(sample: dict, info: dict) -> list[np.ndarray]:
     clean = torch.from_numpy(np.stack(sample["clips"]).astype(np.float32))
     group = assemble_group(meta["mixtures"], clean, patch, meta.get("frames"))
     settings = MixSettings(patch, info.get("mix_padding", "zero"))
-    mixed = mixer(info.get("domain", "logmel_max")).mix([group], settings)[0]
+    mixed = mixer(info.get("domain", DEFAULT_DOMAIN)).mix([group], settings)[0]
     return [mixture.numpy() for mixture in mixed]

@@ -31,7 +31,7 @@ from torch.utils.data import get_worker_info
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
 from pipeline.config import DataConfig, LoaderConfig
-from pipeline.mixers import mixer
+from pipeline.mixers import DEFAULT_DOMAIN, mixer
 from pipeline.mixers.base import MixSettings, assemble_group
 from pipeline.mixing import MIX_PADDINGS
 from pipeline.shard_source import ShardSource, open_shard
@@ -277,5 +277,5 @@ def dataset_geometry(source: ShardSource, mix_padding: str | None) -> Geometry:
         num_classes=len(info.get("classes", [])),
         materialized=bool(info.get("materialize_mixtures", False)),
         mix_padding=padding,
-        domain=info.get("domain", "logmel_max"),
+        domain=info.get("domain", DEFAULT_DOMAIN),
     )

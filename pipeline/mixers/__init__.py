@@ -11,6 +11,8 @@ from pipeline.mixers.base import Mixer
 from pipeline.mixers.logmel_max import LogmelMax
 from pipeline.mixers.waveform_sum import WaveformSum
 
+# The domain of a dataset.json that records none (sets written before the choice existed).
+DEFAULT_DOMAIN = LogmelMax.name
 MIXERS: dict[str, Mixer] = {
     LogmelMax.name: LogmelMax(),
     WaveformSum.name: WaveformSum(),
