@@ -61,7 +61,6 @@ from urllib.parse import urlparse
 import braceexpand
 import fsspec
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.filters import shuffle
@@ -71,7 +70,8 @@ from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expan
 from pipeline.config import DataConfig, LoaderConfig
 from pipeline.mixing import MIX_PADDINGS, logmel_max_batch
 from pipeline.plan import parse_shard_name
-from pipeline.shards import SAMPLE_KEY, ShardFormatError, decode_sample, file_exists, locate, read_file
+from pipeline.shards import SAMPLE_KEY, ShardFormatError, decode_sample
+from pipeline.storage import locate
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def read_dataset_info(location: str) -> dict:
     root, _ = _split_location(location)
     resolved = locate(root)
     try:
-        data = read_file(resolved, DATASET_INFO)
+        data = resolved.read(DATASET_INFO)
     except FileNotFoundError as error:
         raise FileNotFoundError(f"no {DATASET_INFO} in {root} (shard location {location!r})") from error
     try:
@@ -235,12 +235,11 @@ class ShardSource:
         return [self._counts[name] for name in names]
 
     def _index_counts(self) -> dict[str, int]:
-        if not file_exists(self._resolved, INDEX_TABLE):
+        if not self._resolved.exists(INDEX_TABLE):
             return {}
-        path, filesystem = self._resolved.join(INDEX_TABLE), self._resolved.filesystem
-        fingerprinted = "fingerprint" in pq.read_schema(path, filesystem=filesystem).names
+        fingerprinted = "fingerprint" in self._resolved.read_schema(INDEX_TABLE).names
         columns = ["shard", "fingerprint"] if fingerprinted else ["shard"]
-        table = pq.read_table(path, columns=columns, filesystem=filesystem)
+        table = self._resolved.read_table(INDEX_TABLE, columns=columns)
         shard_column = table.column("shard").to_pylist()
         if fingerprinted:
             for name, fingerprint in zip(shard_column, table.column("fingerprint").to_pylist()):
