@@ -343,7 +343,19 @@ class _TailStream:
 _TAIL_BYTES = 64 * 1024
 
 
-def _check_member(info: tarfile.TarInfo, max_member_bytes: int) -> tuple[str, str]:
+def _member_key(name: str) -> str:
+    """The sample a member belongs to: its name up to the first '.' after the last separator (WebDataset's
+    grouping, so a damaged name still groups with its sample), the whole name when there is none."""
+    match = _MEMBER_NAME.fullmatch(name)
+    return match.group(1) if match else name
+
+
+# A member name is `{key}.{member}`; the key is everything before the first '.' of the last path part.
+_MEMBER_NAME = re.compile(r"((?:.*[/\\])?[^/\\.]*)\.[^/\\]*", re.DOTALL)
+
+
+def _check_member(info: tarfile.TarInfo, max_member_bytes: int) -> str:
+    """The member part of a plain `{key}.{member}` regular file of at most `max_member_bytes`."""
     name = info.name
     if name.startswith("/") or name.startswith("\\"):
         raise ShardFormatError(f"member {name!r} has an absolute path")
@@ -358,54 +370,64 @@ def _check_member(info: tarfile.TarInfo, max_member_bytes: int) -> tuple[str, st
     key, _, member = name.partition(".")
     if not key or not member:
         raise ShardFormatError(f"member {name!r} is not of the form key.member")
-    return key, member
+    return member
 
 
 def iter_shard_samples(
     stream: BinaryIO,
     max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
     select: Callable[[str], bool] | None = None,
-) -> Iterator[tuple[str, dict[str, bytes]]]:
+    keep_bad: bool = False,
+) -> Iterator[tuple[str, dict[str, bytes] | ShardFormatError]]:
     """(key, {member: bytes}) of every sample of a shard stream, in tar order: the one reader of the format.
 
     Member names must be `{key}.{member}` plain names (no directories, no '..', not absolute), regular files
-    no larger than `max_member_bytes`, each once; a sample's members must be contiguous; the archive must end
-    with its end-of-archive marker (so a truncated shard is an error, not fewer samples). The first violation
-    raises ShardFormatError, after the samples before it were yielded. With `select`, only the samples whose
-    key it accepts are read and yielded (the members of the others are checked and skipped).
+    no larger than `max_member_bytes`, each once; a sample's members must be contiguous. A sample that breaks
+    these rules is bad: its error is raised, or, with `keep_bad`, yielded as (key, ShardFormatError) in its
+    place, and reading goes on (the member's header is intact; its data is skipped unread). A tar that cannot
+    be read on, or lacks its end-of-archive marker (so a truncated shard is an error, not fewer samples),
+    raises ShardFormatError after the samples before the damage. With `select` (called once per sample, in
+    order), only the samples whose key it accepts are read, checked and yielded.
     """
     source = _TailStream(stream)
     key: str | None = None
     members: dict[str, bytes] = {}
+    problem: ShardFormatError | None = None
     finished: set[str] = set()
-    seen: set[str] = set()
     taken = False
     try:
         with tarfile.open(fileobj=source, mode="r|") as archive:
             for info in archive:
-                name, member = _check_member(info, max_member_bytes)
+                name = _member_key(info.name)
                 if name != key:
+                    if taken:
+                        yield key, problem or members
                     if key is not None:
                         finished.add(key)
-                        if members:
-                            yield key, members
-                    if name in finished:
-                        raise ShardFormatError(f"sample {name!r} appears twice (members not contiguous)")
-                    key, members, seen, taken = name, {}, set(), select is None or select(name)
-                if member in seen:
-                    raise ShardFormatError(f"member {info.name!r} appears twice")
-                seen.add(member)
-                if taken:
-                    handle = archive.extractfile(info)
-                    members[member] = handle.read() if handle is not None else b""
+                    key, members, problem = name, {}, None
+                    taken = select is None or select(key)
+                    if taken and key in finished:
+                        problem = ShardFormatError(f"sample {key!r} appears twice (members not contiguous)")
+                if taken and problem is None:
+                    try:
+                        member = _check_member(info, max_member_bytes)
+                        if member in members:
+                            raise ShardFormatError(f"member {info.name!r} appears twice")
+                    except ShardFormatError as error:
+                        problem = error
+                    else:
+                        handle = archive.extractfile(info)
+                        members[member] = handle.read() if handle is not None else b""
+                if problem is not None and not keep_bad:
+                    raise problem
             end = archive.offset
     except (tarfile.TarError, EOFError, OSError) as error:
         raise ShardFormatError(f"not a readable tar archive ({error})") from error
     # tarfile takes a cut inside a header for the end of the archive; the end marker tells the difference.
     if source.bytes_at(end, END_MARKER_BYTES) != bytes(END_MARKER_BYTES):
         raise ShardFormatError(f"truncated tar archive: no end-of-archive marker after {end} bytes")
-    if key is not None and members:
-        yield key, members
+    if taken:
+        yield key, problem or members
 
 
 def read_shard_samples(

@@ -317,3 +317,25 @@ def test_index_rows_and_tables(tmp_path) -> None:
         location.remove("index.parquet")  # already gone: fine
         assert location.list() == []
     assert locate(tmp_path / "nowhere").list() == []
+
+
+def test_reader_keeps_bad_samples_in_place_and_selects() -> None:
+    (first, members_a), (second, members_b), (third, members_c) = _samples(3)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        for key, members in ((first, members_a), ("../" + second, members_b), (third, members_c)):
+            for member, data in sorted(members.items()):
+                info = tarfile.TarInfo(f"{key}.{member}")
+                info.size = len(data)
+                archive.addfile(info, io.BytesIO(data))
+    data = buffer.getvalue()
+    read = list(shards.iter_shard_samples(io.BytesIO(data), keep_bad=True))
+    assert [key for key, _ in read] == [first, "../" + second, third]
+    assert read[0][1] == members_a and read[2][1] == members_c
+    assert isinstance(read[1][1], ShardFormatError) and "'..'" in str(read[1][1])
+    with pytest.raises(ShardFormatError, match=r"'\.\.'"):
+        list(shards.iter_shard_samples(io.BytesIO(data)))
+    offered: list[str] = []
+    selected = shards.iter_shard_samples(io.BytesIO(data), select=lambda key: offered.append(key) or key != first,
+                                         keep_bad=True)
+    assert [key for key, _ in selected] == ["../" + second, third] and offered == [first, "../" + second, third]
