@@ -52,7 +52,6 @@ import logging
 import random
 import signal
 import sys
-import tarfile
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -65,12 +64,11 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.filters import shuffle
 from webdataset.gopen import gopen, gopen_schemes
-from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
 from pipeline.config import DataConfig, LoaderConfig
 from pipeline.mixing import MIX_PADDINGS, logmel_max_batch
 from pipeline.plan import parse_shard_name
-from pipeline.shards import SAMPLE_KEY, ShardFormatError, decode_sample
+from pipeline.shards import SAMPLE_KEY, ShardFormatError, decode_sample, iter_shard_samples
 from pipeline.storage import locate
 
 logger = logging.getLogger(__name__)
@@ -134,15 +132,18 @@ def open_shard(url: str) -> io.IOBase:
 
 def count_shard_samples(url: str) -> int:
     """Samples (distinct consecutive keys) in a shard, read from its tar headers; a broken tail ends the count."""
-    count, last = 0, None
+    count = 0
+
+    def tally(key: str) -> bool:
+        nonlocal count
+        count += 1
+        return False  # counted, not read
+
     stream = open_shard(url)
     try:
-        with tarfile.open(fileobj=stream, mode="r|*") as archive:
-            for member in archive:
-                key, _ = base_plus_ext(member.name)
-                if key is not None and key != last:
-                    count, last = count + 1, key
-    except (tarfile.TarError, OSError, EOFError) as error:
+        for _ in iter_shard_samples(stream, select=tally, keep_bad=True):
+            pass
+    except (ShardFormatError, OSError) as error:
         logger.warning("shard %s is unreadable after %d samples while counting: %s", url, count, error)
     finally:
         stream.close()
@@ -400,30 +401,24 @@ class _Skips:
 
 
 class _ShareSelector:
-    """`select_files` for WebDataset's tar iterator: keeps only the members of this share's samples."""
+    """`select` of the shard reader: takes only this share's samples, and notes their ordinals in the shard."""
 
     def __init__(self, share: Share) -> None:
         self.share = share
         self.ordinals: dict[str, int] = {}
-        self._last: str | None = None
         self._seen = 0
-        self._take = False
 
-    def __call__(self, name: str) -> bool:
-        key, _ = base_plus_ext(name)
-        if key is None:
-            return False
-        if key != self._last:
-            self._last = key
-            self._take = self._seen % self.share.parts == self.share.part
-            if self._take:
-                self.ordinals[key] = self._seen
-            self._seen += 1
-        return self._take
+    def __call__(self, key: str) -> bool:
+        take = self._seen % self.share.parts == self.share.part
+        if take:
+            self.ordinals[key] = self._seen
+        self._seen += 1
+        return take
 
 
 def _read_share(url: str, share: Share, expected: int, skips: _Skips) -> Iterator[dict]:
-    """Raw samples (member bytes) of one share, in tar order, with "__shard__" and "__ordinal__" (in the shard)."""
+    """Raw samples (member bytes) of one share, in tar order, with "__shard__" and "__ordinal__" (in the shard);
+    a sample the reader refused holds only its "__error__"."""
     handler = skips.shard_handler(url)
     selector = _ShareSelector(share)
     yielded = 0
@@ -434,12 +429,14 @@ def _read_share(url: str, share: Share, expected: int, skips: _Skips) -> Iterato
         stream = None
     if stream is not None:
         try:
-            files = tar_file_expander([{"url": url, "stream": stream}], handler=handler, select_files=selector)
-            for sample in group_by_keys(files, handler=handler):
-                sample["__shard__"] = share.shard
-                sample["__ordinal__"] = selector.ordinals.pop(sample["__key__"], -1)
+            for key, members in iter_shard_samples(stream, select=selector, keep_bad=True):
+                sample = {"__error__": members} if isinstance(members, ShardFormatError) else dict(members)
+                sample.update(__key__=key, __url__=url, __shard__=share.shard)
+                sample["__ordinal__"] = selector.ordinals.pop(key, -1)
                 yielded += 1
                 yield sample
+        except ShardFormatError as error:
+            handler(error)
         finally:
             stream.close()
     missing = share.count(expected) - yielded
@@ -470,9 +467,12 @@ class _Geometry:
         return self.target_length // self.patch_size
 
 
-def _check_sample_key(key: str) -> None:
-    """Our writer names members `{key}.{member}` with a plain key; a tar member name holding a directory,
-    '..' or an absolute path was not written by it."""
+def _check_raw_sample(sample: dict) -> None:
+    """Raise what the shard reader found wrong with the sample's members, or a key our writer does not write
+    (`{key}.{member}` with a plain key)."""
+    if "__error__" in sample:
+        raise sample["__error__"]
+    key = sample["__key__"]
     if not SAMPLE_KEY.fullmatch(key):
         raise ShardFormatError(f"sample key {key!r} is not a plain name (letters, digits, '_' and '-' only)")
 
@@ -618,7 +618,7 @@ class _TrainStream(IterableDataset):
         for sample in raw:
             consumed += 1
             try:
-                _check_sample_key(sample["__key__"])
+                _check_raw_sample(sample)
                 groups.append(_decode_group(sample, self.geometry))
             except ShardFormatError as error:
                 skips.bad_sample(sample["__key__"], sample["__url__"], error)
@@ -944,7 +944,7 @@ class _EvalStream(IterableDataset):
         for sample in _read_shares(self.urls, self.shares[worker], self.counts, skips):
             key, url = sample["__key__"], sample["__url__"]
             try:
-                _check_sample_key(key)
+                _check_raw_sample(sample)
                 decoded = decode_sample(sample, expected_shape=(geometry.target_length, geometry.mel_bins))
                 labels = decoded["meta"]["labels"]
                 if any(label >= geometry.num_classes for clip in labels for label in clip):

@@ -321,12 +321,14 @@ class _TailStream:
     def __init__(self, stream: BinaryIO) -> None:
         self.stream = stream
         self.position = 0  # bytes read so far
-        self.tail = b""  # the last `_TAIL_BYTES` (or fewer) of them
+        self.tail = bytearray()  # at least the last `_TAIL_BYTES` of them (all of them while fewer)
 
     def read(self, size: int = -1) -> bytes:
         data = self.stream.read(size)
         self.position += len(data)
-        self.tail = (self.tail + data)[-_TAIL_BYTES:]
+        self.tail += data
+        if len(self.tail) > 2 * _TAIL_BYTES:
+            del self.tail[: len(self.tail) - _TAIL_BYTES]  # cheap: a bytearray drops its head in place
         return data
 
     def bytes_at(self, offset: int, size: int) -> bytes:
@@ -336,11 +338,11 @@ class _TailStream:
         start = offset - (self.position - len(self.tail))
         if start < 0:
             raise ValueError(f"offset {offset} is no longer held")
-        return self.tail[start : start + size]
+        return bytes(self.tail[start : start + size])
 
 
 # Enough for tarfile's read-ahead (one 10 KiB record past the end-of-archive header) and the end marker.
-_TAIL_BYTES = 64 * 1024
+_TAIL_BYTES = 32 * 1024
 
 
 def _member_key(name: str) -> str:
