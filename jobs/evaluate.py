@@ -8,7 +8,7 @@ The protocol (fixed; every knob is in `eval.*` of the config and logged as a par
    files are checked against its sha256 tags and its pyfunc loaded (jobs.mlops.registry.load_verified; a tampered
    model is refused).
 2. Features: the frozen encoder on every clip of `eval.train_split` of `eval.train_shards` and `eval.test_split` of
-   `eval.test_shards` (pipeline.loader.EvalLoader, raw fbank from the shards): the last block's CLS token
+   `eval.test_shards` (pipeline.eval_loader.EvalLoader, raw fbank from the shards): the last block's CLS token
    (`eval.pooling: cls`), the mean of its patch tokens (`mean`) or the mean of the patch tokens that hold content
    (`content_mean`: tokens entirely in a clip's zero padding, from the batch's `valid_frames`, left out; the rule of
    model/padding.py). Both sets need the same class list.
@@ -173,7 +173,7 @@ class _Whiten(nn.Module):
 
 def extract(python_model, config: Config, location: str, split: str) -> FeatureSet:
     """Frozen features (and head logits) of every clip of a split, in the loader's order."""
-    from pipeline.loader import EvalLoader
+    from pipeline.eval_loader import EvalLoader
 
     loader_cfg = dataclasses.replace(config.data.loader, shards=location)
     loader = EvalLoader(loader_cfg, split, batch_size=config.eval.batch_size)
@@ -213,7 +213,8 @@ def split_source(location: str, split: str, sample_keys: set[str]) -> SplitSourc
     """The shard files (absolute for local folders), the loaded sample keys and the index's clip keys of a split."""
     import os
 
-    from pipeline.loader import INDEX_TABLE, ShardSource
+    from pipeline.shard_source import ShardSource
+    from pipeline.shardset import INDEX_TABLE
     from pipeline.storage import locate
 
     source = ShardSource(location)

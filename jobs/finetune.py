@@ -130,7 +130,7 @@ class Finetuner:
 
     # ---- setup -------------------------------------------------------------------------------------
     def _dataset_info(self) -> dict:
-        from pipeline.loader import read_dataset_info
+        from pipeline.shardset import read_dataset_info
 
         try:
             return read_dataset_info(self.config.data.loader.shards)
@@ -212,7 +212,7 @@ class Finetuner:
         import dataclasses
 
         from jobs.train.metrics import mean_average_precision
-        from pipeline.loader import EvalLoader
+        from pipeline.eval_loader import EvalLoader
 
         ft = self.config.finetune
         data = dataclasses.replace(self.config.data,

@@ -124,7 +124,7 @@ class Pretrainer:
 
     # ---- setup -------------------------------------------------------------------------------------
     def _read_dataset_info(self) -> dict:
-        from pipeline.loader import read_dataset_info
+        from pipeline.shardset import read_dataset_info
 
         try:
             return read_dataset_info(self.config.data.loader.shards)
@@ -144,7 +144,7 @@ class Pretrainer:
         """Before the engine exists: the checkpoint's run state, checked against this run's data and layout.
         Another rank count, ZeRO stage or precision takes the elastic path: the model starts from the saved
         fp32 weights and `_resume` restores the optimizer from the full moments."""
-        from pipeline.loader import resume_positions
+        from pipeline.shares import resume_positions
 
         train, loader = self.config.train, self.config.data.loader
         try:

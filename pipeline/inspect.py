@@ -11,7 +11,7 @@ are formed here exactly as the loader forms them (log-mel max). Rendering uses m
 directly, without touching the global backend.
 
 A damaged or missing shard, or a sample that does not decode, is skipped with a warning (and counted in the
-preview's title), so the preview comes from the next good samples. Errors: those of `pipeline.loader.read_dataset_info`
+preview's title), so the preview comes from the next good samples. Errors: those of `pipeline.shardset.read_dataset_info`
 (`FileNotFoundError` without dataset.json, `ValueError` when it cannot be parsed), and `InspectError` (a
 ValueError) when no sample of the previewed shards decodes (it names those shards).
 """
@@ -31,9 +31,8 @@ import pyarrow as pa
 import torch
 
 from pipeline import mixing, shards, storage
-from pipeline.loader import read_dataset_info
 from pipeline.ledger import MANIFEST_STAGE, coverage_lines
-from pipeline.shardset import FINGERPRINT_RECORD, INDEX_TABLE, QUARANTINE_TABLE, RECORDS_DIR
+from pipeline.shardset import FINGERPRINT_RECORD, INDEX_TABLE, QUARANTINE_TABLE, RECORDS_DIR, read_dataset_info
 
 logger = logging.getLogger(__name__)
 

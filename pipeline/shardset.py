@@ -2,7 +2,9 @@
 names of its files (manifest, plan, index and quarantine tables, dataset.json, fingerprint.json, the
 `_records/` folder), the dataset fingerprint and its inputs, the per-shard resume records (what a later run
 reads to skip a finished shard: fingerprint, size, sha256, and the state of every source file), the
-fingerprint an output holds, and the removal of a whole set (`--overwrite`).
+fingerprint an output holds, and the removal of a whole set (`--overwrite`). It also owns what a shard
+location means (`split_location`: the folder or URL holding dataset.json, and an optional glob / brace
+pattern of shard names) and the reading of a set's dataset.json (`read_dataset_info`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ FINGERPRINT_RECORD = "fingerprint.json"
 RECORDS_DIR = "_records"
 # Records of format 1 lack the source files' states: their shards are built again.
 RECORD_FORMAT = 2
+PATTERN_CHARACTERS = set("*?[{")
 
 
 def feature_parameters(audio_cfg: AudioConfig, patch_size: int) -> dict[str, Any]:
@@ -185,3 +188,34 @@ def remove_shard_set(location: storage.Location) -> int:
             location.remove(name)
             removed += 1
     return removed
+
+
+def split_location(location: str) -> tuple[str, str | None]:
+    """(root holding dataset.json, shard-name pattern or None) of a folder, URL, glob, brace pattern or json."""
+    text = str(location).rstrip("/")
+    if text.startswith("pipe:"):
+        raise ValueError(f"{location!r}: give the folder or URL that holds {DATASET_INFO}, not a pipe: command")
+    parent, _, last = text.rpartition("/")
+    if last == DATASET_INFO:
+        return parent or ".", None
+    if PATTERN_CHARACTERS & set(last):
+        if PATTERN_CHARACTERS & set(parent):
+            raise ValueError(f"{location!r}: only the file-name part of a shard pattern may hold wildcards")
+        return parent or ".", last
+    return text, None
+
+
+def read_dataset_info(location: str) -> dict:
+    """The parsed `dataset.json` of a shard location (folder, URL, glob/brace pattern or the json itself)."""
+    root, _ = split_location(location)
+    try:
+        data = storage.locate(root).read(DATASET_INFO)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"no {DATASET_INFO} in {root} (shard location {location!r})") from error
+    try:
+        info = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{root}/{DATASET_INFO} is not UTF-8 JSON: {error}") from error
+    if not isinstance(info, dict) or not isinstance(info.get("splits"), dict):
+        raise ValueError(f"{root}/{DATASET_INFO} has no 'splits' mapping")
+    return info

@@ -1,4 +1,4 @@
-"""Elastic data continuation (pipeline.loader.resume_positions): the rest of an epoch saved on W ranks x
+"""Elastic data continuation (pipeline.shares.resume_positions): the rest of an epoch saved on W ranks x
 workers is served on another layout with every sample exactly once, and its own restarts are exact."""
 
 from __future__ import annotations
@@ -8,7 +8,8 @@ from collections import Counter
 
 import pytest
 
-from pipeline.loader import TrainLoader, deal_rests, resume_positions
+from pipeline.loader import TrainLoader
+from pipeline.shares import deal_rests, resume_positions
 from test_loader import G, MICRO_BATCH, NUM_SHARDS, PER_SHARD, _cfg, _run, shard_set  # noqa: F401 (fixture)
 
 EPOCH, SEED = 1, 5

@@ -18,7 +18,7 @@ import torch
 from jobs.train import finetune_cache
 from jobs.train.config import ConfigError, load_config
 from jobs.train.finetune_data import load_split
-from pipeline.loader import EvalLoader
+from pipeline.eval_loader import EvalLoader
 from test_evaluate import CLIPS, NUM_CLASSES, write_evaluation_set
 
 

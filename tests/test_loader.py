@@ -1,4 +1,4 @@
-"""WebDataset input (pipeline.loader): rank/worker split, equal batch counts, broken shards, restart, eval."""
+"""WebDataset input (pipeline.loader, pipeline.eval_loader and the modules they read through): rank/worker split, equal batch counts, broken shards, restart, eval."""
 
 from __future__ import annotations
 
@@ -13,10 +13,14 @@ import numpy as np
 import pytest
 import torch
 
+from jobs.train.distributed import any_rank
 from pipeline import mixing, shards, storage
 from pipeline.config import LoaderConfig
-from pipeline.loader import EvalLoader, ShardSource, TrainLoader, all_ranks_exhausted, assign_shares
+from pipeline.eval_loader import EvalLoader
+from pipeline.loader import TrainLoader
 from pipeline.plan import sample_key, shard_name
+from pipeline.shard_source import ShardSource
+from pipeline.shares import assign_shares
 
 T, F, PATCH, G = 64, 16, 16, 3
 TP = T // PATCH
@@ -251,7 +255,7 @@ def test_broken_shards_and_members_are_skipped_and_counted(shard_set, tmp_path, 
     (tmp_path / shard_name("train", 0, 3)).unlink()
     shards.write_shard(samples, storage.locate(tmp_path), shard_name("train", 0, 3))
 
-    caplog.set_level(logging.WARNING, logger="pipeline.loader")
+    caplog.set_level(logging.WARNING, logger="pipeline.share_reader")
     loader = TrainLoader(_cfg(tmp_path), "train", 0, 1, epoch=0, seed=2)
     batches = _run(loader)
     bad = {sample_key("train", 0, 1, 1), sample_key("train", 0, 1, 2), sample_key("train", 0, 3, 0)}
@@ -301,12 +305,12 @@ def test_eval_loader_labels_and_index(shard_set) -> None:
 
 def _exhausted_on_rank(rank: int, store: str, results) -> None:
     torch.distributed.init_process_group("gloo", store=torch.distributed.FileStore(store, 2), rank=rank, world_size=2)
-    results.put((rank, all_ranks_exhausted(rank == 1), all_ranks_exhausted(False)))
+    results.put((rank, any_rank(rank == 1, "cpu"), any_rank(False, "cpu")))
     torch.distributed.destroy_process_group()
 
 
-def test_all_ranks_exhausted(tmp_path) -> None:
-    assert all_ranks_exhausted(True) and not all_ranks_exhausted(False)
+def test_any_rank_is_true_on_every_rank_when_one_flag_is(tmp_path) -> None:
+    assert any_rank(True, "cpu") and not any_rank(False, "cpu")
     context = multiprocessing.get_context("fork")
     results = context.Queue()
     store = str(tmp_path / "store")

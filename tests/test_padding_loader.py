@@ -15,7 +15,8 @@ from model.config import ModelConfig
 from model.sslam import SSLAM
 from pipeline import mixing, shards, storage
 from pipeline.config import LoaderConfig
-from pipeline.loader import EvalLoader, TrainLoader
+from pipeline.eval_loader import EvalLoader
+from pipeline.loader import TrainLoader
 from pipeline.plan import sample_key, shard_name
 
 T, F, PATCH, G = 64, 16, 8, 2
@@ -93,10 +94,10 @@ def test_valid_frames_reach_train_and_eval_batches_and_silence_mixing_keeps_cont
 
 def test_samples_without_frames_count_as_full_length_and_say_so(tmp_path, caplog):
     write_set(tmp_path, with_frames=False)
-    with caplog.at_level(logging.WARNING, logger="pipeline.loader"):
-        from pipeline import loader
+    with caplog.at_level(logging.WARNING, logger="pipeline.share_reader"):
+        from pipeline import share_reader
 
-        loader._log_full_length_once.cache_clear()
+        share_reader._log_full_length_once.cache_clear()
         batch = _train_batch(tmp_path)
     assert batch["valid_frames"].tolist() == [T] * (2 * G)
     assert "count as full length" in caplog.text

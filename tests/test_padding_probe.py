@@ -70,7 +70,7 @@ def test_evaluate_extracts_content_mean_features_from_valid_frames(tmp_path):
     means = evaluate_job.extract(
         _PatchMeanModel(), load_config("tiny_stage1", ["eval.pooling=mean", "data.loader.num_workers=0"]),
         str(tmp_path), "eval").features
-    from pipeline.loader import EvalLoader
+    from pipeline.eval_loader import EvalLoader
     from pipeline.config import LoaderConfig
 
     batch = next(iter(EvalLoader(LoaderConfig(shards=str(tmp_path), num_workers=0), "eval", batch_size=8)))

@@ -36,7 +36,9 @@ from jobs.preprocess import main, run_preprocess
 from pipeline import audio, shards, storage
 from pipeline.config import AudioConfig, LoaderConfig, MixingConfig, SynthConfig
 from pipeline.inspect import listed_shards, render_groups, summarize
-from pipeline.loader import EvalLoader, MixedShardSetError, ShardSource, TrainLoader
+from pipeline.eval_loader import EvalLoader
+from pipeline.loader import TrainLoader
+from pipeline.shard_source import MixedShardSetError, ShardSource
 from pipeline.locking import LOCK_NAME, OutputLock, OutputLockedError
 from pipeline.mixing import nomix_rows
 from pipeline.plan import shard_name

@@ -204,7 +204,7 @@ def _dataset_fingerprint(config) -> str:
     if config.train.dataset_fingerprint:
         return config.train.dataset_fingerprint
     try:
-        from pipeline.loader import read_dataset_info
+        from pipeline.shardset import read_dataset_info
 
         return str(read_dataset_info(config.data.loader.shards).get("fingerprint", ""))
     except (OSError, ValueError):

@@ -1,7 +1,7 @@
 """The fine-tuning job's data: a labelled split held in memory, each epoch's clip order, per-update batches.
 
 The train split (a `mix: false` split of the preprocessing job's shards) is read once through
-pipeline.loader.EvalLoader: raw fbank, multi-hot labels and sample keys, held in memory or, with
+pipeline.eval_loader.EvalLoader: raw fbank, multi-hot labels and sample keys, held in memory or, with
 `finetune.cache_dir`, in a memory-mapped clip cache on disk (jobs.train.finetune_cache). Random access makes the clip order a pure
 function of (seed, epoch): a permutation, or (`finetune.sampling: weighted`, the reference's AS-2M sampling)
 `clips_per_epoch` clips drawn without replacement by torch.multinomial over per-clip weights. Update u takes
@@ -27,7 +27,7 @@ def load_split(data: DataConfig, location: str, split: str, batch_size: int = 25
                cache_dir: str = "") -> LabelledClips:
     """Every clip of `split` at `location`, in the split's order; with `cache_dir`, from (and first into) a
     clip cache there (jobs.train.finetune_cache)."""
-    from pipeline.loader import EvalLoader
+    from pipeline.eval_loader import EvalLoader
 
     loader_cfg = dataclasses.replace(data.loader, shards=location)
     try:

@@ -6,20 +6,23 @@ this at start-up in every process of the job, the Ray workers included (they inh
 * `{"kill_once": {"shard": name, "marker": path}}`: the task of that shard SIGKILLs its own worker the first
   time (the marker file records it; a retry then runs normally).
 
-The hook wraps the function right after its module is first imported, so production code has no test-only
-branch.
+The hook wraps the function right after its module is first imported (tests/import_hooks.py), so production
+code has no test-only branch.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.abc
-import importlib.machinery
 import json
 import os
 import signal
 import sys
 import time
+from pathlib import Path
+
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # tests/: the shared import hook
+
+from import_hooks import patch_after_import  # noqa: E402
 
 FAULTS_ENV = "SSLAM_PREPROCESS_FAULTS"
 TARGET = "pipeline.shard_task"
@@ -50,26 +53,5 @@ def _patch(module, faults: dict) -> None:
     module.process_shard = process_shard
 
 
-class _AfterImport(importlib.abc.MetaPathFinder):
-    def __init__(self, faults: dict) -> None:
-        self.faults = faults
-
-    def find_spec(self, fullname, path, target=None):
-        if fullname != TARGET:
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
-        if spec is None:
-            return None
-        execute, faults = spec.loader.exec_module, self.faults
-
-        def exec_module(module):
-            execute(module)
-            _patch(module, faults)
-
-        spec.loader.exec_module = exec_module
-        return spec
-
-
 if os.environ.get(FAULTS_ENV):
-    sys.meta_path.insert(0, _AfterImport(json.loads(os.environ[FAULTS_ENV])))
+    patch_after_import(TARGET, functools.partial(_patch, faults=json.loads(os.environ[FAULTS_ENV])))

@@ -82,7 +82,7 @@ def _loader_run(directory: Path, caplog) -> SimpleNamespace:
     caplog.clear()
     loader = TrainLoader(LoaderConfig(shards=str(directory), micro_batch_clips=G, num_workers=0, shuffle_buffer=2),
                          "train", rank=0, world_size=1, epoch=0)
-    with caplog.at_level(logging.WARNING, logger="pipeline.loader"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.share_reader"):
         served = [key for _ in loader for key in loader.last_keys]
     return SimpleNamespace(loader=loader, served=served, log=" ".join(r.getMessage() for r in caplog.records))
 

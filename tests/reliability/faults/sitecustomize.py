@@ -4,17 +4,20 @@ every process of a launch. `SSLAM_FAULT` picks the fault, which only rank 0 (RAN
 * `checkpoint_enospc`: torch.save of a file under a `checkpoints/` folder raises OSError(ENOSPC).
 * `worker_error`: a DataLoader worker raises while decoding its third group.
 
-The hooks wrap a module's attribute right after the module is first imported, so production code has no
-test-only branch.
+The hooks wrap a module's attribute right after the module is first imported (tests/import_hooks.py), so
+production code has no test-only branch.
 """
 
 from __future__ import annotations
 
 import errno
-import importlib.abc
-import importlib.machinery
 import os
 import sys
+from pathlib import Path
+
+sys.path.append(str(Path(__file__).resolve().parents[2]))  # tests/: the shared import hook
+
+from import_hooks import patch_after_import  # noqa: E402
 
 FAULT = os.environ.get("SSLAM_FAULT", "")
 
@@ -30,8 +33,8 @@ def _patch_torch(module) -> None:
     module.save = save
 
 
-def _patch_loader(module) -> None:
-    original = module._decode_group
+def _patch_reader(module) -> None:
+    original = module.decode_group
     calls = {"n": 0}
 
     def decode(sample, geometry):
@@ -41,32 +44,11 @@ def _patch_loader(module) -> None:
                 raise RuntimeError("injected worker fault")
         return original(sample, geometry)
 
-    module._decode_group = decode
+    module.decode_group = decode
 
 
-PATCHES = {"checkpoint_enospc": ("torch", _patch_torch), "worker_error": ("pipeline.loader", _patch_loader)}
-
-
-class _AfterImport(importlib.abc.MetaPathFinder):
-    def __init__(self, name: str, patch) -> None:
-        self.name, self.patch = name, patch
-
-    def find_spec(self, fullname, path, target=None):
-        if fullname != self.name:
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
-        if spec is None:
-            return None
-        execute, patch = spec.loader.exec_module, self.patch
-
-        def exec_module(module):
-            execute(module)
-            patch(module)
-
-        spec.loader.exec_module = exec_module
-        return spec
+PATCHES = {"checkpoint_enospc": ("torch", _patch_torch), "worker_error": ("pipeline.share_reader", _patch_reader)}
 
 
 if FAULT in PATCHES and os.environ.get("RANK") == "0":
-    sys.meta_path.insert(0, _AfterImport(*PATCHES[FAULT]))
+    patch_after_import(*PATCHES[FAULT])
