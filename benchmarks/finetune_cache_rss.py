@@ -29,7 +29,7 @@ NUM_CLASSES = 527
 
 
 def write_shard_set(folder: Path, clips: int, frames: int, mel_bins: int) -> None:
-    from pipeline import shards
+    from pipeline import shards, storage
     from pipeline.plan import sample_key, shard_name
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -43,10 +43,10 @@ def write_shard_set(folder: Path, clips: int, frames: int, mel_bins: int) -> Non
             labels = sorted(set(rng.integers(0, NUM_CLASSES, 2).tolist()))
             samples.append((key, shards.encode_eval_sample(clip, key, labels)))
         name = shard_name("train", 0, shard)
-        shards.write_shard(samples, folder, name)
+        shards.write_shard(samples, storage.locate(folder), name)
         index_rows += shards.index_rows(name, samples)
         names.append(name)
-    shards.write_table(shards.index_table(index_rows), folder, "index.parquet")
+    storage.locate(folder).write_table("index.parquet", shards.index_table(index_rows))
     info = {"splits": {"train": {"mix": False, "shards_per_epoch": {"0": names}, "samples": clips}},
             "target_length": frames, "mel_bins": mel_bins, "patch_size": 16,
             "classes": [{"index": k, "mid": f"/m/{k}", "name": f"class {k}"} for k in range(NUM_CLASSES)],

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import mixing, shards
+from pipeline import mixing, shards, storage
 from pipeline.config import LoaderConfig
 from pipeline.loader import TrainLoader
 from pipeline.plan import sample_key, shard_name
@@ -50,10 +50,10 @@ def write_groups(directory: Path, args: argparse.Namespace, materialize: bool) -
             )
             samples.append((key, members))
         name = shard_name("train", 0, shard)
-        shards.write_shard(samples, directory, name)
+        shards.write_shard(samples, storage.locate(directory), name)
         index_rows += shards.index_rows(name, samples)
         names.append(name)
-    shards.write_table(shards.index_table(index_rows), directory, "index.parquet")
+    storage.locate(directory).write_table("index.parquet", shards.index_table(index_rows))
     info = {
         "splits": {"train": {"mix": True, "shards_per_epoch": {"0": names}, "samples": args.groups}},
         "group_size": args.group_size, "r": rows, "mixture_epochs": 1, "target_length": args.target_length,

@@ -213,11 +213,9 @@ def split_source(location: str, split: str, sample_keys: set[str]) -> SplitSourc
     """The shard files (absolute for local folders), the loaded sample keys and the index's clip keys of a split."""
     import os
 
-    import pyarrow.parquet as pq
-
     from pipeline.shard_source import ShardSource
     from pipeline.shardset import INDEX_TABLE
-    from pipeline.shards import file_exists, locate
+    from pipeline.storage import locate
 
     source = ShardSource(location)
     names = source.shard_names(split, 0)
@@ -225,9 +223,8 @@ def split_source(location: str, split: str, sample_keys: set[str]) -> SplitSourc
     shards = {url if "://" in url else os.path.realpath(url) for url in urls}
     clips: set[str] = set()
     index = locate(source.root)
-    if file_exists(index, INDEX_TABLE):
-        table = pq.read_table(index.join(INDEX_TABLE), columns=["shard", "clips", "filler"],
-                              filesystem=index.filesystem).to_pylist()
+    if index.exists(INDEX_TABLE):
+        table = index.read_table(INDEX_TABLE, columns=["shard", "clips", "filler"]).to_pylist()
         wanted = set(names)
         for row in table:
             if row["shard"] in wanted:

@@ -18,7 +18,7 @@ from pipeline.shardset import DATASET_INFO
 from pipeline.share_reader import (
     Geometry,
     Skips,
-    check_sample_key,
+    check_raw_sample,
     data_config,
     dataset_geometry,
     init_worker,
@@ -46,7 +46,7 @@ class _EvalStream(IterableDataset):
         for sample in read_shares(self.urls, self.shares[worker], self.counts, skips):
             key, url = sample["__key__"], sample["__url__"]
             try:
-                check_sample_key(key)
+                check_raw_sample(sample)
                 decoded = decode_sample(sample, expected_shape=(geometry.target_length, geometry.mel_bins))
                 labels = decoded["meta"]["labels"]
                 if any(label >= geometry.num_classes for clip in labels for label in clip):

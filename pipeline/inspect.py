@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline import shards
+from pipeline import shards, storage
 from pipeline.ledger import MANIFEST_STAGE, coverage_lines
 from pipeline.mixers import DEFAULT_DOMAIN, mixer
 from pipeline.mixers.base import MixSettings, assemble_group
@@ -61,10 +61,10 @@ def listed_shards(info: dict) -> list[str]:
     return [name for entry in info["splits"].values() for names in entry["shards_per_epoch"].values() for name in names]
 
 
-def _table(shards_dir: str, location: shards.Location, name: str) -> pa.Table | None:
-    if not shards.file_exists(location, name):
+def _table(shards_dir: str, location: storage.Location, name: str) -> pa.Table | None:
+    if not location.exists(name):
         return None
-    return shards.read_table(location.directory, name, filesystem=location.filesystem)
+    return location.read_table(name)
 
 
 @dataclass
@@ -83,7 +83,7 @@ def summarize(shards_dir: str) -> str:
 
 def inspect_set(shards_dir: str) -> SetReport:
     """The summary of `summarize` with its problems named."""
-    location = shards.locate(shards_dir)
+    location = storage.locate(shards_dir)
     info = read_dataset_info(shards_dir)
     index = _table(shards_dir, location, INDEX_TABLE)
     quarantine = _table(shards_dir, location, QUARANTINE_TABLE)
@@ -103,7 +103,7 @@ def inspect_set(shards_dir: str) -> SetReport:
     if stats and stats.get("values"):
         lines.append(f"feature stats  mean {stats['mean']:.3f}, std {stats['std']:.3f} over {stats['values']} values")
     listed = listed_shards(info)
-    missing = [name for name in listed if not shards.file_exists(location, name)]
+    missing = [name for name in listed if not location.exists(name)]
     lines.append(f"shards         {len(listed)} listed, {info.get('bytes', 0) / 2**20:.1f} MiB, {len(missing)} missing")
     problems = [f"{len(missing)} listed shards missing: {_first_few(missing)}"] if missing else []
     if missing:
@@ -143,15 +143,15 @@ def inspect_set(shards_dir: str) -> SetReport:
     return SetReport("\n".join(lines), problems)
 
 
-def _read_json(location: shards.Location, name: str) -> dict | None:
+def _read_json(location: storage.Location, name: str) -> dict | None:
     try:
-        value = json.loads(shards.read_file(location, name))
+        value = json.loads(location.read(name))
     except (OSError, ValueError):
         return None
     return value if isinstance(value, dict) else None
 
 
-def fingerprint_mismatches(location: shards.Location, info: dict, index: pa.Table | None, listed: list[str]) -> dict:
+def fingerprint_mismatches(location: storage.Location, info: dict, index: pa.Table | None, listed: list[str]) -> dict:
     """{shard: why} of every listed shard that another plan than dataset.json's wrote, as far as can be told."""
     expected = info.get("fingerprint")
     found: dict[str, list[str]] = {}
@@ -163,7 +163,7 @@ def fingerprint_mismatches(location: shards.Location, info: dict, index: pa.Tabl
             other = sorted(str(f)[:12] for f in per_shard.get(name, set()) - {expected})
             if other:
                 found.setdefault(name, []).append(f"index rows of fingerprint {', '.join(other)}")
-    records = shards.Location(location.join(RECORDS_DIR), location.filesystem)
+    records = location.child(RECORDS_DIR)
     with ThreadPoolExecutor(max_workers=RECORD_READERS) as pool:
         read = dict(zip(listed, pool.map(lambda name: _read_json(records, f"{name}.json"), listed)))
     checksums = info.get("checksums", {})
@@ -178,7 +178,7 @@ def fingerprint_mismatches(location: shards.Location, info: dict, index: pa.Tabl
 
 
 def _fingerprint_lines(
-    location: shards.Location, info: dict, index: pa.Table | None, listed: list[str]
+    location: storage.Location, info: dict, index: pa.Table | None, listed: list[str]
 ) -> tuple[list[str], dict[str, str]]:
     """The summary's fingerprint lines and {shard: why} of the listed shards another plan wrote."""
     expected = str(info.get("fingerprint"))

@@ -41,7 +41,7 @@ from pipeline.shardset import DATASET_INFO
 from pipeline.share_reader import (
     Geometry,
     Skips,
-    check_sample_key,
+    check_raw_sample,
     collate_groups,
     data_config,
     dataset_geometry,
@@ -132,7 +132,7 @@ class _TrainStream(IterableDataset):
         for sample in raw:
             consumed += 1
             try:
-                check_sample_key(sample["__key__"])
+                check_raw_sample(sample)
                 groups.append(decode_group(sample, self.geometry))
             except ShardFormatError as error:
                 skips.bad_sample(sample["__key__"], sample["__url__"], error)

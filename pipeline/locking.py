@@ -28,7 +28,7 @@ import time
 import uuid
 from datetime import datetime, timezone
 
-from pipeline import shards
+from pipeline import storage
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class OutputLock:
     """Context manager: `with OutputLock(location): ...` holds the output or raises OutputLockedError."""
 
     def __init__(
-        self, location: shards.Location, ttl_s: float = LEASE_TTL_S, settle_s: float = LEASE_SETTLE_S
+        self, location: storage.Location, ttl_s: float = LEASE_TTL_S, settle_s: float = LEASE_SETTLE_S
     ) -> None:
         self.location = location
         self.path = location.join(LOCK_NAME)
@@ -79,7 +79,7 @@ class OutputLock:
         self._lost: dict | None = None
 
     def __enter__(self) -> OutputLock:
-        if self.location.filesystem is None:
+        if self.location.is_local:
             self._lock_local()
         else:
             self._take_lease()
@@ -110,19 +110,16 @@ class OutputLock:
     # ---- object storage: lease
 
     def _read_lease(self) -> dict | None:
+        raw = self.location.read_optional(LOCK_NAME)
         try:
-            with self.location.filesystem.open_input_stream(self.path) as stream:
-                lease = json.loads(stream.read())
-        except (FileNotFoundError, OSError, ValueError):
+            lease = json.loads(raw) if raw is not None else None
+        except ValueError:
             return None
         return lease if isinstance(lease, dict) else None
 
     def _write_lease(self) -> None:
         lease = {**self.holder, "expires": time.time() + self.ttl_s}
-        shards.publish_bytes(
-            json.dumps(lease, sort_keys=True).encode("utf-8"), self.location.directory, LOCK_NAME, False,
-            self.location.filesystem,
-        )
+        self.location.publish(LOCK_NAME, json.dumps(lease, sort_keys=True).encode("utf-8"), done_marker=False)
 
     def _take_lease(self) -> None:
         where = self.location.join("")
@@ -166,7 +163,7 @@ class OutputLock:
             self._renewer = None
             current = self._read_lease()
             if current and current.get("token") == self.holder["token"]:
-                self.location.filesystem.delete_file(self.path)
+                self.location.remove(LOCK_NAME)
 
 
 def _wait_for_holder(path: str) -> dict:

@@ -23,12 +23,12 @@ import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import soundfile
 
+from pipeline import atomic
 from pipeline.clips import (
     DUPLICATE_KEY, LEAK_EXAMPLES, MISSING_FILE, UNKNOWN_LABEL, Clip, ManifestError, quarantine_row,
 )
@@ -258,12 +258,8 @@ def manifest_classes(table: pa.Table) -> list[ClassLabel]:
 
 
 def write_manifest(table: pa.Table, path: str | os.PathLike) -> None:
-    """Write a manifest (or quarantine) table as parquet: a temporary name first, then a rename."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f".{target.name}.tmp")
-    pq.write_table(table, temporary)
-    os.replace(temporary, target)
+    """Write a manifest (or quarantine) table as parquet, atomically and durably (`pipeline.atomic`)."""
+    atomic.write_with(path, lambda temporary: pq.write_table(table, temporary))
 
 
 def read_manifest(path: str | os.PathLike) -> pa.Table:

@@ -48,7 +48,7 @@ import pyarrow as pa
 import ray
 from tqdm import tqdm
 
-from pipeline import mixing, plan, shards
+from pipeline import mixing, plan, storage
 from pipeline.config import DataConfig
 from pipeline.ledger import check_ledger, class_coverage, dataset_info, quarantine_summary, quarantine_table
 from pipeline.locking import OutputLock
@@ -72,7 +72,6 @@ from pipeline.shardset import (
     fingerprint_differences,
     fingerprint_inputs,
     held_fingerprint,
-    read_optional,
     remove_shard_set,
     source_state,
 )
@@ -197,12 +196,12 @@ def _make_plan(data: DataConfig, patch_size: int) -> _Plan:
     return _Plan(manifest, manifest_quarantine, table, fingerprint, inputs, plan.shard_tasks(table), rows)
 
 
-def _sub_location(output: str, location: shards.Location) -> str:
-    """What a task passes to shards.* to reach the output: the absolute local directory or the URL."""
-    return location.directory if location.filesystem is None else output
+def _sub_location(output: str, location: storage.Location) -> str:
+    """What a task passes to `storage.locate` to reach the output: the absolute local directory or the URL."""
+    return location.directory if location.is_local else output
 
 
-def _claim_output(location: shards.Location, output: str, planned: _Plan, overwrite: bool) -> None:
+def _claim_output(location: storage.Location, output: str, planned: _Plan, overwrite: bool) -> None:
     """Refuse an output that holds another plan's set (or remove it, with `overwrite`); then record this plan."""
     held = held_fingerprint(location)
     if overwrite:
@@ -212,10 +211,9 @@ def _claim_output(location: shards.Location, output: str, planned: _Plan, overwr
     elif held is not None and held[0] != planned.fingerprint:
         differences = fingerprint_differences(held[1], planned.inputs)
         raise FingerprintMismatchError(output, held[0], planned.fingerprint, differences)
-    if held is None or read_optional(location, FINGERPRINT_RECORD) is None:
+    if held is None or location.read_optional(FINGERPRINT_RECORD) is None:
         payload = json.dumps({"fingerprint": planned.fingerprint, "inputs": planned.inputs}, indent=2, sort_keys=True)
-        directory, filesystem = location.directory, location.filesystem
-        shards.publish_bytes(payload.encode("utf-8"), directory, FINGERPRINT_RECORD, False, filesystem)
+        location.publish(FINGERPRINT_RECORD, payload.encode("utf-8"), done_marker=False)
 
 
 def _unchanged_records(
@@ -242,14 +240,14 @@ def _unchanged_records(
     return kept, changed
 
 
-def _is_up_to_date(location: shards.Location, fingerprint: str) -> bool:
+def _is_up_to_date(location: storage.Location, fingerprint: str) -> bool:
     """dataset.json has this fingerprint and the tables exist (the shards are checked separately)."""
-    info = read_optional(location, DATASET_INFO)
+    info = location.read_optional(DATASET_INFO)
     return (
         info is not None
         and json.loads(info).get("fingerprint") == fingerprint
-        and read_optional(location, INDEX_TABLE) is not None
-        and read_optional(location, QUARANTINE_TABLE) is not None
+        and location.read_optional(INDEX_TABLE) is not None
+        and location.read_optional(QUARANTINE_TABLE) is not None
     )
 
 
@@ -276,13 +274,13 @@ def _shard_jobs(
     )
 
 
-def _write_tables(location: shards.Location, planned: _Plan, records: dict[str, dict]) -> None:
+def _write_tables(location: storage.Location, planned: _Plan, records: dict[str, dict]) -> None:
     """index.parquet and quarantine.parquet (manifest-stage rows first), both in plan order."""
     quarantine_rows = [{**row, "epoch": None, "shard": None} for row in planned.manifest_quarantine.to_pylist()]
     quarantine_rows += [row for name in planned.names for row in records[name]["quarantine"]]
     index = pa.concat_tables([records[name]["index"] for name in planned.names])
-    shards.write_table(index, location.directory, INDEX_TABLE, location.filesystem)
-    shards.write_table(quarantine_table(quarantine_rows), location.directory, QUARANTINE_TABLE, location.filesystem)
+    location.write_table(INDEX_TABLE, index)
+    location.write_table(QUARANTINE_TABLE, quarantine_table(quarantine_rows))
 
 
 def _role_counts(index: pa.Table) -> tuple[int, int]:
@@ -312,7 +310,7 @@ def run_pipeline(
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local")
     check_output_location(data.shards.output)
-    location = shards.locate(data.shards.output)
+    location = storage.locate(data.shards.output)
     with OutputLock(location) as lock:
         return _run_locked(data, patch_size, resolved_config, location, lock, progress, max_in_flight, overwrite)
 
@@ -321,7 +319,7 @@ def _run_locked(
     data: DataConfig,
     patch_size: int,
     resolved_config: dict | None,
-    location: shards.Location,
+    location: storage.Location,
     lock: OutputLock,
     progress: bool,
     max_in_flight: int | None,
@@ -357,20 +355,20 @@ def _run_locked(
             logger.info(
                 "resuming: %d of %d shards are already published, %d to go", len(records), len(names), len(pending)
             )
-        if read_optional(location, DATASET_INFO) is not None:
+        if location.read_optional(DATASET_INFO) is not None:
             # A reader sees a whole set or none: never the old dataset.json over shards being rewritten.
-            shards.remove_file(location, DATASET_INFO)
-        shards.write_table(planned.manifest, location.directory, MANIFEST_TABLE, location.filesystem)
-        shards.write_table(planned.table, location.directory, PLAN_TABLE, location.filesystem)
-        shards.remove_stale_temporaries(location.directory, location.filesystem)
-        shards.remove_stale_temporaries(location.join(RECORDS_DIR), location.filesystem)
+            location.remove(DATASET_INFO)
+        location.write_table(MANIFEST_TABLE, planned.manifest)
+        location.write_table(PLAN_TABLE, planned.table)
+        location.remove_stale()
+        location.child(RECORDS_DIR).remove_stale()
         jobs = _shard_jobs(planned, pending, data, patch_size, _sub_location(output, location))
         tasks_started = time.perf_counter()
         in_flight = max_in_flight or max(1, int(2 * cpus))
         run_records, errors, nodes = _run_tasks(jobs, len(pending), in_flight, progress, len(records))
         task_seconds = time.perf_counter() - tasks_started
         records.update(run_records)
-        shards.remove_stale_temporaries(location.directory, location.filesystem)
+        location.remove_stale()
         if errors:
             listed = "; ".join(f"{name}: {error}" for name, error in sorted(errors.items())[:5])
             raise PreprocessError(
@@ -380,8 +378,8 @@ def _run_locked(
         _write_tables(location, planned, records)
 
     # The ledger reads back what was written, not what is in memory.
-    written_index = shards.read_table(location.directory, INDEX_TABLE, location.filesystem)
-    written_quarantine = shards.read_table(location.directory, QUARANTINE_TABLE, location.filesystem)
+    written_index = location.read_table(INDEX_TABLE)
+    written_quarantine = location.read_table(QUARANTINE_TABLE)
     ledger = check_ledger(planned.manifest, written_index, written_quarantine, data.mixing.mixture_epochs)
     coverage = class_coverage(planned.manifest, written_quarantine, data.shards.warn_class_loss_share)
     for warning in coverage["warnings"]:
@@ -403,7 +401,7 @@ def _run_locked(
             coverage=coverage,
         )
         payload = json.dumps(info, indent=2).encode("utf-8")
-        shards.publish_bytes(payload, location.directory, DATASET_INFO, False, location.filesystem)
+        location.publish(DATASET_INFO, payload, done_marker=False)
 
     primaries, fillers = _role_counts(written_index)
     clips_decoded = sum(record["stats"].get("clips_decoded", 0) for record in run_records.values())

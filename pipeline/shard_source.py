@@ -10,20 +10,18 @@ from __future__ import annotations
 import glob as globbing
 import io
 import logging
-import tarfile
 from collections import Counter
 from collections.abc import Sequence
 from urllib.parse import urlparse
 
 import braceexpand
 import fsspec
-import pyarrow.parquet as pq
 from webdataset.gopen import gopen, gopen_schemes
-from webdataset.tariterators import base_plus_ext
 
 from pipeline.plan import parse_shard_name
-from pipeline.shards import file_exists, locate
+from pipeline.shards import ShardFormatError, iter_shard_samples
 from pipeline.shardset import DATASET_INFO, INDEX_TABLE, read_dataset_info, split_location
+from pipeline.storage import locate
 
 logger = logging.getLogger(__name__)
 
@@ -43,15 +41,18 @@ def open_shard(url: str) -> io.IOBase:
 
 def count_shard_samples(url: str) -> int:
     """Samples (distinct consecutive keys) in a shard, read from its tar headers; a broken tail ends the count."""
-    count, last = 0, None
+    count = 0
+
+    def tally(key: str) -> bool:
+        nonlocal count
+        count += 1
+        return False  # counted, not read
+
     stream = open_shard(url)
     try:
-        with tarfile.open(fileobj=stream, mode="r|*") as archive:
-            for member in archive:
-                key, _ = base_plus_ext(member.name)
-                if key is not None and key != last:
-                    count, last = count + 1, key
-    except (tarfile.TarError, OSError, EOFError) as error:
+        for _ in iter_shard_samples(stream, select=tally, keep_bad=True):
+            pass
+    except (ShardFormatError, OSError) as error:
         logger.warning("shard %s is unreadable after %d samples while counting: %s", url, count, error)
     finally:
         stream.close()
@@ -144,12 +145,11 @@ class ShardSource:
         return [self._counts[name] for name in names]
 
     def _index_counts(self) -> dict[str, int]:
-        if not file_exists(self._resolved, INDEX_TABLE):
+        if not self._resolved.exists(INDEX_TABLE):
             return {}
-        path, filesystem = self._resolved.join(INDEX_TABLE), self._resolved.filesystem
-        fingerprinted = "fingerprint" in pq.read_schema(path, filesystem=filesystem).names
+        fingerprinted = "fingerprint" in self._resolved.read_schema(INDEX_TABLE).names
         columns = ["shard", "fingerprint"] if fingerprinted else ["shard"]
-        table = pq.read_table(path, columns=columns, filesystem=filesystem)
+        table = self._resolved.read_table(INDEX_TABLE, columns=columns)
         shard_column = table.column("shard").to_pylist()
         if fingerprinted:
             for name, fingerprint in zip(shard_column, table.column("fingerprint").to_pylist()):

@@ -23,12 +23,12 @@ from itertools import groupby
 import ray
 import torch
 
-from pipeline import audio, mixing, plan, shards
+from pipeline import audio, mixing, plan, shards, storage
 from pipeline.config import AudioConfig, MixingConfig
 from pipeline.mixers import mixer
 from pipeline.mixers.base import MixSettings, assemble_group
 from pipeline.ledger import DECODE_STAGE, FEATURES_STAGE
-from pipeline.shardset import RECORD_FORMAT, record_name, records_directory, source_state
+from pipeline.shardset import RECORD_FORMAT, RECORDS_DIR, record_name, source_state
 
 logger = logging.getLogger(__name__)
 
@@ -235,7 +235,8 @@ def process_shard(job: ShardJob) -> dict:
         samples, quarantine, stats, moments = _build_samples(job)
     finally:
         torch.set_num_threads(threads)
-    size, digest = shards.write_shard(samples, job.output, job.name)
+    output = storage.locate(job.output)
+    size, digest = shards.write_shard(samples, output, job.name)
     stats["samples"] = len(samples)
     stats["seconds"] = time.perf_counter() - started
     record = {
@@ -251,7 +252,7 @@ def process_shard(job: ShardJob) -> dict:
         "sources": sources,
     }
     payload = json.dumps(record, sort_keys=True).encode("utf-8")
-    shards.publish_bytes(payload, records_directory(job.output), record_name(job.name), done_marker=False)
+    output.child(RECORDS_DIR).publish(record_name(job.name), payload, done_marker=False)
     return record
 
 

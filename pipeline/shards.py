@@ -16,19 +16,14 @@ An evaluation sample has `c0.npy` and `json` {"clips": [key], "labels": [[...]]}
 `decode_sample` checks all of this and raises `ShardFormatError`, which the loader counts and skips.
 Unknown JSON fields are ignored (room for additions); unknown members are errors.
 
-Publication (DESIGN.md, "Shard set"): a shard is visible under its final name only when complete. On a
-local POSIX directory the bytes go to `.{name}.tmp-<uuid>` in the same directory, are fsynced and renamed
-with `os.replace`. Anywhere else (a URL that `pyarrow.fs` or fsspec understands, e.g. `s3://…`,
-`memory://…`, or an explicit `pyarrow.fs.FileSystem`) the final key is written with one stream write of
-the full bytes, then the done-marker `{name}.done` holding the sha256; a shard without its marker is not
-published. Tar bytes are deterministic: sorted member names, mtime 0, uid/gid 0, empty owner names, mode
-0o644, PAX format, so equal input gives byte-identical shards.
+The one reader of the tar format is `iter_shard_samples` (validation reads through it, and so does the
+loader). Shards are published by `pipeline.storage` (visible only when complete). Tar bytes are deterministic:
+sorted member names, mtime 0, uid/gid 0, empty owner names, mode 0o644, PAX format, so equal input gives
+byte-identical shards.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import io
 import json
 import logging
@@ -36,17 +31,13 @@ import math
 import os
 import re
 import tarfile
-import uuid
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, BinaryIO
 
-import fsspec
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
+from pipeline import storage
 from pipeline.mixers import MIXERS
 from pipeline.plan import parse_shard_name
 
@@ -56,8 +47,6 @@ META_MEMBER = "json"
 CLIP_MEMBER = re.compile(r"c(0|[1-9][0-9]*)\.npy")
 MIXTURE_MEMBER = re.compile(r"m(0|[1-9][0-9]*)\.npy")
 SAMPLE_KEY = re.compile(r"[A-Za-z0-9_-]+")
-DONE_SUFFIX = ".done"
-TEMPORARY = re.compile(r"\..+\.tmp-[0-9a-f]{32}")
 # A float16 (1024, 128) array is 256 KiB; anything far larger in a shard is not ours.
 DEFAULT_MAX_MEMBER_BYTES = 64 * 1024 * 1024
 # A tar archive ends with two zero blocks.
@@ -302,11 +291,6 @@ def decode_sample(
 # Tar bytes
 
 
-def _check_member_name(name: str) -> None:
-    if not name or "/" in name or "\\" in name or name.startswith("."):
-        raise ValueError(f"member name {name!r} must be a plain file name")
-
-
 def shard_bytes(samples: Sequence[tuple[str, Mapping[str, bytes]]]) -> bytes:
     """Deterministic tar bytes: samples in the given order, members `{key}.{member}` in sorted order."""
     buffer = io.BytesIO()
@@ -319,7 +303,7 @@ def shard_bytes(samples: Sequence[tuple[str, Mapping[str, bytes]]]) -> bytes:
                 raise ValueError(f"sample key {key!r} appears twice in one shard")
             seen.add(key)
             for member in sorted(members):
-                _check_member_name(member)
+                storage.check_plain_name(member)
                 data = bytes(members[member])
                 info = tarfile.TarInfo(f"{key}.{member}")
                 info.size = len(data)
@@ -332,47 +316,50 @@ def shard_bytes(samples: Sequence[tuple[str, Mapping[str, bytes]]]) -> bytes:
     return buffer.getvalue()
 
 
-def read_shard_samples(
-    source: str | os.PathLike | bytes,
-    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
-    filesystem: pafs.FileSystem | None = None,
-) -> list[tuple[str, dict[str, bytes]]]:
-    """(key, members) of every sample of a shard (bytes, local path or URL), refusing unsafe members.
+class _TailStream:
+    """A read-only view of a stream that remembers the last bytes read, so the reader can look at the bytes
+    after the last member (tarfile's stream mode cannot seek back to them)."""
 
-    Member names must be `{key}.{member}` plain names (no directories, no '..', not absolute), regular
-    files no larger than `max_member_bytes`; a sample's members must be contiguous; the archive must end
-    with its end-of-archive marker (so a truncated shard is an error, not fewer samples).
-    """
-    data = source if isinstance(source, (bytes, bytearray, memoryview)) else _read_bytes(source, filesystem)
-    samples: list[tuple[str, dict[str, bytes]]] = []
-    finished: set[str] = set()
-    try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as archive:
-            for info in archive:
-                key, member = _split_member_name(info, max_member_bytes)
-                if samples and samples[-1][0] == key:
-                    members = samples[-1][1]
-                else:
-                    if key in finished:
-                        raise ShardFormatError(f"sample {key!r} appears twice (members not contiguous)")
-                    if samples:
-                        finished.add(samples[-1][0])
-                    members = {}
-                    samples.append((key, members))
-                if member in members:
-                    raise ShardFormatError(f"member {info.name!r} appears twice")
-                handle = archive.extractfile(info)
-                members[member] = handle.read() if handle is not None else b""
-            end = archive.offset
-    except (tarfile.TarError, EOFError, OSError) as error:
-        raise ShardFormatError(f"not a readable tar archive ({error})") from error
-    # tarfile takes a cut inside a header for the end of the archive; the end marker tells the difference.
-    if bytes(data[end : end + END_MARKER_BYTES]) != bytes(END_MARKER_BYTES):
-        raise ShardFormatError(f"truncated tar archive: no end-of-archive marker after {end} bytes")
-    return samples
+    def __init__(self, stream: BinaryIO) -> None:
+        self.stream = stream
+        self.position = 0  # bytes read so far
+        self.tail = bytearray()  # at least the last `_TAIL_BYTES` of them (all of them while fewer)
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.position += len(data)
+        self.tail += data
+        if len(self.tail) > 2 * _TAIL_BYTES:
+            del self.tail[: len(self.tail) - _TAIL_BYTES]  # cheap: a bytearray drops its head in place
+        return data
+
+    def bytes_at(self, offset: int, size: int) -> bytes:
+        """`size` bytes from `offset` on (reading on as needed), fewer at the end of the stream."""
+        while self.position < offset + size and self.read(size):
+            pass
+        start = offset - (self.position - len(self.tail))
+        if start < 0:
+            raise ValueError(f"offset {offset} is no longer held")
+        return bytes(self.tail[start : start + size])
 
 
-def _split_member_name(info: tarfile.TarInfo, max_member_bytes: int) -> tuple[str, str]:
+# Enough for tarfile's read-ahead (one 10 KiB record past the end-of-archive header) and the end marker.
+_TAIL_BYTES = 32 * 1024
+
+
+def _member_key(name: str) -> str:
+    """The sample a member belongs to: its name up to the first '.' after the last separator (WebDataset's
+    grouping, so a damaged name still groups with its sample), the whole name when there is none."""
+    match = _MEMBER_NAME.fullmatch(name)
+    return match.group(1) if match else name
+
+
+# A member name is `{key}.{member}`; the key is everything before the first '.' of the last path part.
+_MEMBER_NAME = re.compile(r"((?:.*[/\\])?[^/\\.]*)\.[^/\\]*", re.DOTALL)
+
+
+def _check_member(info: tarfile.TarInfo, max_member_bytes: int) -> str:
+    """The member part of a plain `{key}.{member}` regular file of at most `max_member_bytes`."""
     name = info.name
     if name.startswith("/") or name.startswith("\\"):
         raise ShardFormatError(f"member {name!r} has an absolute path")
@@ -387,218 +374,85 @@ def _split_member_name(info: tarfile.TarInfo, max_member_bytes: int) -> tuple[st
     key, _, member = name.partition(".")
     if not key or not member:
         raise ShardFormatError(f"member {name!r} is not of the form key.member")
-    return key, member
+    return member
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Publication
+def iter_shard_samples(
+    stream: BinaryIO,
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
+    select: Callable[[str], bool] | None = None,
+    keep_bad: bool = False,
+) -> Iterator[tuple[str, dict[str, bytes] | ShardFormatError]]:
+    """(key, {member: bytes}) of every sample of a shard stream, in tar order: the one reader of the format.
 
-
-@dataclass(frozen=True)
-class Location:
-    """A resolved output directory: a local POSIX path, or a directory on a pyarrow filesystem."""
-
-    directory: str
-    filesystem: pafs.FileSystem | None  # None: local POSIX path, published by rename
-
-    def join(self, name: str) -> str:
-        if self.filesystem is None:
-            return os.path.join(self.directory, name)
-        return f"{self.directory.rstrip('/')}/{name}"
-
-
-def locate(directory: str | os.PathLike, filesystem: pafs.FileSystem | None = None) -> Location:
-    """Resolve a local path, a `file://` URL, any URL of pyarrow.fs, or else of fsspec (`memory://`, ...)."""
-    if filesystem is not None:
-        if isinstance(filesystem, pafs.LocalFileSystem):
-            return Location(os.path.abspath(os.fspath(directory)), None)
-        return Location(os.fspath(directory), filesystem)
-    text = os.fspath(directory)
-    if "://" not in text:
-        return Location(os.path.abspath(text), None)
-    if text.startswith("file://"):
-        _, path = pafs.FileSystem.from_uri(text)
-        return Location(path, None)
-    try:
-        resolved, path = pafs.FileSystem.from_uri(text)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError):
-        fsspec_filesystem, path = fsspec.core.url_to_fs(text)
-        resolved = pafs.PyFileSystem(pafs.FSSpecHandler(fsspec_filesystem))
-    return Location(path, resolved)
-
-
-def _fsync_directory(directory: str) -> None:
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def _publish_local(data: bytes, directory: str, name: str) -> None:
-    os.makedirs(directory, exist_ok=True)
-    temporary = os.path.join(directory, f".{name}.tmp-{uuid.uuid4().hex}")
-    try:
-        with open(temporary, "xb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, os.path.join(directory, name))
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(temporary)
-        raise
-    _fsync_directory(directory)
-
-
-def _put(filesystem: pafs.FileSystem, path: str, data: bytes) -> None:
-    """One stream, one write of the full bytes (one PUT on object storage).
-
-    No `with`: closing after a failed write could complete a partial upload. Even then the missing
-    done-marker keeps such an object unpublished.
+    Member names must be `{key}.{member}` plain names (no directories, no '..', not absolute), regular files
+    no larger than `max_member_bytes`, each once; a sample's members must be contiguous. A sample that breaks
+    these rules is bad: its error is raised, or, with `keep_bad`, yielded as (key, ShardFormatError) in its
+    place, and reading goes on (the member's header is intact; its data is skipped unread). A tar that cannot
+    be read on, or lacks its end-of-archive marker (so a truncated shard is an error, not fewer samples),
+    raises ShardFormatError after the samples before the damage. With `select` (called once per sample, in
+    order), only the samples whose key it accepts are read, checked and yielded.
     """
-    stream = filesystem.open_output_stream(path)
-    stream.write(data)
-    stream.close()
+    source = _TailStream(stream)
+    key: str | None = None
+    members: dict[str, bytes] = {}
+    problem: ShardFormatError | None = None
+    finished: set[str] = set()
+    taken = False
+    try:
+        with tarfile.open(fileobj=source, mode="r|") as archive:
+            for info in archive:
+                name = _member_key(info.name)
+                if name != key:
+                    if taken:
+                        yield key, problem or members
+                    if key is not None:
+                        finished.add(key)
+                    key, members, problem = name, {}, None
+                    taken = select is None or select(key)
+                    if taken and key in finished:
+                        problem = ShardFormatError(f"sample {key!r} appears twice (members not contiguous)")
+                if taken and problem is None:
+                    try:
+                        member = _check_member(info, max_member_bytes)
+                        if member in members:
+                            raise ShardFormatError(f"member {info.name!r} appears twice")
+                    except ShardFormatError as error:
+                        problem = error
+                    else:
+                        handle = archive.extractfile(info)
+                        members[member] = handle.read() if handle is not None else b""
+                if problem is not None and not keep_bad:
+                    raise problem
+            end = archive.offset
+    except (tarfile.TarError, EOFError, OSError) as error:
+        raise ShardFormatError(f"not a readable tar archive ({error})") from error
+    # tarfile takes a cut inside a header for the end of the archive; the end marker tells the difference.
+    if source.bytes_at(end, END_MARKER_BYTES) != bytes(END_MARKER_BYTES):
+        raise ShardFormatError(f"truncated tar archive: no end-of-archive marker after {end} bytes")
+    if taken:
+        yield key, problem or members
 
 
-def publish_bytes(
-    data: bytes,
-    directory: str | os.PathLike,
-    name: str,
-    done_marker: bool = True,
-    filesystem: pafs.FileSystem | None = None,
-) -> str:
-    """Make `data` visible as `name` atomically (see the module docstring); returns its sha256 (hex).
-
-    `done_marker` applies to non-local filesystems only: write `{name}.done` (the sha256) after the data.
-    """
-    _check_member_name(name)
-    digest = hashlib.sha256(data).hexdigest()
-    location = locate(directory, filesystem)
-    if location.filesystem is None:
-        _publish_local(data, location.directory, name)
-        return digest
-    location.filesystem.create_dir(location.directory, recursive=True)
-    _put(location.filesystem, location.join(name), data)
-    if done_marker:
-        _put(location.filesystem, location.join(name + DONE_SUFFIX), digest.encode("ascii"))
-    return digest
+def read_shard_samples(
+    source: str | os.PathLike | bytes, max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES
+) -> list[tuple[str, dict[str, bytes]]]:
+    """(key, members) of every sample of a shard (bytes, local path or URL), checked by `iter_shard_samples`."""
+    if not isinstance(source, (bytes, bytearray, memoryview)):
+        location, name = storage.locate_file(source)
+        source = location.read(name)
+    return list(iter_shard_samples(io.BytesIO(source), max_member_bytes))
 
 
 def write_shard(
-    samples: Sequence[tuple[str, Mapping[str, bytes]]],
-    directory: str | os.PathLike,
-    name: str,
-    filesystem: pafs.FileSystem | None = None,
+    samples: Sequence[tuple[str, Mapping[str, bytes]]], location: storage.Location, name: str
 ) -> tuple[int, str]:
-    """Write and publish one shard; returns (bytes written, sha256 hex of the tar)."""
+    """Write and publish one shard (with its done-marker off the local disk); returns (bytes, sha256 hex)."""
     parse_shard_name(name)
     data = shard_bytes(samples)
-    digest = publish_bytes(data, directory, name, done_marker=True, filesystem=filesystem)
+    digest = location.publish(name, data, done_marker=True)
     logger.debug("published %s (%d samples, %d bytes)", name, len(samples), len(data))
     return len(data), digest
-
-
-def _read_bytes(source: str | os.PathLike, filesystem: pafs.FileSystem | None = None) -> bytes:
-    text = os.fspath(source)
-    parent, _, name = text.rstrip("/").rpartition("/")
-    return read_file(locate(parent or ".", filesystem), name)
-
-
-def read_file(location: Location, name: str) -> bytes:
-    """The whole content of `name` in a local folder or a pyarrow/fsspec location."""
-    if location.filesystem is None:
-        with open(location.join(name), "rb") as handle:
-            return handle.read()
-    with location.filesystem.open_input_stream(location.join(name)) as stream:
-        return stream.read()
-
-
-def file_exists(location: Location, name: str) -> bool:
-    if location.filesystem is None:
-        return os.path.isfile(location.join(name))
-    return location.filesystem.get_file_info(location.join(name)).type == pafs.FileType.File
-
-
-def is_published(
-    directory: str | os.PathLike,
-    name: str,
-    sha256: str | None = None,
-    filesystem: pafs.FileSystem | None = None,
-    size: int | None = None,
-) -> bool:
-    """Whether `name` is completely published (and, when `sha256` / `size` is given, has that checksum / size).
-
-    Local: the final file exists (its bytes are hashed when `sha256` is given; its size is compared when `size`
-    is given). Elsewhere: the final object and its done-marker exist (the marker's checksum is compared when
-    `sha256` is given).
-    """
-    location = locate(directory, filesystem)
-    if not file_exists(location, name):
-        return False
-    if location.filesystem is None:
-        if size is not None and os.path.getsize(location.join(name)) != size:
-            return False
-        if sha256 is None:
-            return True
-        digest = hashlib.sha256()
-        with open(location.join(name), "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        return digest.hexdigest() == sha256
-    if not file_exists(location, name + DONE_SUFFIX):
-        return False
-    if sha256 is None:
-        return True
-    with location.filesystem.open_input_stream(location.join(name + DONE_SUFFIX)) as stream:
-        return stream.read().decode("ascii", errors="replace").strip() == sha256
-
-
-def list_files(location: Location) -> list[str]:
-    """Base names of the files directly in a location (none when it does not exist)."""
-    if location.filesystem is None:
-        if not os.path.isdir(location.directory):
-            return []
-        return sorted(name for name in os.listdir(location.directory) if os.path.isfile(location.join(name)))
-    selector = pafs.FileSelector(location.directory, allow_not_found=True)
-    return sorted(info.base_name for info in location.filesystem.get_file_info(selector) if info.is_file)
-
-
-def remove_file(location: Location, name: str) -> None:
-    """Delete one file of a location (a missing one is fine)."""
-    if location.filesystem is None:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(location.join(name))
-        return
-    with contextlib.suppress(FileNotFoundError):
-        location.filesystem.delete_file(location.join(name))
-
-
-def remove_stale_temporaries(
-    directory: str | os.PathLike, filesystem: pafs.FileSystem | None = None
-) -> list[str]:
-    """Remove what an interrupted writer left; returns the removed names. Call only while no writer runs.
-
-    Local: `.{name}.tmp-<uuid>` files. Elsewhere: `*.tar` objects without their done-marker.
-    """
-    location = locate(directory, filesystem)
-    if location.filesystem is None:
-        if not os.path.isdir(location.directory):
-            return []
-        stale = sorted(name for name in os.listdir(location.directory) if TEMPORARY.fullmatch(name))
-        for name in stale:
-            os.remove(location.join(name))
-    else:
-        selector = pafs.FileSelector(location.directory, allow_not_found=True)
-        names = {info.base_name for info in location.filesystem.get_file_info(selector) if info.is_file}
-        stale = sorted(n for n in names if n.endswith(".tar") and n + DONE_SUFFIX not in names)
-        for name in stale:
-            location.filesystem.delete_file(location.join(name))
-    if stale:
-        logger.info("removed %d stale partial outputs from %s", len(stale), location.directory)
-    return stale
-
 
 # ---------------------------------------------------------------------------------------------------------
 # Index and tables
@@ -631,20 +485,3 @@ def index_rows(
 def index_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
     """The index table (INDEX_SCHEMA) of `index_rows` output."""
     return pa.Table.from_pylist(list(rows), schema=INDEX_SCHEMA)
-
-
-def write_table(
-    table: pa.Table, directory: str | os.PathLike, name: str, filesystem: pafs.FileSystem | None = None
-) -> str:
-    """Publish `table` as parquet `name` (index.parquet, quarantine.parquet) atomically; returns sha256."""
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer)
-    return publish_bytes(buffer.getvalue(), directory, name, done_marker=False, filesystem=filesystem)
-
-
-def read_table(directory: str | os.PathLike, name: str, filesystem: pafs.FileSystem | None = None) -> pa.Table:
-    """Read a parquet table written by `write_table`."""
-    location = locate(directory, filesystem)
-    if location.filesystem is None:
-        return pq.read_table(location.join(name))
-    return pq.read_table(location.join(name), filesystem=location.filesystem)

@@ -18,7 +18,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline import plan, shards
+from pipeline import atomic, plan, shards, storage
 from pipeline.config import AudioConfig, DataConfig, MixingConfig
 from pipeline.preprocess_errors import PreprocessConfigError
 
@@ -86,10 +86,6 @@ def fingerprint_differences(held: dict[str, Any] | None, planned: dict[str, Any]
     return differences or ["none of the recorded inputs (the planning code differs)"]
 
 
-def records_directory(output: str) -> str:
-    return f"{output.rstrip('/')}/{RECORDS_DIR}" if "://" in output else os.path.join(output, RECORDS_DIR)
-
-
 def record_name(shard: str) -> str:
     return f"{shard}.json"
 
@@ -110,28 +106,16 @@ def source_state(path: str, with_hash: bool) -> list | None:
     return state
 
 
-def read_optional(location: shards.Location, relative: str) -> bytes | None:
-    path = location.join(relative)
-    try:
-        if location.filesystem is None:
-            with open(path, "rb") as handle:
-                return handle.read()
-        with location.filesystem.open_input_stream(path) as stream:
-            return stream.read()
-    except (FileNotFoundError, OSError):
-        return None
-
-
 def compact_record(record: dict) -> dict:
     """A record as the driver keeps it: its index rows as an Arrow table (far smaller than dicts at scale)."""
     return {**record, "index": shards.index_table(record["index"])}
 
 
-def finished_record(location: shards.Location, name: str, fingerprint: str, rehash: bool = False) -> dict | None:
+def finished_record(location: storage.Location, name: str, fingerprint: str, rehash: bool = False) -> dict | None:
     """The record of a shard a previous run finished with this fingerprint, or None. A local shard must have the
     recorded size (and, with `rehash`, the recorded sha256); a remote one a done-marker holding the sha256.
     The source files are compared separately (`changed_sources`)."""
-    raw = read_optional(location, f"{RECORDS_DIR}/{record_name(name)}")
+    raw = location.read_optional(f"{RECORDS_DIR}/{record_name(name)}")
     if raw is None:
         return None
     try:
@@ -140,10 +124,9 @@ def finished_record(location: shards.Location, name: str, fingerprint: str, reha
         return None
     if record.get("format") != RECORD_FORMAT or record.get("fingerprint") != fingerprint or record.get("shard") != name:
         return None
-    local = location.filesystem is None
+    local = location.is_local
     checksum = record.get("sha256") if rehash or not local else None
-    if not shards.is_published(location.directory, name, checksum, filesystem=location.filesystem,
-                               size=record.get("bytes", -1) if local else None):
+    if not location.is_published(name, checksum, size=record.get("bytes", -1) if local else None):
         return None
     return record
 
@@ -160,10 +143,10 @@ def changed_sources(recorded: dict, current: dict[str, list | None], with_hash: 
     return changed
 
 
-def held_fingerprint(location: shards.Location) -> tuple[str, dict | None] | None:
+def held_fingerprint(location: storage.Location) -> tuple[str, dict | None] | None:
     """(fingerprint, its inputs or None) of the set an output holds: fingerprint.json, else an older dataset.json."""
     for name in (FINGERPRINT_RECORD, DATASET_INFO):
-        raw = read_optional(location, name)
+        raw = location.read_optional(name)
         if raw is None:
             continue
         try:
@@ -180,29 +163,29 @@ def held_fingerprint(location: shards.Location) -> tuple[str, dict | None] | Non
 
 def _is_set_file(name: str) -> bool:
     """A shard, its done-marker, or a temporary of an interrupted publication."""
-    shard = name[: -len(shards.DONE_SUFFIX)] if name.endswith(shards.DONE_SUFFIX) else name
-    return bool(plan.SHARD_NAME.fullmatch(shard) or shards.TEMPORARY.fullmatch(name))
+    shard = name[: -len(storage.DONE_SUFFIX)] if name.endswith(storage.DONE_SUFFIX) else name
+    return bool(plan.SHARD_NAME.fullmatch(shard) or atomic.TEMPORARY.fullmatch(name))
 
 
-def remove_shard_set(location: shards.Location) -> int:
+def remove_shard_set(location: storage.Location) -> int:
     """Remove every file of the shard set in `location`; returns how many. dataset.json goes first (no reader
     takes a half-removed set for a set), fingerprint.json last (an interrupted removal is still refused
     without --overwrite). Other files, and the lock, stay."""
-    records = shards.Location(location.join(RECORDS_DIR), location.filesystem)
-    present = set(shards.list_files(location))
+    records = location.child(RECORDS_DIR)
+    present = set(location.list())
     doomed = [name for name in (DATASET_INFO, INDEX_TABLE, QUARANTINE_TABLE) if name in present]
     doomed += sorted(name for name in present if _is_set_file(name))
     removed = 0
     for name in doomed:
-        shards.remove_file(location, name)
+        location.remove(name)
         removed += 1
-    for name in shards.list_files(records):
-        if name.endswith(".json") or shards.TEMPORARY.fullmatch(name):
-            shards.remove_file(records, name)
+    for name in records.list():
+        if name.endswith(".json") or atomic.TEMPORARY.fullmatch(name):
+            records.remove(name)
             removed += 1
     for name in (MANIFEST_TABLE, PLAN_TABLE, FINGERPRINT_RECORD):
         if name in present:
-            shards.remove_file(location, name)
+            location.remove(name)
             removed += 1
     return removed
 
@@ -225,9 +208,8 @@ def split_location(location: str) -> tuple[str, str | None]:
 def read_dataset_info(location: str) -> dict:
     """The parsed `dataset.json` of a shard location (folder, URL, glob/brace pattern or the json itself)."""
     root, _ = split_location(location)
-    resolved = shards.locate(root)
     try:
-        data = shards.read_file(resolved, DATASET_INFO)
+        data = storage.locate(root).read(DATASET_INFO)
     except FileNotFoundError as error:
         raise FileNotFoundError(f"no {DATASET_INFO} in {root} (shard location {location!r})") from error
     try:

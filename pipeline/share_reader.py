@@ -1,14 +1,15 @@
 """Reading one slot's samples inside a DataLoader worker, shared by the train and eval loaders.
 
-A slot reads its shares of the epoch's shards in tar order (`read_shares`; WebDataset's tar iterator keeps
-only the members of the share's samples). A sample's key is checked against `SAMPLE_KEY` before it is
-decoded (`pipeline.shards.decode_sample`), so a member named with '..' or an absolute path is refused; a
-bad sample or shard is logged, counted (`Skips`, reported as `skipped_samples` / `skipped_shards`) and
-skipped. `decode_group` checks a mixture group against the set's `Geometry` (from dataset.json) and
-`collate_groups` forms the training batch contract of DESIGN.md ("Training batch"), forming the mixtures with
-the set's `pipeline.mixers` mixer when the set does not store them. `valid_frames` is each clip's frame count
-before its zero padding (the samples' json "frames"); a shard written without it counts its clips as full
-length (T), and that is logged once per process.
+A slot reads its shares of the epoch's shards in tar order (`read_shares`, through the one shard reader
+`pipeline.shards.iter_shard_samples`, which reads only the share's samples and refuses unsafe members: a
+name with '..', a directory or an absolute path, a link, an oversized member). Before a sample is decoded
+(`pipeline.shards.decode_sample`) what the reader refused in it is raised and its key is checked against
+`SAMPLE_KEY` (`check_raw_sample`); a bad sample or shard is logged, counted (`Skips`, reported as
+`skipped_samples` / `skipped_shards`) and skipped. `decode_group` checks a mixture group against the set's
+`Geometry` (from dataset.json) and `collate_groups` forms the training batch contract of DESIGN.md ("Training
+batch"), forming the mixtures with the set's `pipeline.mixers` mixer when the set does not store them.
+`valid_frames` is each clip's frame count before its zero padding (the samples' json "frames"); a shard
+written without it counts its clips as full length (T), and that is logged once per process.
 
 Workers ignore SIGTERM (the rank checkpoints first) and die with their rank (`init_worker`);
 `stop_workers` ends a DataLoader iterator's workers without waiting on a busy one. `derive_seed` derives
@@ -28,14 +29,13 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import get_worker_info
-from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
 from pipeline.config import DataConfig, LoaderConfig
 from pipeline.mixers import DEFAULT_DOMAIN, mixer
 from pipeline.mixers.base import MixSettings, assemble_group
 from pipeline.mixing import MIX_PADDINGS
 from pipeline.shard_source import ShardSource, open_shard
-from pipeline.shards import SAMPLE_KEY, ShardFormatError, decode_sample
+from pipeline.shards import SAMPLE_KEY, ShardFormatError, decode_sample, iter_shard_samples
 from pipeline.shares import Share
 
 logger = logging.getLogger(__name__)
@@ -108,30 +108,24 @@ class Skips:
 
 
 class _ShareSelector:
-    """`select_files` for WebDataset's tar iterator: keeps only the members of this share's samples."""
+    """`select` of the shard reader: takes only this share's samples, and notes their ordinals in the shard."""
 
     def __init__(self, share: Share) -> None:
         self.share = share
         self.ordinals: dict[str, int] = {}
-        self._last: str | None = None
         self._seen = 0
-        self._take = False
 
-    def __call__(self, name: str) -> bool:
-        key, _ = base_plus_ext(name)
-        if key is None:
-            return False
-        if key != self._last:
-            self._last = key
-            self._take = self._seen % self.share.parts == self.share.part
-            if self._take:
-                self.ordinals[key] = self._seen
-            self._seen += 1
-        return self._take
+    def __call__(self, key: str) -> bool:
+        take = self._seen % self.share.parts == self.share.part
+        if take:
+            self.ordinals[key] = self._seen
+        self._seen += 1
+        return take
 
 
 def _read_share(url: str, share: Share, expected: int, skips: Skips) -> Iterator[dict]:
-    """Raw samples (member bytes) of one share, in tar order, with "__shard__" and "__ordinal__" (in the shard)."""
+    """Raw samples (member bytes) of one share, in tar order, with "__shard__" and "__ordinal__" (in the shard);
+    a sample the reader refused holds only its "__error__"."""
     handler = skips.shard_handler(url)
     selector = _ShareSelector(share)
     yielded = 0
@@ -142,12 +136,14 @@ def _read_share(url: str, share: Share, expected: int, skips: Skips) -> Iterator
         stream = None
     if stream is not None:
         try:
-            files = tar_file_expander([{"url": url, "stream": stream}], handler=handler, select_files=selector)
-            for sample in group_by_keys(files, handler=handler):
-                sample["__shard__"] = share.shard
-                sample["__ordinal__"] = selector.ordinals.pop(sample["__key__"], -1)
+            for key, members in iter_shard_samples(stream, select=selector, keep_bad=True):
+                sample = {"__error__": members} if isinstance(members, ShardFormatError) else dict(members)
+                sample.update(__key__=key, __url__=url, __shard__=share.shard)
+                sample["__ordinal__"] = selector.ordinals.pop(key, -1)
                 yielded += 1
                 yield sample
+        except ShardFormatError as error:
+            handler(error)
         finally:
             stream.close()
     missing = share.count(expected) - yielded
@@ -179,9 +175,12 @@ class Geometry:
         return self.target_length // self.patch_size
 
 
-def check_sample_key(key: str) -> None:
-    """Our writer names members `{key}.{member}` with a plain key; a tar member name holding a directory,
-    '..' or an absolute path was not written by it."""
+def check_raw_sample(sample: dict) -> None:
+    """Raise what the shard reader found wrong with the sample's members, or a key our writer does not write
+    (`{key}.{member}` with a plain key)."""
+    if "__error__" in sample:
+        raise sample["__error__"]
+    key = sample["__key__"]
     if not SAMPLE_KEY.fullmatch(key):
         raise ShardFormatError(f"sample key {key!r} is not a plain name (letters, digits, '_' and '-' only)")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import mixing, shards
+from pipeline import mixing, shards, storage
 from pipeline.plan import sample_key, shard_name
 
 
@@ -60,11 +60,11 @@ def write_training_set(
                 )
                 samples.append((key, members))
             name = shard_name("train", epoch, shard)
-            shards.write_shard(samples, directory, name)
+            shards.write_shard(samples, storage.locate(directory), name)
             index_rows += shards.index_rows(name, samples)
             names.append(name)
         per_epoch[str(epoch)] = names
-    shards.write_table(shards.index_table(index_rows), directory, "index.parquet")
+    storage.locate(directory).write_table("index.parquet", shards.index_table(index_rows))
     info = {
         "splits": {"train": {"mix": True, "shards_per_epoch": per_epoch, "samples": num_shards * groups_per_shard}},
         "group_size": group_size,

@@ -23,7 +23,7 @@ from jobs.train.metrics import mean_average_precision
 from jobs.mlops.client import mlflow_client
 from jobs.mlops.tracking import HTTP_DEFAULTS
 from model.sslam import SSLAM
-from pipeline import shards
+from pipeline import shards, storage
 from pipeline.audio import fbank_batch
 from pipeline.plan import sample_key, shard_name
 from pipeline.synth import synth_classes
@@ -84,11 +84,11 @@ def write_evaluation_set(directory: Path, audio_cfg, seed: int = 0,
                 key = sample_key(split, 0, shard, i - start)
                 samples.append((key, shards.encode_eval_sample(features[i].numpy().astype(np.float16), key, labels[i])))
             name = shard_name(split, 0, shard)
-            shards.write_shard(samples, directory, name)
+            shards.write_shard(samples, storage.locate(directory), name)
             index_rows += shards.index_rows(name, samples)
             names.append(name)
         per_epoch[split] = {"mix": False, "shards_per_epoch": {"0": names}, "samples": count}
-    shards.write_table(shards.index_table(index_rows), directory, "index.parquet")
+    storage.locate(directory).write_table("index.parquet", shards.index_table(index_rows))
     info = {
         "splits": per_epoch,
         "target_length": audio_cfg.target_length,

@@ -18,7 +18,7 @@ from matplotlib.image import AxesImage
 
 from jobs.cli import main as sslam
 from jobs.train.config import load_config
-from pipeline import audio, shards
+from pipeline import audio, shards, storage
 from pipeline.inspect import PADDING_GID, WINDOW_GID, _valid_frames, preview_figure
 
 BIRD_FRAMES = audio.frame_count(int(0.8 * 16000), load_config("tiny_stage1").data.audio)
@@ -98,7 +98,7 @@ def test_valid_frames_in_the_sample_json_are_used(folder_run, tmp_path):
             del meta["frames"]
             rewritten.append((key, {**members, "json": json.dumps(meta).encode()}))
         path.unlink()
-        shards.write_shard(rewritten, str(copy), path.name)
+        shards.write_shard(rewritten, storage.locate(str(copy)), path.name)
     figure = preview_figure(str(copy), n_groups=1)
     clip_axes = [axis for axis in _spectrogram_axes(figure) if axis.get_title().startswith("c")]
     shift_s = folder_run.info["frame_shift_ms"] / 1000

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from jobs.train.distributed import any_rank
-from pipeline import mixing, shards
+from pipeline import mixing, shards, storage
 from pipeline.config import LoaderConfig
 from pipeline.eval_loader import EvalLoader
 from pipeline.loader import TrainLoader
@@ -65,7 +65,7 @@ def write_shard_set(directory: Path, materialize: bool = True, epochs: int = EPO
                 samples.append((key, members))
                 truth[key] = group
             name = shard_name("train", epoch, shard)
-            shards.write_shard(samples, directory, name)
+            shards.write_shard(samples, storage.locate(directory), name)
             index_rows += shards.index_rows(name, samples)
             names.append(name)
         per_epoch[str(epoch)] = names
@@ -82,10 +82,10 @@ def write_shard_set(directory: Path, materialize: bool = True, epochs: int = EPO
             truth[key] = {"clip": clip, "labels": labels, "index": running}
             running += 1
         name = shard_name("eval", 0, shard)
-        shards.write_shard(samples, directory, name)
+        shards.write_shard(samples, storage.locate(directory), name)
         index_rows += shards.index_rows(name, samples)
         eval_names.append(name)
-    shards.write_table(shards.index_table(index_rows), directory, "index.parquet")
+    storage.locate(directory).write_table("index.parquet", shards.index_table(index_rows))
     info = {
         "splits": {
             "train": {"mix": True, "shards_per_epoch": per_epoch, "samples": NUM_SHARDS * PER_SHARD},
@@ -253,7 +253,7 @@ def test_broken_shards_and_members_are_skipped_and_counted(shard_set, tmp_path, 
     samples = shards.read_shard_samples(tmp_path / shard_name("train", 0, 3))
     samples[0][1]["c1.npy"] = b"garbage bytes, not an npy array"
     (tmp_path / shard_name("train", 0, 3)).unlink()
-    shards.write_shard(samples, tmp_path, shard_name("train", 0, 3))
+    shards.write_shard(samples, storage.locate(tmp_path), shard_name("train", 0, 3))
 
     caplog.set_level(logging.WARNING, logger="pipeline.share_reader")
     loader = TrainLoader(_cfg(tmp_path), "train", 0, 1, epoch=0, seed=2)

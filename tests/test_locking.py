@@ -15,14 +15,14 @@ import uuid
 
 import pytest
 
-from pipeline import shards
+from pipeline import storage
 from pipeline.locking import LOCK_NAME, OutputLock, OutputLockedError
 
 HOLD_AND_DIE = """
 import os, signal, sys
-from pipeline import shards
+from pipeline import storage
 from pipeline.locking import OutputLock
-lock = OutputLock(shards.locate(sys.argv[1])).__enter__()
+lock = OutputLock(storage.locate(sys.argv[1])).__enter__()
 print("held", flush=True)
 sys.stdin.readline()
 os.kill(os.getpid(), signal.SIGKILL)
@@ -30,7 +30,7 @@ os.kill(os.getpid(), signal.SIGKILL)
 
 
 def test_a_held_local_lock_refuses_a_second_holder_naming_the_first(tmp_path):
-    location = shards.locate(str(tmp_path / "out"))
+    location = storage.locate(str(tmp_path / "out"))
     with OutputLock(location) as first:
         with pytest.raises(OutputLockedError) as refused:
             OutputLock(location).__enter__()
@@ -52,7 +52,7 @@ def test_the_lock_of_a_sigkilled_holder_is_free(tmp_path):
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(OutputLockedError) as refused:
-            OutputLock(shards.locate(str(output))).__enter__()
+            OutputLock(storage.locate(str(output))).__enter__()
         assert refused.value.holder["pid"] == holder.pid
         holder.stdin.write("\n")
         holder.stdin.flush()
@@ -60,40 +60,40 @@ def test_the_lock_of_a_sigkilled_holder_is_free(tmp_path):
     finally:
         if holder.poll() is None:
             holder.kill()
-    with OutputLock(shards.locate(str(output))):  # the kernel dropped the dead holder's lock
+    with OutputLock(storage.locate(str(output))):  # the kernel dropped the dead holder's lock
         pass
 
 
 def test_a_lease_on_a_url_refuses_a_second_holder_until_it_expires_or_is_released():
-    location = shards.locate(f"memory://lock-test-{uuid.uuid4().hex}/out")
+    location = storage.locate(f"memory://lock-test-{uuid.uuid4().hex}/out")
     first = OutputLock(location, ttl_s=30.0, settle_s=0.01).__enter__()
     with pytest.raises(OutputLockedError, match=f"pid {os.getpid()}"):
         OutputLock(location, settle_s=0.01).__enter__()
     first.release()
-    assert not shards.file_exists(location, LOCK_NAME)
+    assert not location.exists(LOCK_NAME)
     with OutputLock(location, settle_s=0.01):
         pass
 
     # A holder that died leaves a lease that expires; the next run takes it over.
     dead = {"host": "gone", "pid": 1, "started": "then", "token": "dead", "expires": time.time() - 1}
-    shards.publish_bytes(json.dumps(dead).encode(), location.directory, LOCK_NAME, False, location.filesystem)
+    location.publish(LOCK_NAME, json.dumps(dead).encode(), done_marker=False)
     with OutputLock(location, settle_s=0.01) as taker:
-        assert json.loads(shards.read_file(location, LOCK_NAME))["token"] == taker.holder["token"]
+        assert json.loads(location.read(LOCK_NAME))["token"] == taker.holder["token"]
 
 
 def test_a_lease_taken_over_is_noticed_by_its_former_holder():
-    location = shards.locate(f"memory://lock-test-{uuid.uuid4().hex}/out")
+    location = storage.locate(f"memory://lock-test-{uuid.uuid4().hex}/out")
     lock = OutputLock(location, ttl_s=0.3, settle_s=0.01).__enter__()
     try:
         lock.check()
         intruder = {"host": "elsewhere", "pid": 1, "started": "now", "token": "x", "expires": time.time() + 60}
-        shards.publish_bytes(json.dumps(intruder).encode(), location.directory, LOCK_NAME, False, location.filesystem)
+        location.publish(LOCK_NAME, json.dumps(intruder).encode(), done_marker=False)
         time.sleep(0.5)  # more than one renewal period (ttl / 3)
         with pytest.raises(OutputLockedError, match="host elsewhere"):
             lock.check()
     finally:
         lock.release()
-    assert shards.file_exists(location, LOCK_NAME)  # the intruder's lease is not removed by the former holder
+    assert location.exists(LOCK_NAME)  # the intruder's lease is not removed by the former holder
 
 
 def test_a_refused_run_waits_for_the_holder_to_record_itself(tmp_path):
@@ -106,7 +106,7 @@ def test_a_refused_run_waits_for_the_holder_to_record_itself(tmp_path):
         writer = threading.Timer(0.3, lambda: path.write_text(json.dumps(late)))
         writer.start()
         with pytest.raises(OutputLockedError) as refused:
-            OutputLock(shards.locate(str(tmp_path))).__enter__()
+            OutputLock(storage.locate(str(tmp_path))).__enter__()
         writer.join()
         assert refused.value.holder == late
     finally:

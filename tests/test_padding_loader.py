@@ -13,7 +13,7 @@ import torch
 
 from model.config import ModelConfig
 from model.sslam import SSLAM
-from pipeline import mixing, shards
+from pipeline import mixing, shards, storage
 from pipeline.config import LoaderConfig
 from pipeline.eval_loader import EvalLoader
 from pipeline.loader import TrainLoader
@@ -43,14 +43,14 @@ def write_set(directory: Path, with_frames: bool = True) -> None:
             frames=valid if with_frames else None,
         )))
     train = shard_name("train", 0, 0)
-    shards.write_shard(samples, directory, train)
+    shards.write_shard(samples, storage.locate(directory), train)
     eval_samples = [
         (sample_key("eval", 0, 0, i),
          shards.encode_eval_sample(_clip(rng, v), f"e{i}", [i % 2], v if with_frames else None))
         for i, v in enumerate([17, 64, 40])
     ]
     evaluation = shard_name("eval", 0, 0)
-    shards.write_shard(eval_samples, directory, evaluation)
+    shards.write_shard(eval_samples, storage.locate(directory), evaluation)
     info = {
         "splits": {
             "train": {"mix": True, "shards_per_epoch": {"0": [train]}, "samples": len(samples)},

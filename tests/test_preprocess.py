@@ -33,7 +33,7 @@ import yaml
 from jobs.cli import main as sslam
 from jobs.train.config import load_config
 from jobs.preprocess import main, run_preprocess
-from pipeline import audio, shards
+from pipeline import audio, shards, storage
 from pipeline.config import AudioConfig, LoaderConfig, MixingConfig, SynthConfig
 from pipeline.inspect import listed_shards, render_groups, summarize
 from pipeline.eval_loader import EvalLoader
@@ -279,8 +279,8 @@ def test_ledger_dataset_json_and_checksums(logmel):
     assert info["feature_stats"]["values"] == 30 * T * F
 
     # The ledger check names what is missing in a doctored index.
-    index = shards.read_table(str(logmel.output), "index.parquet")
-    quarantine = shards.read_table(str(logmel.output), "quarantine.parquet")
+    index = storage.locate(str(logmel.output)).read_table("index.parquet")
+    quarantine = storage.locate(str(logmel.output)).read_table("quarantine.parquet")
     manifest = pq.read_table(logmel.output / "manifest.parquet")
     dropped = index.slice(1)
     lost = [k for k, f in zip(index.column("clips")[0].as_py(), index.column("filler")[0].as_py()) if not f]
@@ -402,19 +402,19 @@ def test_a_group_without_valid_primaries_is_dropped_and_failed_slots_get_fillers
         [(bad[0], "empty_file"), (bad[1], "non_finite")]
     )
     assert record["stats"]["groups_dropped"] == 1 and record["stats"]["fillers_substituted"] == 1
-    assert shards.is_published(str(tmp_path / "out"), job.name, record["sha256"])
-    assert finished_record(shards.locate(str(tmp_path / "out")), job.name, "test") == record
+    assert storage.locate(str(tmp_path / "out")).is_published(job.name, record["sha256"])
+    assert finished_record(storage.locate(str(tmp_path / "out")), job.name, "test") == record
 
 
 def test_records_on_an_object_store_url_need_the_done_marker(tmp_path, sample):
     output = f"memory://preprocess-test-{uuid.uuid4().hex}"
     job, _, _ = _unit_job(tmp_path, sample, output)
     record = process_shard(job)
-    location = shards.locate(output)
+    location = storage.locate(output)
     assert location.filesystem is not None
     assert finished_record(location, job.name, "test") == record
     assert finished_record(location, job.name, "another fingerprint") is None
-    location.filesystem.delete_file(location.join(job.name + shards.DONE_SUFFIX))
+    location.filesystem.delete_file(location.join(job.name + storage.DONE_SUFFIX))
     assert finished_record(location, job.name, "test") is None
 
 
@@ -557,7 +557,7 @@ def test_a_mixed_set_is_flagged_by_inspect_and_refused_by_the_loader(tmp_path, l
 
 def test_a_run_on_a_locked_output_exits_3_naming_the_holder_and_touches_nothing(logmel, capsys):
     stamps = _stamps(logmel.output)
-    with OutputLock(shards.locate(str(logmel.output))):
+    with OutputLock(storage.locate(str(logmel.output))):
         assert main(["--config", _job_yaml(logmel), "--no-progress"]) == 3
     error = capsys.readouterr().err
     assert f"pid {os.getpid()}" in error and f"host {socket.gethostname()}" in error and "started 20" in error

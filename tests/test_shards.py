@@ -14,8 +14,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pytest
 
-from pipeline import shards
+from pipeline import shards, storage
 from pipeline.shards import ShardFormatError
+from pipeline.storage import locate
 
 SHAPE = (32, 8)
 GROUP = 3
@@ -134,10 +135,10 @@ def test_decode_checks_expected_shape_group_size_and_windows() -> None:
 
 def test_shard_bytes_are_deterministic(tmp_path) -> None:
     samples = _samples()
-    size_a, sha_a = shards.write_shard(samples, tmp_path / "a", "train-e00-000000.tar")
+    size_a, sha_a = shards.write_shard(samples, locate(tmp_path / "a"), "train-e00-000000.tar")
     # Same content built again, members given in another order.
     reordered = [(key, dict(reversed(list(members.items())))) for key, members in _samples()]
-    size_b, sha_b = shards.write_shard(reordered, tmp_path / "b", "train-e00-000000.tar")
+    size_b, sha_b = shards.write_shard(reordered, locate(tmp_path / "b"), "train-e00-000000.tar")
     data = (tmp_path / "a" / "train-e00-000000.tar").read_bytes()
     assert (size_a, sha_a) == (size_b, sha_b) == (len(data), hashlib.sha256(data).hexdigest())
     assert data == (tmp_path / "b" / "train-e00-000000.tar").read_bytes()
@@ -152,9 +153,9 @@ def test_shard_bytes_are_deterministic(tmp_path) -> None:
     assert shards.read_shard_samples(tmp_path / "a" / "train-e00-000000.tar") == [
         (key, dict(sorted(members.items()))) for key, members in samples
     ]
-    assert shards.is_published(tmp_path / "a", "train-e00-000000.tar")
-    assert shards.is_published(tmp_path / "a", "train-e00-000000.tar", sha_a)
-    assert not shards.is_published(tmp_path / "a", "train-e00-000000.tar", "0" * 64)
+    assert locate(tmp_path / "a").is_published("train-e00-000000.tar")
+    assert locate(tmp_path / "a").is_published("train-e00-000000.tar", sha_a)
+    assert not locate(tmp_path / "a").is_published("train-e00-000000.tar", "0" * 64)
     assert os.listdir(tmp_path / "a") == ["train-e00-000000.tar"]  # no temporaries, no marker
 
 
@@ -164,28 +165,28 @@ def test_failed_local_write_leaves_nothing(tmp_path, monkeypatch) -> None:
 
     monkeypatch.setattr(shards.os, "fsync", failing_fsync)
     with pytest.raises(OSError, match="disk gone"):
-        shards.write_shard(_samples(), tmp_path, "train-e00-000001.tar")
+        shards.write_shard(_samples(), locate(tmp_path), "train-e00-000001.tar")
     assert os.listdir(tmp_path) == []
-    assert not shards.is_published(tmp_path, "train-e00-000001.tar")
+    assert not locate(tmp_path).is_published("train-e00-000001.tar")
 
 
 def test_stale_temporaries_are_removed(tmp_path) -> None:
-    shards.write_shard(_samples(1), tmp_path, "train-e00-000000.tar")
+    shards.write_shard(_samples(1), locate(tmp_path), "train-e00-000000.tar")
     stale = f".train-e00-000001.tar.tmp-{uuid.uuid4().hex}"
     (tmp_path / stale).write_bytes(b"partial")
     (tmp_path / "notes.txt").write_text("keep")
-    assert shards.remove_stale_temporaries(tmp_path) == [stale]
+    assert locate(tmp_path).remove_stale() == [stale]
     assert sorted(os.listdir(tmp_path)) == ["notes.txt", "train-e00-000000.tar"]
-    assert shards.remove_stale_temporaries(tmp_path / "missing") == []
+    assert locate(tmp_path / "missing").remove_stale() == []
 
 
 def test_object_store_publication_with_done_marker(monkeypatch) -> None:
     directory = f"memory://bucket-{uuid.uuid4().hex}/shards"
     name = "train-e01-000002.tar"
-    size, sha = shards.write_shard(_samples(), directory, name)
-    assert shards.is_published(directory, name) and shards.is_published(directory, name, sha)
-    assert not shards.is_published(directory, name, "0" * 64)
-    location = shards.locate(directory)
+    location = locate(directory)
+    size, sha = shards.write_shard(_samples(), location, name)
+    assert location.is_published(name) and location.is_published(name, sha)
+    assert not location.is_published(name, "0" * 64)
     with location.filesystem.open_input_stream(location.join(name + ".done")) as stream:
         assert stream.read().decode() == sha
     samples = shards.read_shard_samples(f"{directory}/{name}")
@@ -193,7 +194,7 @@ def test_object_store_publication_with_done_marker(monkeypatch) -> None:
 
     # The data lands but the marker does not: not published, and removed as stale on resume.
     calls = []
-    real_put = shards._put
+    real_put = storage._put
 
     def put_then_fail(filesystem, path, data):
         calls.append(path)
@@ -201,22 +202,22 @@ def test_object_store_publication_with_done_marker(monkeypatch) -> None:
             raise OSError("connection reset")
         real_put(filesystem, path, data)
 
-    monkeypatch.setattr(shards, "_put", put_then_fail)
+    monkeypatch.setattr(storage, "_put", put_then_fail)
     with pytest.raises(OSError):
-        shards.write_shard(_samples(), directory, "train-e01-000003.tar")
-    assert len(calls) == 2 and not shards.is_published(directory, "train-e01-000003.tar")
-    assert shards.remove_stale_temporaries(directory) == ["train-e01-000003.tar"]
-    assert shards.is_published(directory, name)
+        shards.write_shard(_samples(), location, "train-e01-000003.tar")
+    assert len(calls) == 2 and not location.is_published("train-e01-000003.tar")
+    assert location.remove_stale() == ["train-e01-000003.tar"]
+    assert location.is_published(name)
 
 
 def test_explicit_pyarrow_filesystems(tmp_path) -> None:
     local = pafs.LocalFileSystem()
-    shards.write_shard(_samples(1), str(tmp_path), "eval-e00-000000.tar", filesystem=local)
+    shards.write_shard(_samples(1), locate(str(tmp_path), local), "eval-e00-000000.tar")
     assert os.listdir(tmp_path) == ["eval-e00-000000.tar"]  # local path: rename, no marker
     sub = pafs.SubTreeFileSystem(str(tmp_path / "tree"), local)  # a non-local filesystem object: marker
-    _, sha = shards.write_shard(_samples(1), "out", "eval-e00-000001.tar", filesystem=sub)
+    _, sha = shards.write_shard(_samples(1), locate("out", sub), "eval-e00-000001.tar")
     assert sorted(os.listdir(tmp_path / "tree" / "out")) == ["eval-e00-000001.tar", "eval-e00-000001.tar.done"]
-    assert shards.is_published("out", "eval-e00-000001.tar", sha, filesystem=sub)
+    assert locate("out", sub).is_published("eval-e00-000001.tar", sha)
 
 
 def _tar(entries: list[tarfile.TarInfo], payload: bytes = b"x") -> bytes:
@@ -273,11 +274,11 @@ def test_read_refuses_oversized_members_and_garbage() -> None:
 
 def test_writer_refuses_bad_names(tmp_path) -> None:
     with pytest.raises(ValueError):
-        shards.write_shard([("bad.key", _group(0))], tmp_path, "train-e00-000000.tar")
+        shards.write_shard([("bad.key", _group(0))], locate(tmp_path), "train-e00-000000.tar")
     with pytest.raises(ValueError):
-        shards.write_shard(_samples(1) * 2, tmp_path, "train-e00-000000.tar")
+        shards.write_shard(_samples(1) * 2, locate(tmp_path), "train-e00-000000.tar")
     with pytest.raises(ValueError):
-        shards.write_shard(_samples(1), tmp_path, "shard.tar")
+        shards.write_shard(_samples(1), locate(tmp_path), "shard.tar")
     assert os.listdir(tmp_path) == []
 
 
@@ -300,19 +301,41 @@ def test_index_rows_and_tables(tmp_path) -> None:
     table = shards.index_table(rows)
     assert table.schema.equals(shards.INDEX_SCHEMA) and table.num_rows == 3
 
-    shards.write_table(table, tmp_path, "index.parquet")
+    locate(tmp_path).write_table("index.parquet", table)
     assert os.listdir(tmp_path) == ["index.parquet"]
-    assert shards.read_table(tmp_path, "index.parquet").equals(table)
+    assert locate(tmp_path).read_table("index.parquet").equals(table)
     directory = f"memory://bucket-{uuid.uuid4().hex}/out"
-    shards.write_table(table, directory, "index.parquet")
-    assert shards.read_table(directory, "index.parquet").equals(table)
-    assert not shards.is_published(directory, "index.parquet")  # tables carry no done-marker
-    assert isinstance(shards.read_table(directory, "index.parquet"), pa.Table)
+    locate(directory).write_table("index.parquet", table)
+    assert locate(directory).read_table("index.parquet").equals(table)
+    assert not locate(directory).is_published("index.parquet")  # tables carry no done-marker
+    assert isinstance(locate(directory).read_table("index.parquet"), pa.Table)
 
     # Listing and removing files, locally and on a URL.
-    for location in (shards.locate(tmp_path), shards.locate(directory)):
-        assert shards.list_files(location) == ["index.parquet"]
-        shards.remove_file(location, "index.parquet")
-        shards.remove_file(location, "index.parquet")  # already gone: fine
-        assert shards.list_files(location) == []
-    assert shards.list_files(shards.locate(tmp_path / "nowhere")) == []
+    for location in (locate(tmp_path), locate(directory)):
+        assert location.list() == ["index.parquet"]
+        location.remove("index.parquet")
+        location.remove("index.parquet")  # already gone: fine
+        assert location.list() == []
+    assert locate(tmp_path / "nowhere").list() == []
+
+
+def test_reader_keeps_bad_samples_in_place_and_selects() -> None:
+    (first, members_a), (second, members_b), (third, members_c) = _samples(3)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        for key, members in ((first, members_a), ("../" + second, members_b), (third, members_c)):
+            for member, data in sorted(members.items()):
+                info = tarfile.TarInfo(f"{key}.{member}")
+                info.size = len(data)
+                archive.addfile(info, io.BytesIO(data))
+    data = buffer.getvalue()
+    read = list(shards.iter_shard_samples(io.BytesIO(data), keep_bad=True))
+    assert [key for key, _ in read] == [first, "../" + second, third]
+    assert read[0][1] == members_a and read[2][1] == members_c
+    assert isinstance(read[1][1], ShardFormatError) and "'..'" in str(read[1][1])
+    with pytest.raises(ShardFormatError, match=r"'\.\.'"):
+        list(shards.iter_shard_samples(io.BytesIO(data)))
+    offered: list[str] = []
+    selected = shards.iter_shard_samples(io.BytesIO(data), select=lambda key: offered.append(key) or key != first,
+                                         keep_bad=True)
+    assert [key for key, _ in selected] == ["../" + second, third] and offered == [first, "../" + second, third]
