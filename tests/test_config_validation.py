@@ -34,6 +34,7 @@ FREE_FORM = {
     "train.output_dir", "train.resume", "train.init_from", "train.dataset_fingerprint",
     "train.deepspeed",  # free-form DeepSpeed settings; owned keys are refused (tests/test_deepspeed_passthrough.py)
     "tracking.experiment", "tracking.run_name", "tracking.model_name",
+    "data.mixing.domain",  # a registered mixer's name, checked in Config.validate against pipeline.mixers.MIXERS
     "tracking.aliases",  # names, checked in TrackingConfig.validate (tests/test_registration_policy.py)
     "eval.train_shards", "eval.test_shards", "eval.train_split", "eval.test_split",
     "finetune.source", "finetune.train_split", "finetune.eval_shards", "finetune.eval_split",

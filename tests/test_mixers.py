@@ -12,6 +12,7 @@ import pytest
 import soundfile
 import torch
 
+from jobs.train.config import ConfigError, load_config
 from pipeline import mixing, shards
 from pipeline.config import AudioConfig, DataConfig, MixingConfig
 from pipeline.inspect import _loader_mixtures
@@ -155,3 +156,9 @@ def test_the_loader_forms_unstored_mixtures_with_the_sets_mixer(toy):
     inside = batch["nomix"].repeat_interleave(PATCH, dim=1)[..., None]
     expected = torch.where(inside, clean, (clean + clean[batch["partner"]]) / 2)
     assert torch.equal(batch["mixed"][:, 0], expected)
+
+
+def test_a_config_may_name_a_registered_mixer_and_no_other(toy):
+    assert load_config("tiny_stage2", ["data.mixing.domain=toy_mean"]).data.mixing.domain == "toy_mean"
+    with pytest.raises(ConfigError, match="'data.mixing.domain' must be one of .*'toy_mean', got 'toy_other'"):
+        load_config("tiny_stage2", ["data.mixing.domain=toy_other"])

@@ -212,6 +212,7 @@ class Config:
                 f"data.audio.min_sample_rate ({audio.min_sample_rate}) exceeds max_sample_rate ({audio.max_sample_rate})"
             )
         check_deepspeed_passthrough(self.train.deepspeed)
+        _check_mixing_domain(self.data.mixing.domain)
         if self.data.loader.micro_batch_clips % self.data.mixing.group_size:
             raise ConfigError(
                 f"data.loader.micro_batch_clips ({self.data.loader.micro_batch_clips}) must be a multiple of "
@@ -285,6 +286,14 @@ def resolve_path(name_or_path: str) -> Path:
     if named.exists():
         return named
     raise ConfigError(f"config not found: {name_or_path} (neither a file nor a name in {CONFIG_DIR})")
+
+
+def _check_mixing_domain(domain: str) -> None:
+    """The domain names a registered mixer, so a new strategy is its module plus its registry line."""
+    from pipeline.mixers import MIXERS  # lazy: the mixers import torch, which loading a config does not need
+
+    if domain not in MIXERS:
+        raise ConfigError(f"'data.mixing.domain' must be one of {', '.join(map(repr, MIXERS))}, got {domain!r}")
 
 
 def _type_name(tp: Any) -> str:
