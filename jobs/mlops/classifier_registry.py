@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from jobs.mlops.registration import (
 from jobs.train.checkpointing import tag_for
 from jobs.mlops.tracking import Tracker
 from model.checkpoint import ImportedCheckpoint, load_weights, save_weights
+from pipeline.atomic import publish_folder
 from pipeline.config import AudioConfig
 
 log = logging.getLogger("sslam.classifier_registry")
@@ -56,10 +56,7 @@ def write_best(output_dir: str | Path, weights: ImportedCheckpoint, record: dict
     save_weights(weights, staging / BEST_WEIGHTS)
     (staging / BEST_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True))
     previous = best.with_name(BEST_DIR + ".previous")
-    shutil.rmtree(previous, ignore_errors=True)
-    if best.exists():
-        os.replace(best, previous)
-    os.replace(staging, best)
+    publish_folder(staging, best, keep_previous=previous)
     shutil.rmtree(previous, ignore_errors=True)
     return best
 

@@ -28,6 +28,7 @@ from jobs.train.config import REFUSED_ALIASES
 from jobs.mlops.pyfunc_package import WEIGHTS_ARTIFACT, save_pyfunc
 from model.checkpoint import CheckpointError, ImportedCheckpoint
 from model.config import ModelConfig
+from pipeline.atomic import write_text
 
 log = logging.getLogger("sslam.registry")
 
@@ -144,9 +145,7 @@ class Registration:
             )
 
     def save(self, folder: Path, name: str = PENDING_FILE) -> None:
-        partial = folder / (name + ".partial")
-        partial.write_text(json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True))
-        os.replace(partial, folder / name)
+        write_text(folder / name, json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True))
 
     @classmethod
     def load(cls, path: Path) -> Registration:
