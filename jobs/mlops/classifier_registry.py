@@ -116,12 +116,6 @@ class ClassifierTracker(Tracker):
     def remember_best(self, best_dir: Path, updates: int) -> None:
         self._last_checkpoint = (Path(best_dir), int(updates))
 
-    def _export(self, tag_dir: Path, updates: int) -> None:
-        if updates in self._exported:
-            return
-        self._exported.add(updates)
-        try:
-            export_classifier(tag_dir, self.run_dir, self.config, run_id=self.run_id, tracking_uri=self.uri,
-                              dataset_fingerprint=str(self.dataset_info.get("fingerprint", "")))
-        except Exception:
-            log.exception("could not export the classifier %s for registration; training continues", tag_dir)
+    def _export_now(self, tag_dir: Path, updates: int) -> None:
+        export_classifier(tag_dir, self.run_dir, self.config, run_id=self.run_id, tracking_uri=self.uri,
+                          dataset_fingerprint=str(self.dataset_info.get("fingerprint", "")))
