@@ -230,10 +230,14 @@ class BackgroundExport:
         self._thread = threading.Thread(target=self._run, args=(what, export, then), name="sslam-export", daemon=True)
         self._thread.start()
 
-    def wait(self) -> None:
+    def wait(self, timeout_s: float | None = None) -> bool:
+        """Join the running export (at most `timeout_s`); True when none runs any more."""
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                return False
             self._thread = None
+        return True
 
     def _run(self, what: str, export: Callable[[], object], then: Callable[[], None]) -> None:
         try:

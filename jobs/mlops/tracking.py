@@ -210,8 +210,10 @@ class Tracker:
         self._exports.wait()
 
     def flush(self, timeout_s: float | None = None) -> bool:
-        """Wait until everything queued so far was sent (or timeout); True when the queue is empty."""
+        """Wait until everything queued so far was exported and sent (or timeout); True when the queue is empty."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        if not self._exports.wait(timeout_s):
+            return False
         with self._outbox.condition:
             while not self._outbox.empty():
                 remaining = None if deadline is None else deadline - time.monotonic()
