@@ -21,7 +21,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import shutil
 import sys
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from jobs.train.checkpointing import STUDENT_FILE, TAG_PATTERN, checkpoint_root,
 from model.checkpoint import CheckpointError, ImportedCheckpoint, load_weights, save_weights
 from model.official import import_official
 from model.pretrained import CONFIG_FILE, EXPORT_FORMAT, EXPORT_VERSION, WEIGHTS_FILE, checkpoint_configs
+from pipeline.atomic import publish_folder
 from pipeline.config import AudioConfig
 
 log = logging.getLogger("sslam.export")
@@ -157,9 +157,7 @@ def write_export(exportable: Exportable, out: str | Path) -> Path:
         "weights_sha256": sha256_file(staging / WEIGHTS_FILE),
     }
     (staging / CONFIG_FILE).write_text(json.dumps(spec, indent=2, sort_keys=True))
-    if out.exists():
-        out.rmdir()
-    os.replace(staging, out)
+    publish_folder(staging, out)  # `out` is absent or empty (checked above)
     log.info("exported %s to %s", exportable.source, out)
     return out
 

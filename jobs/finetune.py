@@ -260,6 +260,7 @@ class Finetuner:
                   "eval_shards": self.eval_location, "eval_split": self.config.finetune.eval_split,
                   "audio": asdict(self.config.data.audio), "pooling": self.config.finetune.pooling,
                   "source": self.source}
+        self.tracker.wait_exports()  # the export of the previous best reads the folder write_best replaces
         best = write_best(self.config.train.output_dir, weights, record)
         log.info("update %d: new best eval mAP %.4f (label prior %.4f)", self.updates, metrics["mAP"],
                  metrics["baseline_mAP"])

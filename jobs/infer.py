@@ -33,6 +33,7 @@ import torch
 
 from model.checkpoint import CheckpointError
 from model.pretrained import FrontEnd, PretrainedEncoder, load_encoder
+from pipeline.atomic import publish_file, temporary_path
 from pipeline.audio import AudioError, fbank_batch
 from pipeline.config import AudioConfig
 from pipeline.windows import AUDIO_EXTENSIONS, WindowPlan, plan_windows, stream_windows, window_seconds
@@ -122,7 +123,7 @@ class ParquetSink:
         self.schema = pa.schema(fields, metadata={
             "frames_shape": json.dumps(shape), **{key: json.dumps(value) for key, value in metadata.items()}})
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.partial = self.path.with_name(self.path.name + ".partial")
+        self.partial = temporary_path(self.path)
         import pyarrow.parquet as pq
 
         self.writer = pq.ParquetWriter(str(self.partial), self.schema)
@@ -142,10 +143,8 @@ class ParquetSink:
         self.writer.write_table(pa.Table.from_pydict(columns, schema=self.schema))
 
     def close(self) -> None:
-        import os
-
         self.writer.close()
-        os.replace(self.partial, self.path)  # readers never see a half-written file under the final name
+        publish_file(self.partial, self.path)  # readers never see a half-written file under the final name
 
 
 def _top(model: PretrainedEncoder, scores: np.ndarray, k: int) -> dict[str, np.ndarray]:

@@ -425,6 +425,7 @@ class Pretrainer:
             "precision": self.config.train.precision,
             "clips_per_update": self.ds_config["train_batch_size"],
         }
+        self.tracker.wait_exports()  # keep-last-M pruning may remove the folder an export reads
         checkpointing.save(
             self.engine, self.root, self.state.updates, run_state, self.model.teacher, dump_yaml(self.config),
             self.config.train.keep_checkpoints, self.scheduler,

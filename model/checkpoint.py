@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from model.config import ModelConfig
 from model.decoder import Decoder
 from model.encoder import Encoder, sincos_position_table
 from model.sslam import SSLAM
+from pipeline.atomic import write_with
 
 WeightsKind = Literal["pretrain", "finetune", "encoder"]
 
@@ -211,12 +211,7 @@ def save_weights(weights: ImportedCheckpoint, path: str | Path) -> Path:
         "num_updates": str(int(weights.num_updates)),
         "model_config": config_to_json(cfg),
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    save_file(tensors, str(partial), metadata=metadata)
-    os.replace(partial, path)  # readers never see a half-written file
-    return path
+    return write_with(path, lambda temporary: save_file(tensors, str(temporary), metadata=metadata))
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:

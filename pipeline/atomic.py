@@ -50,6 +50,21 @@ def write_with(target: str | os.PathLike, write: Callable[[Path], None]) -> Path
     temporary = temporary_path(target)
     try:
         write(temporary)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temporary)
+        raise
+    return publish_file(temporary, target)
+
+
+def publish_file(temporary: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Make the finished file `temporary` (from `temporary_path(target)`) visible as `target`, durably.
+
+    For writers that stream into the temporary file over time (a parquet writer kept open); the temporary file
+    is removed if the publication fails.
+    """
+    temporary, target = Path(temporary), Path(target)
+    try:
         fsync_file(temporary)
         os.replace(temporary, target)
     except BaseException:

@@ -33,6 +33,35 @@ def test_a_failing_writer_keeps_the_old_file_and_removes_its_temporary(tmp_path)
     assert _leftovers(tmp_path) == []
 
 
+def test_publish_file_makes_a_streamed_temporary_the_target_durably(tmp_path, monkeypatch):
+    target = tmp_path / "out.parquet"
+    atomic.write_text(target, "old")
+    temporary = atomic.temporary_path(target)
+    with open(temporary, "wb") as handle:  # a writer kept open over time, then closed
+        handle.write(b"streamed")
+    synced = []
+    monkeypatch.setattr(atomic, "fsync_directory", lambda directory: synced.append(directory))
+    assert atomic.publish_file(temporary, target) == target
+    assert target.read_bytes() == b"streamed" and synced == [tmp_path]
+    assert _leftovers(tmp_path) == []
+
+
+def test_a_failed_publish_file_keeps_the_old_file_and_removes_the_temporary(tmp_path, monkeypatch):
+    target = tmp_path / "out.parquet"
+    atomic.write_text(target, "old")
+    temporary = atomic.temporary_path(target)
+    temporary.write_bytes(b"new")
+
+    def refuse(source, destination):
+        raise OSError("read-only file system")
+
+    monkeypatch.setattr(atomic.os, "replace", refuse)
+    with pytest.raises(OSError, match="read-only"):
+        atomic.publish_file(temporary, target)
+    assert target.read_text() == "old"
+    assert _leftovers(tmp_path) == []
+
+
 def test_temporary_names_are_hidden_unique_and_recognised(tmp_path):
     first, second = atomic.temporary_path(tmp_path / "a.tar"), atomic.temporary_path(tmp_path / "a.tar")
     assert first != second and first.name.startswith(".a.tar.tmp-")

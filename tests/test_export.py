@@ -6,6 +6,7 @@ equal to the training front-end's and the registered pyfunc's within 1e-5."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -130,6 +131,19 @@ def test_checkpoint_folder_loads_directly_and_partial_checkpoint_is_refused(tmp_
     np.testing.assert_array_equal(load_encoder(out).embed(wave, 16000)["utterance"], direct)
     with pytest.raises(CheckpointError, match="not a complete checkpoint"):
         export_job.resolve_source(str(partial))
+
+
+def test_export_reads_student_safetensors_only(tmp_path, config, monkeypatch):
+    """One route to the fp32 student: DeepSpeed's consolidation (zero_to_fp32) is never imported, and a folder with
+    only DeepSpeed's files is refused naming student.safetensors, its pickle unopened."""
+    monkeypatch.setitem(sys.modules, "deepspeed.utils.zero_to_fp32", None)  # importing it raises ImportError
+    marker = tmp_path / "pickle-ran"
+    complete = checkpoint_folder(tmp_path / "run", config, 4, marker=marker)
+    export_job.write_export(export_job.resolve_source(str(complete)), tmp_path / "out")
+    (complete / STUDENT_FILE).unlink()
+    with pytest.raises(CheckpointError, match=STUDENT_FILE):
+        export_job.resolve_source(str(complete))
+    assert not marker.exists()
 
 
 def test_official_finetuned_file_exports_head_and_labels(tmp_path):

@@ -21,11 +21,12 @@ import pytest
 import torch
 
 from jobs.mlops import registration, registry
-from jobs.train.config import dump_yaml, load_config
+from jobs.train.config import load_config
 from jobs.mlops.client import mlflow_client
 from jobs.mlops.tracking import HTTP_DEFAULTS, Tracker
 from model.features import extract_features
 from model.sslam import SSLAM
+from registry_support import seeded_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -98,14 +99,8 @@ def server(tmp_path, monkeypatch):
 
 
 def checkpoint(run_dir: Path, config, updates: int) -> tuple[Path, SSLAM]:
-    """A checkpoint folder in the ZeRO-less layout (mp_rank_00_model_states.pt) of a seeded model."""
-    torch.manual_seed(updates)
-    model = SSLAM(config.model)
-    tag_dir = run_dir / "checkpoints" / f"update_{updates:08d}"
-    tag_dir.mkdir(parents=True)
-    torch.save({"module": model.state_dict()}, tag_dir / "mp_rank_00_model_states.pt")
-    (tag_dir / "config.yaml").write_text(dump_yaml(config))
-    return tag_dir, model
+    """A checkpoint folder of a seeded model as jobs.pretrain leaves one (config.yaml, student.safetensors)."""
+    return seeded_checkpoint(run_dir, config, updates)
 
 
 def wait_for(condition, timeout_s: float, what: str) -> None:
@@ -143,6 +138,7 @@ def test_tracking_and_registry_survive_a_server_outage(server):
     started = time.perf_counter()
     tracker.on_checkpoint(tag20, 20)  # exports locally; the registration fails in the background
     assert time.perf_counter() - started < 15
+    tracker.wait_exports()  # the export runs on its own thread
     assert max(durations) < 2.0
     pending = run_dir / "registrations" / tag20.name / registration.PENDING_FILE
     wait_for(lambda: json.loads(pending.read_text())["last_error"], 60, "the failed registration attempt")

@@ -4,12 +4,16 @@ default): a smoke run next to a real one leaves `candidate` where it was. In-pro
 
 from __future__ import annotations
 
+import logging
+import sys
+import threading
 from pathlib import Path
 
 import pytest
 
 from jobs import register as register_job
 from jobs.mlops import registration
+from jobs.train import checkpointing
 from jobs.train.config import ConfigError, TrackingConfig, load_config
 from jobs.mlops.client import mlflow_client
 from jobs.mlops.tracking import Tracker
@@ -131,3 +135,64 @@ def test_sslam_register_moves_the_aliases_it_is_given(store, capsys):
     assert not registration.registrations_dir("runs/bad").exists()
     with pytest.raises(SystemExit):
         register_job.main(["runs/tiny", "--alias", "candidate"])
+
+
+def test_a_checkpoint_export_runs_off_the_training_thread_and_is_awaited_at_the_end(store, monkeypatch):
+    """A slow exporter: on_checkpoint (rank 0's step after a save) returns while the export still runs; the next
+    checkpoint's wait and `finish` join it, and the export it staged is registered at the end."""
+    started, release, finished, gave_up = (threading.Event() for _ in range(4))
+    export = registration.export_checkpoint
+
+    def slow_export(*args, **kwargs):
+        started.set()
+        if not release.wait(20):  # on_checkpoint did not return while this ran
+            gave_up.set()
+        folder = export(*args, **kwargs)
+        finished.set()
+        return folder
+
+    monkeypatch.setattr(registration, "export_checkpoint", slow_export)
+    config = run_config("slow", "tracking.register=every_checkpoint")
+    tracker = Tracker.start(config, dataset_info={"fingerprint": "policy"})
+    tracker.on_checkpoint(checkpoint(config, 6), 6)
+    assert started.wait(60) and not finished.is_set() and not gave_up.is_set()  # returned while the export runs
+    release.set()
+    tracker.wait_exports()
+    assert finished.is_set()
+    tracker.finish("FINISHED")
+    assert versions_of(tracker.run_id) == [("6", [])]
+
+
+def test_a_failed_export_is_logged_and_reported_at_the_end(store, monkeypatch, caplog):
+    def failing_export(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(registration, "export_checkpoint", failing_export)
+    config = run_config("failing", "tracking.register=every_checkpoint")
+    tracker = Tracker.start(config, dataset_info={"fingerprint": "policy"})
+    with caplog.at_level(logging.WARNING, logger="sslam"):
+        tracker.on_checkpoint(checkpoint(config, 6), 6)
+        tracker.finish("FINISHED")
+    messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any(r.getMessage().startswith("could not export") and "disk full" in str(r.exc_info[1])
+               for r in caplog.records if r.exc_info)  # when it failed
+    assert any("1 checkpoint exports failed" in m and "disk full" in m for m in messages)  # and at the end
+    assert versions_of(tracker.run_id) == []
+
+
+def test_training_exports_from_student_safetensors_only(store, monkeypatch, caplog):
+    """A training process never consolidates DeepSpeed's shards (zero_to_fp32, or the pickled model states): a
+    checkpoint without student.safetensors is an export failure naming the file."""
+    consolidated = []
+    monkeypatch.setattr(checkpointing, "consolidated_student", lambda *args: consolidated.append(args) or {})
+    monkeypatch.setitem(sys.modules, "deepspeed.utils.zero_to_fp32", None)  # importing it raises ImportError
+    config = run_config("bare", "tracking.register=every_checkpoint")
+    bare = seeded_checkpoint(Path(config.train.output_dir), config, 6, student=False)[0]
+    tracker = Tracker.start(config, dataset_info={"fingerprint": "policy"})
+    with caplog.at_level(logging.WARNING, logger="sslam"):
+        tracker.on_checkpoint(bare, 6)
+        tracker.on_checkpoint(checkpoint(config, 7), 7)
+        tracker.finish("FINISHED")
+    assert consolidated == []
+    assert any(f"has no {checkpointing.STUDENT_FILE}" in r.getMessage() for r in caplog.records)
+    assert versions_of(tracker.run_id) == [("7", [])]

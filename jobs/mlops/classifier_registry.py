@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from jobs.mlops.registration import (
 from jobs.train.checkpointing import tag_for
 from jobs.mlops.tracking import Tracker
 from model.checkpoint import ImportedCheckpoint, load_weights, save_weights
+from pipeline.atomic import publish_folder
 from pipeline.config import AudioConfig
 
 log = logging.getLogger("sslam.classifier_registry")
@@ -56,10 +56,7 @@ def write_best(output_dir: str | Path, weights: ImportedCheckpoint, record: dict
     save_weights(weights, staging / BEST_WEIGHTS)
     (staging / BEST_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True))
     previous = best.with_name(BEST_DIR + ".previous")
-    shutil.rmtree(previous, ignore_errors=True)
-    if best.exists():
-        os.replace(best, previous)
-    os.replace(staging, best)
+    publish_folder(staging, best, keep_previous=previous)
     shutil.rmtree(previous, ignore_errors=True)
     return best
 
@@ -119,12 +116,6 @@ class ClassifierTracker(Tracker):
     def remember_best(self, best_dir: Path, updates: int) -> None:
         self._last_checkpoint = (Path(best_dir), int(updates))
 
-    def _export(self, tag_dir: Path, updates: int) -> None:
-        if updates in self._exported:
-            return
-        self._exported.add(updates)
-        try:
-            export_classifier(tag_dir, self.run_dir, self.config, run_id=self.run_id, tracking_uri=self.uri,
-                              dataset_fingerprint=str(self.dataset_info.get("fingerprint", "")))
-        except Exception:
-            log.exception("could not export the classifier %s for registration; training continues", tag_dir)
+    def _export_now(self, tag_dir: Path, updates: int) -> None:
+        export_classifier(tag_dir, self.run_dir, self.config, run_id=self.run_id, tracking_uri=self.uri,
+                          dataset_fingerprint=str(self.dataset_info.get("fingerprint", "")))

@@ -8,6 +8,9 @@ saves its pyfunc model folder (jobs.mlops.pyfunc_package). The folder and a `pen
 pending file (`Registration`) records the sha256 of the weights and a digest of every file of the folder (code and
 MLmodel included, `folder_digest`), signed (HMAC-SHA256) with the exporting user's key (`registration_key`: outside
 every run folder), so that jobs.mlops.registry can tell it from a folder planted or altered later.
+
+A training job exports on `BackgroundExport`'s thread, one export at a time, so rank 0's training thread (and the
+ranks waiting on it at the next collective) never waits for the reading, packaging and hashing of seconds.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import json
 import logging
 import os
 import shutil
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +33,7 @@ from jobs.train.config import REFUSED_ALIASES
 from jobs.mlops.pyfunc_package import WEIGHTS_ARTIFACT, save_pyfunc
 from model.checkpoint import CheckpointError, ImportedCheckpoint
 from model.config import ModelConfig
+from pipeline.atomic import write_text
 
 log = logging.getLogger("sslam.registry")
 
@@ -144,9 +150,7 @@ class Registration:
             )
 
     def save(self, folder: Path, name: str = PENDING_FILE) -> None:
-        partial = folder / (name + ".partial")
-        partial.write_text(json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True))
-        os.replace(partial, folder / name)
+        write_text(folder / name, json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True))
 
     @classmethod
     def load(cls, path: Path) -> Registration:
@@ -209,6 +213,40 @@ def _dataset_fingerprint(config) -> str:
         return str(read_dataset_info(config.data.loader.shards).get("fingerprint", ""))
     except (OSError, ValueError):
         return ""
+
+
+class BackgroundExport:
+    """Exports of a training job on one thread, one at a time: `submit` returns at once (after waiting for the
+    export still running, if any: a queue of one); `wait` joins it. A failed export is logged when it fails and
+    kept in `failures` for the job to report at its end."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self.failures: list[str] = []
+
+    def submit(self, what: str, export: Callable[[], object], then: Callable[[], None]) -> None:
+        """Run `export()` on the export thread, then `then()` when it succeeded."""
+        self.wait()
+        self._thread = threading.Thread(target=self._run, args=(what, export, then), name="sslam-export", daemon=True)
+        self._thread.start()
+
+    def wait(self, timeout_s: float | None = None) -> bool:
+        """Join the running export (at most `timeout_s`); True when none runs any more."""
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                return False
+            self._thread = None
+        return True
+
+    def _run(self, what: str, export: Callable[[], object], then: Callable[[], None]) -> None:
+        try:
+            export()
+        except Exception as error:  # noqa: BLE001 - an export never ends training; finish reports it
+            log.exception("could not export %s for registration; training continues", what)
+            self.failures.append(f"{what}: {type(error).__name__}: {error}")
+            return
+        then()
 
 
 def student_encoder_weights(tag_dir: str | Path, model_cfg: ModelConfig, trusted: bool = False) -> ImportedCheckpoint:

@@ -26,8 +26,9 @@ Registrations follow `tracking.register`: `never`; `end` (the default): the last
 FINISHED, at `finish`; `every_checkpoint`: each checkpoint at `on_checkpoint` (the last one included). Each moves
 the aliases of `tracking.aliases` and no others (jobs.mlops.registry), so a smoke run next to a real one leaves
 `candidate` where it was unless its config names it. The checkpoint is exported to a local MLflow model folder
-first (jobs.mlops.registration), persisted as a pending registration under `<output_dir>/registrations/`, then
-uploaded and registered on the background thread. A failed one stays pending and is retried at the next checkpoint,
+first, from its `student.safetensors` on an export thread of its own (jobs.mlops.registration.BackgroundExport),
+persisted as a pending registration under `<output_dir>/registrations/`, then uploaded and registered on the
+background thread. A failed one stays pending and is retried at the next checkpoint,
 at the end, and by `sslam register RUN_DIR` (`registry.register_pending`).
 """
 
@@ -107,6 +108,9 @@ class NullTracker:
     def on_checkpoint(self, tag_dir: str | Path, updates: int) -> None:
         pass
 
+    def wait_exports(self) -> None:
+        pass
+
     def flush(self, timeout_s: float | None = None) -> bool:
         return True
 
@@ -143,6 +147,9 @@ class Tracker:
         self._deadline: float | None = None
         self._last_checkpoint: tuple[Path, int] | None = None
         self._exported: set[int] = set()
+        from jobs.mlops.registration import BackgroundExport
+
+        self._exports = BackgroundExport()
         self._dropped_reported = 0
         self._client = None
         self._queue_start_artifacts(ds_config)
@@ -197,9 +204,16 @@ class Tracker:
             self._export(Path(tag_dir), int(updates))
         self._outbox.put_task(RETRY_REGISTRATIONS, self._register_pending)
 
+    def wait_exports(self) -> None:
+        """Wait for the export still running, if any: before the checkpoint or best folder it reads is pruned or
+        replaced (it runs while training goes on; only one slower than a checkpoint interval makes this wait)."""
+        self._exports.wait()
+
     def flush(self, timeout_s: float | None = None) -> bool:
-        """Wait until everything queued so far was sent (or timeout); True when the queue is empty."""
+        """Wait until everything queued so far was exported and sent (or timeout); True when the queue is empty."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        if not self._exports.wait(timeout_s):
+            return False
         with self._outbox.condition:
             while not self._outbox.empty():
                 remaining = None if deadline is None else deadline - time.monotonic()
@@ -218,6 +232,7 @@ class Tracker:
             self._sampler.stop()
         if status == "FINISHED" and self._last_checkpoint is not None and self.config.tracking.register != "never":
             self._export(*self._last_checkpoint)
+        self._exports.wait()
         self._outbox.put_task(RETRY_REGISTRATIONS, self._register_pending)
         self._outbox.put_task(f"end the run ({status})", functools.partial(self._end_run, status), final=True)
         self._deadline = time.monotonic() + self.config.tracking.finish_timeout_s
@@ -234,6 +249,9 @@ class Tracker:
                 "pending registrations stay under %s (run `sslam register %s`)",
                 self.uri, left[0], left[1], self.run_dir / "registrations", self.run_dir,
             )
+        if self._exports.failures:
+            log.warning("%d checkpoint exports failed, so these are not registered: %s", len(self._exports.failures),
+                        "; ".join(self._exports.failures))
         if self.dropped_metrics:
             log.warning("%d metric values were dropped because the tracking queue was full", self.dropped_metrics)
         if self.refused is not None:
@@ -455,28 +473,31 @@ class Tracker:
         self._client.log_artifact(self.run_id, str(path), folder)
 
     def _export(self, tag_dir: Path, updates: int) -> None:
-        """Consolidate + export a checkpoint into a pending registration (local disk only), then queue it."""
-        from jobs.mlops import registration
-
+        """Export a checkpoint into a pending registration (local disk only) on the export thread, then queue the
+        registrations; returns at once."""
         if updates in self._exported:
             return
         self._exported.add(updates)
-        try:
-            registration.export_checkpoint(
-                tag_dir,
-                updates,
-                self.run_dir,
-                model_name=self.config.tracking.model_name,
-                experiment=self.config.tracking.experiment,
-                run_id=self.run_id,
-                tracking_uri=self.uri,
-                dataset_fingerprint=str(self.dataset_info.get("fingerprint", "")),
-                config=self.config,
-                aliases=self.config.tracking.aliases,
-                trusted=True,  # this run's own checkpoint (resuming unpickles it too); student.safetensors first
-            )
-        except Exception:
-            log.exception("could not export checkpoint %s for registration; training continues", tag_dir)
+        self._exports.submit(f"checkpoint {tag_dir}", functools.partial(self._export_now, tag_dir, updates),
+                             functools.partial(self._outbox.put_task, RETRY_REGISTRATIONS, self._register_pending))
+
+    def _export_now(self, tag_dir: Path, updates: int) -> None:
+        """From `student.safetensors` only: reading DeepSpeed's shards (`sslam register --checkpoint DIR --trusted`,
+        for older folders) never runs in a training process."""
+        from jobs.mlops import registration
+
+        registration.export_checkpoint(
+            tag_dir,
+            updates,
+            self.run_dir,
+            model_name=self.config.tracking.model_name,
+            experiment=self.config.tracking.experiment,
+            run_id=self.run_id,
+            tracking_uri=self.uri,
+            dataset_fingerprint=str(self.dataset_info.get("fingerprint", "")),
+            config=self.config,
+            aliases=self.config.tracking.aliases,
+        )
 
     def _register_pending(self) -> None:
         from jobs.mlops import registry

@@ -38,6 +38,8 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
+from pipeline.atomic import write_text
+
 log = logging.getLogger("sslam.checkpoint")
 
 TAG_PATTERN = re.compile(r"^update_(\d{8})$")
@@ -88,7 +90,9 @@ class HashingWriter:
         self._file.flush()
 
     def close(self) -> dict:
-        """Flush to disk and close; returns the file's manifest record."""
+        """Flush to disk and close; returns the file's manifest record. The file is written under its final name
+        (DeepSpeed names it) and synced here through the open handle: the manifest, published atomically after
+        every file is closed, is the checkpoint's commit."""
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
@@ -128,19 +132,9 @@ def _recorder(engine) -> RecordingCheckpointEngine:
 
 
 def write_manifest(folder: Path, records: dict[str, dict]) -> None:
-    """The commit of a checkpoint: written to a temporary name, synced, then renamed into place."""
+    """The commit of a checkpoint: published atomically and durably (pipeline.atomic)."""
     manifest = {"version": MANIFEST_VERSION, "files": dict(sorted(records.items()))}
-    temporary = folder / f".{MANIFEST_FILE}.tmp"
-    with open(temporary, "w") as handle:
-        json.dump(manifest, handle, indent=1)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, folder / MANIFEST_FILE)
-    directory = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    write_text(folder / MANIFEST_FILE, json.dumps(manifest, indent=1))
 
 
 def manifest_for_files(folder: Path) -> None:

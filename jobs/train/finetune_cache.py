@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from jobs.train.config import ConfigError
+from pipeline.atomic import publish_folder
 
 log = logging.getLogger("sslam.finetune")
 
@@ -228,10 +229,8 @@ def build(loader, key: dict, folder: Path) -> None:
             raise ConfigError(f"split {key['split']!r} holds no clips")
         for handle, shape, itemsize in ((fbank_file, fbank_shape, 2), (labels_file, labels_shape, 4)):
             handle.truncate(handle.tell() + (capacity - len(keys)) * int(np.prod(shape[1:])) * itemsize)
-            handle.flush()
-            os.fsync(handle.fileno())
     (staging / KEYS).write_text(json.dumps(keys))
     manifest = {"key": key, "clips": len(keys), "classes": loader.classes, "skipped_samples": loader.skipped_samples}
     (staging / MANIFEST).write_text(json.dumps(manifest))
-    os.replace(staging, folder)
+    publish_folder(staging, folder)
     log.info("clip cache %s: %d clips written (%d samples skipped)", folder, len(keys), loader.skipped_samples)
