@@ -74,6 +74,7 @@ from pipeline.shardset import (
     held_fingerprint,
     remove_shard_set,
     source_state,
+    write_dataset_info,
 )
 
 logger = logging.getLogger(__name__)
@@ -400,8 +401,7 @@ def _run_locked(
             ledger=ledger,
             coverage=coverage,
         )
-        payload = json.dumps(info, indent=2).encode("utf-8")
-        location.publish(DATASET_INFO, payload, done_marker=False)
+        write_dataset_info(location, info)
 
     primaries, fillers = _role_counts(written_index)
     clips_decoded = sum(record["stats"].get("clips_decoded", 0) for record in run_records.values())

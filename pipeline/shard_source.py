@@ -82,11 +82,6 @@ class ShardSource:
         self.info = read_dataset_info(self.location)
         self._counts: dict[str, int] | None = None
         self._fingerprints: dict[str, set] = {}
-        for key in ("target_length", "mel_bins", "patch_size"):
-            if not isinstance(self.info.get(key), int) or self.info[key] < 1:
-                raise ValueError(f"{self.root}/{DATASET_INFO}: {key!r} must be a positive integer")
-        if self.info["target_length"] % self.info["patch_size"]:
-            raise ValueError(f"{self.root}/{DATASET_INFO}: target_length is not a multiple of patch_size")
         self._allowed = self._pattern_names() if self.pattern is not None else None
 
     @property

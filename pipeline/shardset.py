@@ -206,7 +206,8 @@ def split_location(location: str) -> tuple[str, str | None]:
 
 
 def read_dataset_info(location: str) -> dict:
-    """The parsed `dataset.json` of a shard location (folder, URL, glob/brace pattern or the json itself)."""
+    """The parsed, checked `dataset.json` of a shard location (folder, URL, glob/brace pattern or the json itself):
+    a 'splits' mapping and a frame geometry (positive target_length, mel_bins, patch_size; T a multiple of the patch)."""
     root, _ = split_location(location)
     try:
         data = storage.locate(root).read(DATASET_INFO)
@@ -218,4 +219,14 @@ def read_dataset_info(location: str) -> dict:
         raise ValueError(f"{root}/{DATASET_INFO} is not UTF-8 JSON: {error}") from error
     if not isinstance(info, dict) or not isinstance(info.get("splits"), dict):
         raise ValueError(f"{root}/{DATASET_INFO} has no 'splits' mapping")
+    for key in ("target_length", "mel_bins", "patch_size"):
+        if not isinstance(info.get(key), int) or isinstance(info[key], bool) or info[key] < 1:
+            raise ValueError(f"{root}/{DATASET_INFO}: {key!r} must be a positive integer")
+    if info["target_length"] % info["patch_size"]:
+        raise ValueError(f"{root}/{DATASET_INFO}: target_length is not a multiple of patch_size")
     return info
+
+
+def write_dataset_info(location: storage.Location, info: dict) -> None:
+    """Publish the set's `dataset.json` (last, after the shards and tables it describes)."""
+    location.publish(DATASET_INFO, json.dumps(info, indent=2).encode("utf-8"), done_marker=False)
