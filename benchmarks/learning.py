@@ -17,8 +17,8 @@
    control "stage1_continued": the stage-2 run with `model.stage=1` (same init, schedule and update count, EAT
    loss only).
 4. Probes (jobs.evaluate's `extract` and `train_probe`, config `probe` with `eval.whiten`): the student encoder
-   of each run and a random-init encoder of the same config (seeded as stage 1 starts), loaded through the registered model's
-   code (jobs.mlops.pyfunc_model). Multi-label protocol on every row (binary cross-entropy probe, mAP) so that mono
+   of each run and a random-init encoder of the same config (seeded as stage 1 starts), loaded through the
+   registered model's code (jobs.mlops.pyfunc_model). Multi-label protocol on every row (binary cross-entropy probe, mAP) so that mono
    and polyphonic rows compare: mono = probe trained on train clips, scored on eval clips; poly = trained on
    poly_train, scored on poly_eval. Poolings: CLS and content-mean (`eval.pooling: content_mean`, or `mean`
    over all patches where the config has no `content_mean`). Padding modes: `reference` and `aware`
