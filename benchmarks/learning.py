@@ -16,13 +16,13 @@
    `--stage1-updates`); stage 2 (SSLAM, tiny_stage2, init_from stage 1, `--extra-updates`); and the equal-compute
    control "stage1_continued": the stage-2 run with `model.stage=1` (same init, schedule and update count, EAT
    loss only).
-4. Probes (jobs.evaluate's `extract` and `train_probe`, config `probe` with `eval.whiten`): the student encoder
-   of each run and a random-init encoder of the same config (seeded as stage 1 starts), loaded through the
-   registered model's code (jobs.mlops.pyfunc_model). Multi-label protocol on every row (binary cross-entropy probe, mAP) so that mono
-   and polyphonic rows compare: mono = probe trained on train clips, scored on eval clips; poly = trained on
-   poly_train, scored on poly_eval. Poolings: CLS and content-mean (`eval.pooling: content_mean`, or `mean`
-   over all patches where the config has no `content_mean`). Padding modes: `reference` and `aware`
-   (`model.padding`, where ModelConfig has it; otherwise the aware rows say "not available").
+4. Probes (jobs.evaluate's `extract` and `train_probe`, config `probe` with `eval.whiten`): the student encoder of
+   each run and a random-init encoder of the same config (seeded as stage 1 starts), loaded through the registered
+   model's code (jobs.mlops.pyfunc_model). Multi-label protocol on every row (binary cross-entropy probe, mAP) so
+   that mono and polyphonic rows compare: mono = probe trained on train clips, scored on eval clips; poly = trained
+   on poly_train, scored on poly_eval. Poolings: CLS and content-mean (`eval.pooling: content_mean`, or `mean` over
+   all patches where the config has no `content_mean`). Padding modes: `reference` and `aware` (`model.padding`,
+   where ModelConfig has it; otherwise the aware rows say "not available").
 
 Prints one JSON line: every mAP, the label prior per evaluation set, the budget used (seconds per step) and the
 configuration. Pre-training runs with `--threads` torch threads (OMP_NUM_THREADS; 1 by default: on a shared
