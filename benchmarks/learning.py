@@ -11,8 +11,8 @@
    as long as its longest source), peak-limited to 0.9; labels: the union of the sources' labels.
 2. Ray preprocessing (`python -m jobs.preprocess`): train (mixed, `--mixture-epochs`), eval, poly_train, poly_eval.
 3. Pre-training (`sslam pretrain --ranks 1`, CPU DeepSpeed), per padding mode of `--modes` (`aware` runs mix with
-   `data.mixing.mix_padding: silence` and use `model.utterance_norm: layer_norm`; mixtures are made by the
-   loader, not stored): stage 1 (EAT, tiny_stage1,
+   `data.mixing.mix_padding: silence` and use `model.utterance_norm: layer_norm` with `model.utterance_center:
+   batch`; mixtures are made by the loader, not stored): stage 1 (EAT, tiny_stage1,
    `--stage1-updates`); stage 2 (SSLAM, tiny_stage2, init_from stage 1, `--extra-updates`); and the equal-compute
    control "stage1_continued": the stage-2 run with `model.stage=1` (same init, schedule and update count, EAT
    loss only).
@@ -180,6 +180,8 @@ def write_run_configs(work: Path, data: dict, padding: str, args: argparse.Names
         # The instance-normed CLS target is ~0 for every clip (its per-clip channel means are removed);
         # layer_norm keeps what a clip's tokens share (model/targets.py, utterance_target).
         model["utterance_norm"] = "layer_norm"
+        # With a mostly random-init teacher the targets share a large common part; centring removes it.
+        model["utterance_center"] = "batch"
         # A short partner's zero padding would win the log-mel max over the primary's content.
         data = {**data, "mixing": {**data["mixing"], "mix_padding": "silence"}}
     common = {"data": data, "tracking": {"enabled": False}}

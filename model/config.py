@@ -63,6 +63,11 @@ class ModelConfig:
     # so the target is nearly the same for every clip); "layer_norm" normalises each token over D instead and
     # keeps what the clip's tokens share (model/targets.py, utterance_target).
     utterance_norm: Literal["instance_norm", "layer_norm"] = "instance_norm"
+    # Then, across the rows of the batch per dimension (the rank's micro-batch under data parallel; in stage 2
+    # clean and mixture rows together): "none" (the reference's), "batch" subtracts the batch mean (DINO-style
+    # centring: the CLS must encode what differs between clips), "standardize" also divides by the batch std
+    # (model/targets.py, center_utterance_targets).
+    utterance_center: Literal["none", "batch", "standardize"] = "none"
 
     @property
     def time_patches(self) -> int:

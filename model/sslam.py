@@ -28,7 +28,14 @@ from model.decoder import Decoder, decoder_input
 from model.encoder import Encoder
 from model.masking import block_masks, content_block_masks, split_indices
 from model.padding import check_valid_frames, content_tokens, zero_padding
-from model.targets import cls_target, drop_time_rows, make_targets, source_retention_target, utterance_target
+from model.targets import (
+    center_utterance_targets,
+    cls_target,
+    drop_time_rows,
+    make_targets,
+    source_retention_target,
+    utterance_target,
+)
 
 WeightDecayMode = Literal["all", "exclude_norm_bias"]
 
@@ -214,12 +221,14 @@ class SSLAM(nn.Module):
                            content: Tensor | None) -> Tensor:
         """CLS targets (b, D) from the last top_k layers: the token mean of make_targets (reusing
         `patch_targets` when they are those, stage 1) or, with `model.utterance_norm: layer_norm`,
-        targets.utterance_target."""
+        targets.utterance_target; then centred across the rows with `model.utterance_center`."""
         if self.cfg.utterance_norm == "layer_norm":
-            return utterance_target(ffn_outputs, top_k, content)
-        if patch_targets is None:
-            patch_targets = make_targets(ffn_outputs, top_k, content)
-        return cls_target(patch_targets, content)
+            targets = utterance_target(ffn_outputs, top_k, content)
+        else:
+            if patch_targets is None:
+                patch_targets = make_targets(ffn_outputs, top_k, content)
+            targets = cls_target(patch_targets, content)
+        return center_utterance_targets(targets, self.cfg.utterance_center)
 
     def _forward_stage1(self, clean: Tensor, generator: torch.Generator, valid: Tensor | None = None):
         """EAT (§8): L = Σ_masked ℓ(Ŷ, Y) / S + w_cls Σ_rows ℓ(ĉ, c), c = mean_n Y."""

@@ -66,6 +66,21 @@ def utterance_target(ffn_outputs: list[Tensor], top_k: int, content: Tensor | No
     return average.mean(dim=1) if content is None else masked_token_mean(average, content)
 
 
+def center_utterance_targets(targets: Tensor, mode: str) -> Tensor:
+    """The `model.utterance_center` step on CLS targets (b, D) float32, across the b rows of the batch per
+    dimension: "none" returns them as they are, "batch" subtracts the batch mean (DINO-style centring, so
+    the CLS must encode what differs between clips), "standardize" also divides by the batch standard
+    deviation (biased). Under data parallel the batch is the rank's micro-batch."""
+    if mode == "none":
+        return targets
+    centred = targets - targets.mean(dim=0, keepdim=True)
+    if mode == "batch":
+        return centred
+    if mode == "standardize":
+        return centred * torch.rsqrt(centred.pow(2).mean(dim=0, keepdim=True) + TARGET_NORM_EPS)
+    raise ValueError(f"unknown utterance_center {mode!r}")
+
+
 def masked_token_mean(tokens: Tensor, content: Tensor) -> Tensor:
     """(b, n, D), bool (b, n) -> (b, D) float32: the mean over each row's True tokens (0 for a row with none)."""
     keep = content.to(tokens.device).unsqueeze(-1)
