@@ -64,10 +64,10 @@ class ModelConfig:
     # keeps what the clip's tokens share (model/targets.py, utterance_target).
     utterance_norm: Literal["instance_norm", "layer_norm"] = "instance_norm"
     # Then, across the rows of the batch per dimension (the rank's micro-batch under data parallel; in stage 2
-    # clean and mixture rows together): "none" (the reference's), "batch" subtracts the batch mean (DINO-style
-    # centring: the CLS must encode what differs between clips), "standardize" also divides by the batch std
-    # (model/targets.py, center_utterance_targets).
-    utterance_center: Literal["none", "batch", "standardize"] = "none"
+    # clean and mixture rows together): "none" (the reference's) or "batch", which subtracts the batch mean
+    # (DINO-style centring: the CLS must encode what differs between clips; model/targets.py,
+    # center_utterance_targets).
+    utterance_center: Literal["none", "batch"] = "none"
 
     @property
     def time_patches(self) -> int:

@@ -67,17 +67,13 @@ def utterance_target(ffn_outputs: list[Tensor], top_k: int, content: Tensor | No
 
 
 def center_utterance_targets(targets: Tensor, mode: str) -> Tensor:
-    """The `model.utterance_center` step on CLS targets (b, D) float32, across the b rows of the batch per
-    dimension: "none" returns them as they are, "batch" subtracts the batch mean (DINO-style centring, so
-    the CLS must encode what differs between clips), "standardize" also divides by the batch standard
-    deviation (biased). Under data parallel the batch is the rank's micro-batch."""
+    """The `model.utterance_center` step on CLS targets (b, D) float32: "none" returns them as they are,
+    "batch" subtracts their mean across the b rows per dimension (DINO-style centring, so the CLS must encode
+    what differs between clips). Under data parallel the batch is the rank's micro-batch."""
     if mode == "none":
         return targets
-    centred = targets - targets.mean(dim=0, keepdim=True)
     if mode == "batch":
-        return centred
-    if mode == "standardize":
-        return centred * torch.rsqrt(centred.pow(2).mean(dim=0, keepdim=True) + TARGET_NORM_EPS)
+        return targets - targets.mean(dim=0, keepdim=True)
     raise ValueError(f"unknown utterance_center {mode!r}")
 
 
