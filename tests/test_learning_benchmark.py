@@ -77,7 +77,7 @@ def test_modes_choose_the_padding_modes_and_aware_runs_take_the_layer_norm_utter
     assert parse_args([]).modes == ["reference", "aware"]
     data = data_section(tmp_path / "data", tmp_path / "shards", 1)
     args = parse_args(["--smoke"])
-    for mode, utterance_norm in (("reference", "instance_norm"), ("aware", "layer_norm")):
+    for mode, utterance_norm, center in (("reference", "instance_norm", "none"), ("aware", "layer_norm", "batch")):
         for path in write_run_configs(tmp_path / "work", data, mode, args).values():
             model = load_config(str(path)).model
-            assert (model.padding, model.utterance_norm) == (mode, utterance_norm), path
+            assert (model.padding, model.utterance_norm, model.utterance_center) == (mode, utterance_norm, center), path
