@@ -64,9 +64,9 @@ MODELS = ("random", "stage1", "stage2", "stage1_continued")
 NOT_AVAILABLE = "not available"
 
 FULL = {"train_clips": 320, "eval_clips": 150, "poly_clips": 160, "stage1_updates": 1000, "extra_updates": 300,
-        "mixture_epochs": 4, "probe_epochs": 300}
+        "mixture_epochs": 4, "probe_epochs": 300, "micro_batch_clips": 6}
 SMOKE = {"train_clips": 24, "eval_clips": 12, "poly_clips": 12, "stage1_updates": 3, "extra_updates": 2,
-         "mixture_epochs": 1, "probe_epochs": 5}
+         "mixture_epochs": 1, "probe_epochs": 5, "micro_batch_clips": 6}
 
 
 # ------------------------------------------------------------------------------------- what the config offers
@@ -184,6 +184,8 @@ def write_run_configs(work: Path, data: dict, padding: str, args: argparse.Names
         model["utterance_center"] = "batch"
         # A short partner's zero padding would win the log-mel max over the primary's content.
         data = {**data, "mixing": {**data["mixing"], "mix_padding": "silence"}}
+    # A multiple of data.mixing.group_size; the update counts stay, so a larger micro-batch sees more clips.
+    data = {**data, "loader": {**data["loader"], "micro_batch_clips": args.micro_batch_clips}}
     common = {"data": data, "tracking": {"enabled": False}}
     stage1_dir = work / padding / "stage1"
     extra = {"max_updates": args.extra_updates, "warmup_updates": max(1, args.extra_updates // 10),
