@@ -81,3 +81,14 @@ def test_modes_choose_the_padding_modes_and_aware_runs_take_the_layer_norm_utter
         for path in write_run_configs(tmp_path / "work", data, mode, args).values():
             model = load_config(str(path)).model
             assert (model.padding, model.utterance_norm, model.utterance_center) == (mode, utterance_norm, center), path
+
+
+def test_micro_batch_clips_sets_the_loader_of_every_run(tmp_path: Path) -> None:
+    from benchmarks.learning import data_section, parse_args, write_run_configs
+    from jobs.train.config import load_config
+
+    data = data_section(tmp_path / "data", tmp_path / "shards", 1)
+    args = parse_args(["--smoke", "--micro-batch-clips", "12"])
+    for mode in ("reference", "aware"):
+        for path in write_run_configs(tmp_path / "work", data, mode, args).values():
+            assert load_config(str(path)).data.loader.micro_batch_clips == 12, path
