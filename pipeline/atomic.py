@@ -100,18 +100,16 @@ def publish_folder(staging: str | os.PathLike, target: str | os.PathLike, keep_p
     """Make the finished folder `staging` visible as `target` with one rename (both in the same directory).
 
     Every file under `staging` is fsynced first. An existing `target` is moved to `keep_previous` when given
-    (replacing an older one there), else removed, so the swap leaves no mixed folder behind.
+    (replacing an older one there). Without `keep_previous` the target must be absent or empty: a folder that
+    another process may be reading is never deleted here (OSError, as `os.replace` gives).
     """
     staging, target = Path(staging), Path(target)
     _fsync_tree(staging)
-    if target.exists():
-        if keep_previous is not None:
-            previous = Path(keep_previous)
-            if previous.exists():
-                shutil.rmtree(previous)
-            os.replace(target, previous)
-        else:
-            shutil.rmtree(target)
+    if keep_previous is not None and target.exists():
+        previous = Path(keep_previous)
+        if previous.exists():
+            shutil.rmtree(previous)
+        os.replace(target, previous)
     os.replace(staging, target)
     fsync_directory(target.parent)
     return target

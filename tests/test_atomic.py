@@ -21,7 +21,7 @@ def test_write_bytes_replaces_the_target_and_leaves_no_temporary(tmp_path):
 
 def test_a_failing_writer_keeps_the_old_file_and_removes_its_temporary(tmp_path):
     target = tmp_path / "file.json"
-    atomic.write_text(target, "old")
+    atomic.write_bytes(target, b"old")
 
     def write_half_then_fail(temporary):
         temporary.write_bytes(b"ha")
@@ -35,7 +35,7 @@ def test_a_failing_writer_keeps_the_old_file_and_removes_its_temporary(tmp_path)
 
 def test_publish_file_makes_a_streamed_temporary_the_target_durably(tmp_path, monkeypatch):
     target = tmp_path / "out.parquet"
-    atomic.write_text(target, "old")
+    atomic.write_bytes(target, b"old")
     temporary = atomic.temporary_path(target)
     with open(temporary, "wb") as handle:  # a writer kept open over time, then closed
         handle.write(b"streamed")
@@ -48,7 +48,7 @@ def test_publish_file_makes_a_streamed_temporary_the_target_durably(tmp_path, mo
 
 def test_a_failed_publish_file_keeps_the_old_file_and_removes_the_temporary(tmp_path, monkeypatch):
     target = tmp_path / "out.parquet"
-    atomic.write_text(target, "old")
+    atomic.write_bytes(target, b"old")
     temporary = atomic.temporary_path(target)
     temporary.write_bytes(b"new")
 
@@ -80,11 +80,16 @@ def test_publish_folder_swaps_in_the_staging_folder_and_keeps_the_previous_one(t
     assert (previous / "version").read_text() == "2"
 
 
-def test_publish_folder_without_keeping_replaces_the_target(tmp_path):
+def test_publish_folder_without_keeping_fills_an_empty_target_and_never_deletes_a_full_one(tmp_path):
     target = tmp_path / "cache"
+    target.mkdir()
     for version in ("1", "2"):
-        staging = tmp_path / ".staging"
+        staging = tmp_path / f".staging-{version}"
         staging.mkdir()
         (staging / "v").write_text(version)
-        atomic.publish_folder(staging, target)
-    assert sorted(os.listdir(tmp_path)) == ["cache"] and (target / "v").read_text() == "2"
+        if version == "1":
+            atomic.publish_folder(staging, target)
+        else:
+            with pytest.raises(OSError):
+                atomic.publish_folder(staging, target)
+    assert (target / "v").read_text() == "1"
