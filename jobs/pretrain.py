@@ -237,6 +237,7 @@ class Pretrainer:
         teacher = load_file(str(folder / checkpointing.TEACHER_FILE))
         teacher = {k: v.to(self.device) for k, v in teacher.items()}
         load_state_strict(self.model.teacher, teacher, f"teacher from {folder}")
+        self._restore_utterance_centre(saved.get("utterance_centre"), folder)
         self.state = RunState(
             updates=saved["updates"], epoch=saved["epoch"], loader_positions=saved["loader_positions"]
         )
@@ -412,6 +413,22 @@ class Pretrainer:
             f"at update {self.state.updates + 1}"
         )
 
+    def _restore_utterance_centre(self, centres: list | None, folder: Path) -> None:
+        """A running CLS-target centre continues per rank; on another rank count every rank takes the mean of
+        the saved ones (they average the same data)."""
+        centre = self.model.utterance_centre
+        if centre.mode != "running":
+            return
+        saved = [values for values in centres or [] if values is not None]
+        if not saved:
+            log.warning("train.resume: %s holds no running utterance centre; it restarts from the next batch", folder)
+            return
+        if len(centres) == self.world_size and centres[self.rank] is not None:
+            values = centres[self.rank]
+        else:
+            values = torch.tensor(saved, dtype=torch.float32).mean(dim=0).tolist()
+        centre.load(values, self.config.model.embed_dim)
+
     def _save(self, loader) -> None:
         position = loader.state_dict() if loader is not None else None
         run_state = {
@@ -424,6 +441,7 @@ class Pretrainer:
             "zero_stage": self.config.train.zero_stage,
             "precision": self.config.train.precision,
             "clips_per_update": self.ds_config["train_batch_size"],
+            "utterance_centre": checkpointing.gather_from_ranks(self.model.utterance_centre.state()),
         }
         self.tracker.wait_exports()  # keep-last-M pruning may remove the folder an export reads
         checkpointing.save(

@@ -66,8 +66,10 @@ class ModelConfig:
     # Then, across the rows of the batch per dimension (the rank's micro-batch under data parallel; in stage 2
     # clean and mixture rows together): "none" (the reference's) or "batch", which subtracts the batch mean
     # (DINO-style centring: the CLS must encode what differs between clips; model/targets.py,
-    # center_utterance_targets).
-    utterance_center: Literal["none", "batch"] = "none"
+    # center_utterance_targets); or "running", which subtracts a running mean of those batch means with
+    # `utterance_center_momentum` (DINO's centre; per rank, saved in each checkpoint: model/utterance_centre.py).
+    utterance_center: Literal["none", "batch", "running"] = "none"
+    utterance_center_momentum: float = field(default=0.9, metadata={"ge": 0, "lt": 1})
 
     @property
     def time_patches(self) -> int:

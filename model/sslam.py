@@ -28,8 +28,8 @@ from model.decoder import Decoder, decoder_input
 from model.encoder import Encoder
 from model.masking import block_masks, content_block_masks, split_indices
 from model.padding import check_valid_frames, content_tokens, zero_padding
+from model.utterance_centre import UtteranceCentre
 from model.targets import (
-    center_utterance_targets,
     cls_target,
     drop_time_rows,
     make_targets,
@@ -57,6 +57,8 @@ class SSLAM(nn.Module):
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
         self.make_teacher()
+        # Not a buffer: the student's state dict (DeepSpeed's, the export's) stays the encoder's and decoder's.
+        self.utterance_centre = UtteranceCentre(cfg.utterance_center, cfg.utterance_center_momentum)
 
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> SSLAM:
@@ -221,14 +223,15 @@ class SSLAM(nn.Module):
                            content: Tensor | None) -> Tensor:
         """CLS targets (b, D) from the last top_k layers: the token mean of make_targets (reusing
         `patch_targets` when they are those, stage 1) or, with `model.utterance_norm: layer_norm`,
-        targets.utterance_target; then centred across the rows with `model.utterance_center`."""
+        targets.utterance_target; then centred with `model.utterance_center` (model/utterance_centre.py; a
+        running centre moves in training mode only)."""
         if self.cfg.utterance_norm == "layer_norm":
             targets = utterance_target(ffn_outputs, top_k, content)
         else:
             if patch_targets is None:
                 patch_targets = make_targets(ffn_outputs, top_k, content)
             targets = cls_target(patch_targets, content)
-        return center_utterance_targets(targets, self.cfg.utterance_center)
+        return self.utterance_centre(targets, update=self.training)
 
     def _forward_stage1(self, clean: Tensor, generator: torch.Generator, valid: Tensor | None = None):
         """EAT (§8): L = Σ_masked ℓ(Ŷ, Y) / S + w_cls Σ_rows ℓ(ĉ, c), c = mean_n Y."""

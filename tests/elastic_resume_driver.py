@@ -6,7 +6,7 @@ engine holds right after the restore to <output_dir>/restored.json (rank 0) befo
 
 restored.json: the largest difference between the restored full fp32 weights / Adam moments / teacher
 and the checkpoint's safetensors, the moment names on both sides, the Adam step, the next learning rate
-the update count and rank 0's torch RNG state, next to the checkpoint's values.
+the update count, rank 0's torch RNG state and its running CLS-target centre, next to the checkpoint's values.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ def report(trainer: Pretrainer, folder: Path) -> dict | None:
         "scheduler_epoch": [scalars["scheduler"]["last_epoch"], saved["optimizer"]["scheduler"]["last_epoch"]],
         "updates": [trainer.state.updates, saved["updates"]],
         "rng_rank0": rng == saved["rng"][0]["torch"],
+        "utterance_centre": [trainer.model.utterance_centre.state(), saved["utterance_centre"]],
         "elastic": trainer.elastic,
     }
 

@@ -3,7 +3,8 @@ resuming the previous run's checkpoint from elsewhere, with ZeRO 1 -> 1 -> 3 -> 
 
 Per resume, tests/elastic_resume_driver.py reports what the engine holds right after the restore: the full
 fp32 weights, Adam moments and teacher equal the checkpoint's exactly, and so do the Adam step, the
-learning rates, the schedule, the update count and rank 0's RNG state. The 18 clean clips per update are
+learning rates, the schedule, the update count and rank 0's RNG state; rank 0's running CLS-target centre is the
+mean of the saved ranks' centres. The 18 clean clips per update are
 kept on every rank count (accumulation 3, 6, 3, 2), the learning rate and EMA decay follow the schedule of
 one run, and the 24 samples of epoch 0 are consumed exactly once across the four runs. A rank count that
 cannot keep the checkpoint's clips per update exits 2 saying why, before the engine is built.
@@ -17,6 +18,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 
 from jobs.train import checkpointing
 from jobs.train.config import load_config
@@ -29,7 +31,8 @@ pytestmark = pytest.mark.slow
 
 DRIVER = str(REPO / "tests" / "elastic_resume_driver.py")
 COMMON = ("data.loader.micro_batch_clips=3", "train.clips_per_update=18", "train.checkpoint_interval=1",
-          "train.record_samples=true", "train.log_interval=100", "train.keep_checkpoints=5")
+          "train.record_samples=true", "train.log_interval=100", "train.keep_checkpoints=5",
+          "model.utterance_center=running")
 # (name, ranks, ZeRO stage, updates at the end, resumes from); the last run trains in bf16, so its fp32
 # masters must come from the checkpoint, not from the module's rounded copies.
 CHAIN = [("a", 2, 1, 1, None), ("b", 1, 1, 2, "a"), ("c", 2, 3, 3, "b"), ("d", 3, 2, 5, "c")]
@@ -73,6 +76,12 @@ def test_the_restored_engine_holds_the_checkpoint_exactly(chain, name):
     for key in ("adam_step", "group_lrs", "scheduler_epoch", "updates"):
         assert restored[key][0] == restored[key][1], key
     assert restored["rng_rank0"] is True
+    # On another rank count every rank starts from the mean of the saved ranks' running centres.
+    centre, saved = restored["utterance_centre"]
+    source = next(s for n, _, _, _, s in CHAIN if n == name)
+    source_ranks = next(ranks for n, ranks, _, _, _ in CHAIN if n == source)
+    assert len(saved) == source_ranks and all(values is not None for values in saved)
+    torch.testing.assert_close(torch.tensor(centre), torch.tensor(saved).mean(dim=0), rtol=0, atol=1e-7)
 
 
 def test_updates_learning_rate_and_ema_continue_one_schedule(chain):

@@ -1,13 +1,18 @@
-"""`model.utterance_center` (model/targets.py, center_utterance_targets): the CLS targets centred per dimension
-across the batch; "none" leaves them as they are."""
+"""`model.utterance_center` (model/targets.py, center_utterance_targets; model/utterance_centre.py): the CLS
+targets centred per dimension across the batch ("batch") or by a running mean of batch means ("running");
+"none" leaves them as they are."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
 
 from model.sslam import SSLAM
+from jobs.train.config import ConfigError, load_config
 from model.targets import center_utterance_targets, utterance_target
+from model.utterance_centre import UtteranceCentre
 from tests.test_padding_aware import _run, _short_batch
 from tests.test_sslam import tiny_config
 
@@ -52,10 +57,87 @@ def test_unknown_mode_is_refused():
 def test_the_model_trains_on_centred_cls_targets_in_both_stages(stage):
     """The patch loss is unchanged and only the CLS loss moves (both stages use _utterance_targets)."""
     losses = {}
-    for center in ("none", "batch"):
+    for center in ("none", "batch", "running"):
         torch.manual_seed(0)
         model = SSLAM(tiny_config(stage=stage, padding="aware", utterance_norm="layer_norm", utterance_center=center))
         _, parts, _, _ = _run(model, _short_batch(model, 0.0))
         losses[center] = parts
     assert losses["batch"]["eat_patch"] == losses["none"]["eat_patch"]
     assert not torch.isclose(losses["batch"]["eat_cls"], losses["none"]["eat_cls"])
+    # A running centre starts as the first batch's mean, so its first step is the batch-centred one.
+    assert losses["running"]["eat_cls"] == losses["batch"]["eat_cls"]
+    assert losses["running"]["eat_patch"] == losses["none"]["eat_patch"]
+
+
+def _batches(count: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(9)
+    return [torch.randn(4, 3, generator=generator) + shift for shift in torch.arange(count).float()]
+
+
+def test_running_centre_is_an_exponential_average_of_batch_means():
+    first, second, third = _batches(3)
+    centre = UtteranceCentre("running", momentum=0.75)
+    torch.testing.assert_close(centre(first, update=True), first - first.mean(dim=0), rtol=0, atol=0)
+    expected = 0.75 * first.mean(dim=0) + 0.25 * second.mean(dim=0)
+    torch.testing.assert_close(centre(second, update=True), second - expected)
+    torch.testing.assert_close(centre.value, expected)
+    # Far from the batch mean: after two batches the centre still remembers the first (shift 0 vs 1).
+    assert float((centre.value - second.mean(dim=0)).abs().max()) > 0.1
+    # Not training: subtracted, not moved.
+    torch.testing.assert_close(centre(third, update=False), third - expected)
+    torch.testing.assert_close(centre.value, expected)
+
+
+def test_without_a_centre_an_eval_forward_subtracts_the_batch_mean_and_keeps_nothing():
+    (batch,) = _batches(1)
+    centre = UtteranceCentre("running", momentum=0.9)
+    torch.testing.assert_close(centre(batch, update=False), batch - batch.mean(dim=0))
+    assert centre.value is None and centre.state() is None
+
+
+def test_running_centre_state_round_trips_exactly_and_a_wrong_size_is_refused():
+    centre = UtteranceCentre("running", momentum=0.9)
+    for batch in _batches(3):
+        centre(batch / 3.0, update=True)
+    again = UtteranceCentre("running", momentum=0.9)
+    again.load(json.loads(json.dumps(centre.state())), dim=3)  # as run_state.json holds it
+    assert torch.equal(again.value, centre.value)
+    (batch,) = _batches(1)
+    assert torch.equal(again(batch, update=True), centre(batch, update=True))
+    with pytest.raises(ValueError, match="3 values.*targets have 5"):
+        again.load(centre.state(), dim=5)
+    again.load(None, dim=3)
+    assert again.value is None
+
+
+def test_the_stateless_modes_keep_no_state():
+    for mode in ("none", "batch"):
+        centre = UtteranceCentre(mode, momentum=0.9)
+        centre(_batches(1)[0], update=True)
+        assert centre.state() is None
+
+
+@pytest.mark.parametrize("momentum", [-0.1, 1.0])
+def test_a_momentum_outside_0_1_is_refused_at_config_load(momentum):
+    with pytest.raises(ConfigError, match="utterance_center_momentum"):
+        load_config("tiny_stage1", [f"model.utterance_center_momentum={momentum}"])
+    with pytest.raises(ValueError, match="utterance_center_momentum"):
+        UtteranceCentre("running", momentum)
+
+
+def test_the_model_moves_its_running_centre_in_training_mode_only():
+    torch.manual_seed(0)
+    model = SSLAM(tiny_config(stage=1, padding="aware", utterance_norm="layer_norm", utterance_center="running"))
+    batch = _short_batch(model, 0.0)
+    _run(model, batch)
+    first = model.utterance_centre.value.clone()
+    assert first.shape == (model.cfg.embed_dim,)
+    model.eval()
+    with torch.no_grad():
+        model(batch, torch.Generator().manual_seed(7))
+    assert torch.equal(model.utterance_centre.value, first)
+    model.train()
+    _run(model, batch)
+    assert not torch.equal(model.utterance_centre.value, first)
+    # Not part of the student's weights: DeepSpeed and the export see the encoder and decoder only.
+    assert not any("centre" in name for name in model.state_dict())
