@@ -12,11 +12,11 @@
 2. Ray preprocessing (`python -m jobs.preprocess`): train (mixed, `--mixture-epochs`), eval, poly_train, poly_eval.
 3. Pre-training (`sslam pretrain --ranks 1`, CPU DeepSpeed), per padding mode of `--modes` (`aware` runs mix with
    `data.mixing.mix_padding: silence` and use `model.utterance_norm: layer_norm` with `model.utterance_center:
-   batch`; mixtures are made by the loader, not stored): stage 1 (EAT, tiny_stage1,
-   `--stage1-updates`); stage 2 (SSLAM, tiny_stage2, init_from stage 1, `--extra-updates`); and the equal-compute
-   control "stage1_continued": the stage-2 run with `model.stage=1` (same init, schedule and update count, EAT
-   loss only). Every run takes `--micro-batch-clips` clips per micro-batch (24; the tiny configs' 6 gave a
-   noisier batch centre and a CLS that beat random init on 25 instead of 33 of 36 cells over seeds 0-2).
+   running`, or `batch` with `--utterance-center batch`; mixtures are made by the loader, not stored): stage 1
+   (EAT, tiny_stage1, `--stage1-updates`); stage 2 (SSLAM, tiny_stage2, init_from stage 1, `--extra-updates`); and
+   the equal-compute control "stage1_continued": the stage-2 run with `model.stage=1` (same init, schedule and
+   update count, EAT loss only). Every run takes `--micro-batch-clips` clips per micro-batch (48: the CLS target's
+   centre is less noisy than with the tiny configs' 6; README "Does pre-training learn?" has the figures).
 4. Probes (jobs.evaluate's `extract` and `train_probe`, config `probe` with `eval.whiten`): the student encoder of
    each run and a random-init encoder of the same config (seeded as stage 1 starts), loaded through the registered
    model's code (jobs.mlops.pyfunc_model). Multi-label protocol on every row (binary cross-entropy probe, mAP) so
@@ -27,7 +27,8 @@
 
 Prints one JSON line: every mAP, the label prior per evaluation set, the budget used (seconds per step) and the
 configuration. Pre-training runs with `--threads` torch threads (OMP_NUM_THREADS; 1 by default: on a shared
-2-core machine the tiny model trained ~1.6x faster on one thread than on two), Ray with `--ray-cpus`.
+2-core machine the tiny model trained ~1.6x faster on one thread than on two), `--parallel-modes` padding modes
+at a time (2: the reference and aware runs train side by side), Ray with `--ray-cpus`.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ import sys
 import tempfile
 import time
 import typing
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -65,7 +67,7 @@ MODELS = ("random", "stage1", "stage2", "stage1_continued")
 NOT_AVAILABLE = "not available"
 
 FULL = {"train_clips": 320, "eval_clips": 150, "poly_clips": 160, "stage1_updates": 1000, "extra_updates": 300,
-        "mixture_epochs": 4, "probe_epochs": 300, "micro_batch_clips": 24}
+        "mixture_epochs": 4, "probe_epochs": 300, "micro_batch_clips": 48}
 SMOKE = {"train_clips": 24, "eval_clips": 12, "poly_clips": 12, "stage1_updates": 3, "extra_updates": 2,
          "mixture_epochs": 1, "probe_epochs": 5, "micro_batch_clips": 6}
 
@@ -182,7 +184,7 @@ def write_run_configs(work: Path, data: dict, padding: str, args: argparse.Names
         # layer_norm keeps what a clip's tokens share (model/targets.py, utterance_target).
         model["utterance_norm"] = "layer_norm"
         # With a mostly random-init teacher the targets share a large common part; centring removes it.
-        model["utterance_center"] = "batch"
+        model["utterance_center"] = args.utterance_center
         # A short partner's zero padding would win the log-mel max over the primary's content.
         data = {**data, "mixing": {**data["mixing"], "mix_padding": "silence"}}
     # A multiple of data.mixing.group_size; the update counts stay, so a larger micro-batch sees more clips.
@@ -216,7 +218,8 @@ def run_settings(config: Config) -> dict:
     return {"stage": model.stage, "peak_lr": train.peak_lr, "warmup_updates": train.warmup_updates,
             "max_updates": train.max_updates, "micro_batch_clips": config.data.loader.micro_batch_clips,
             "clone_batch": model.clone_batch, "init_from": Path(train.init_from).name if train.init_from else "",
-            "padding": getattr(model, "padding", "reference")}
+            "padding": getattr(model, "padding", "reference"),
+            "utterance_center": getattr(model, "utterance_center", "none")}
 
 
 # ------------------------------------------------------------------------------------------------- the jobs
@@ -248,6 +251,16 @@ def pretrain(config_path: Path, threads: int) -> dict:
             config_path.with_suffix(".log"), threads)
     lines = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return {"updates": lines[-1]["update"], "final_loss": round(lines[-1]["loss"], 5)}
+
+
+def train_mode(paths: dict[str, Path], threads: int) -> dict[str, dict]:
+    """One padding mode's runs in order (stage 2 and the control start from stage 1), each with its seconds."""
+    runs = {}
+    for name, path in paths.items():
+        started = time.perf_counter()
+        runs[name] = {**run_settings(load_config(str(path))), **pretrain(path, threads)}
+        runs[name]["seconds"] = round(time.perf_counter() - started, 1)
+    return runs
 
 
 # ---------------------------------------------------------------------------------------------------- probes
@@ -334,13 +347,12 @@ def run(args: argparse.Namespace, work: Path) -> dict:
     prep = preprocess(next(iter(configs.values()))["stage1"], work, args.ray_cpus)
     now = lap("preprocess", now)
 
-    runs: dict[str, dict] = {}
-    for mode, paths in configs.items():
-        runs[mode] = {}
-        for name, path in paths.items():
-            runs[mode][name] = {**run_settings(load_config(str(path))), **pretrain(path, args.threads)}
-            now = lap(f"pretrain_{mode}_{name}", now)
-            runs[mode][name]["seconds"] = seconds[f"pretrain_{mode}_{name}"]
+    # The modes' runs are independent single-thread jobs: on 2 cores two modes train side by side.
+    with ThreadPoolExecutor(max_workers=max(1, min(args.parallel_modes, len(configs)))) as pool:
+        futures = {mode: pool.submit(train_mode, paths, args.threads) for mode, paths in configs.items()}
+        runs = {mode: future.result() for mode, future in futures.items()}
+    now = lap("pretrain", now)
+    seconds.update({f"pretrain_{mode}_{name}": run["seconds"] for mode in runs for name, run in runs[mode].items()})
 
     # Probes are tiny matrix products: on a busy machine more threads only add synchronisation (20x slower).
     torch.set_num_threads(1)
@@ -378,12 +390,14 @@ def run(args: argparse.Namespace, work: Path) -> dict:
         },
         "runs": runs,
         "budget": {"seconds": seconds, "threads": args.threads, "ray_cpus": args.ray_cpus,
+                   "parallel_modes": args.parallel_modes,
                    "updates": {"stage1": args.stage1_updates, "stage2": args.extra_updates,
                                "stage1_continued": args.extra_updates}},
         "data": {"profile": summary["profile"], "classes": len(summary["classes"]), "train_clips": args.train_clips,
                  "eval_clips": args.eval_clips, "poly_clips_per_split": args.poly_clips,
                  "mixture_epochs": args.mixture_epochs, "samples": prep.get("samples")},
         "config": {"smoke": args.smoke, "seed": args.seed, "probe_epochs": args.probe_epochs,
+                   "aware_utterance_center": args.utterance_center,
                    "stage1": "tiny_stage1", "stage2": "tiny_stage2", "probe": "probe",
                    "padding_modes": {m: NOT_AVAILABLE if why else "measured" for m, why in modes.items()},
                    "poolings": pooling_used},
@@ -397,10 +411,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
                             help=f"default {default} ({SMOKE[name]} with --smoke)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the pre-training runs")
+    parser.add_argument("--parallel-modes", type=int, default=2,
+                        help="padding modes pre-trained at the same time (default 2: both, one core each)")
     parser.add_argument("--ray-cpus", type=int, default=2, help="CPUs of the local Ray of the preprocessing")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--modes", nargs="+", choices=list(padding_modes()), default=list(padding_modes()),
                         help="padding modes to measure (default: both)")
+    parser.add_argument("--utterance-center", choices=["batch", "running"], default="running",
+                        help="model.utterance_center of the aware runs (default: running)")
     parser.add_argument("--work-dir", default="", help="keep everything here (default: a temporary folder, removed)")
     args = parser.parse_args(argv)
     for name, default in (SMOKE if args.smoke else FULL).items():

@@ -76,11 +76,13 @@ def test_modes_choose_the_padding_modes_and_aware_runs_take_the_layer_norm_utter
     assert parse_args(["--modes", "aware"]).modes == ["aware"]
     assert parse_args([]).modes == ["reference", "aware"]
     data = data_section(tmp_path / "data", tmp_path / "shards", 1)
-    args = parse_args(["--smoke"])
-    for mode, utterance_norm, center in (("reference", "instance_norm", "none"), ("aware", "layer_norm", "batch")):
-        for path in write_run_configs(tmp_path / "work", data, mode, args).values():
-            model = load_config(str(path)).model
-            assert (model.padding, model.utterance_norm, model.utterance_center) == (mode, utterance_norm, center), path
+    for flags, aware_center in (([], "running"), (["--utterance-center", "batch"], "batch")):
+        args = parse_args(["--smoke", *flags])
+        for mode, utterance_norm, center in (("reference", "instance_norm", "none"),
+                                             ("aware", "layer_norm", aware_center)):
+            for path in write_run_configs(tmp_path / "work", data, mode, args).values():
+                model = load_config(str(path)).model
+                assert (model.padding, model.utterance_norm, model.utterance_center) == (mode, utterance_norm, center)
 
 
 def test_micro_batch_clips_sets_the_loader_of_every_run(tmp_path: Path) -> None:

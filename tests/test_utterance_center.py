@@ -5,11 +5,13 @@ targets centred per dimension across the batch ("batch") or by a running mean of
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from model.sslam import SSLAM
+from jobs.pretrain import Pretrainer
 from jobs.train.config import ConfigError, load_config
 from model.targets import center_utterance_targets, utterance_target
 from model.utterance_centre import UtteranceCentre
@@ -141,3 +143,27 @@ def test_the_model_moves_its_running_centre_in_training_mode_only():
     assert not torch.equal(model.utterance_centre.value, first)
     # Not part of the student's weights: DeepSpeed and the export see the encoder and decoder only.
     assert not any("centre" in name for name in model.state_dict())
+
+
+def _restoring_rank(rank: int, world_size: int, mode: str = "running") -> SimpleNamespace:
+    config = tiny_config(stage=1, utterance_center=mode)
+    return SimpleNamespace(model=SimpleNamespace(utterance_centre=UtteranceCentre(mode, 0.9)), rank=rank,
+                           world_size=world_size, config=SimpleNamespace(model=config))
+
+
+def test_a_resume_restores_each_ranks_centre_or_their_mean_on_another_rank_count(tmp_path, caplog):
+    dim = tiny_config(stage=1).embed_dim
+    saved = [[float(rank)] * dim for rank in range(2)]
+    same = _restoring_rank(1, 2)
+    Pretrainer._restore_utterance_centre(same, saved, tmp_path)
+    assert same.model.utterance_centre.state() == saved[1]
+    other = _restoring_rank(0, 3)
+    Pretrainer._restore_utterance_centre(other, saved, tmp_path)
+    assert other.model.utterance_centre.state() == [0.5] * dim
+    fresh = _restoring_rank(0, 2)
+    with caplog.at_level("WARNING"):
+        Pretrainer._restore_utterance_centre(fresh, [None, None], tmp_path)  # written by `none` or `batch`
+    assert fresh.model.utterance_centre.state() is None and "no running utterance centre" in caplog.text
+    stateless = _restoring_rank(0, 2, mode="batch")
+    Pretrainer._restore_utterance_centre(stateless, saved, tmp_path)
+    assert stateless.model.utterance_centre.state() is None
