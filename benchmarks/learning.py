@@ -225,8 +225,13 @@ def run_settings(config: Config) -> dict:
 # ------------------------------------------------------------------------------------------------- the jobs
 
 
+# A rendezvous set in the calling environment would be shared by the modes' runs training side by side.
+RENDEZVOUS_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
 def job_env(threads: int) -> dict:
-    return dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(threads))
+    env = {key: value for key, value in os.environ.items() if key not in RENDEZVOUS_VARIABLES}
+    return dict(env, DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(threads))
 
 
 def run_job(command: list[str], log_path: Path, threads: int) -> None:

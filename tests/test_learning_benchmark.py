@@ -94,3 +94,15 @@ def test_micro_batch_clips_sets_the_loader_of_every_run(tmp_path: Path) -> None:
     for mode in ("reference", "aware"):
         for path in write_run_configs(tmp_path / "work", data, mode, args).values():
             assert load_config(str(path)).data.loader.micro_batch_clips == 12, path
+
+
+def test_runs_do_not_inherit_a_rendezvous(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both modes' runs start side by side: an inherited MASTER_PORT (e.g. left by an in-process single-rank run)
+    would make them share one port, and the second fails with EADDRINUSE."""
+    from benchmarks.learning import job_env
+
+    monkeypatch.setenv("MASTER_PORT", "25000")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    env = job_env(1)
+    assert "MASTER_PORT" not in env and "WORLD_SIZE" not in env
+    assert env["OMP_NUM_THREADS"] == "1" and env["DS_ACCELERATOR"] == "cpu"
