@@ -53,6 +53,7 @@ def _launch(args: argparse.Namespace, job: str) -> int:
     import importlib
     import os
     import shutil
+    import socket
     import uuid
 
     import torch
@@ -71,7 +72,9 @@ def _launch(args: argparse.Namespace, job: str) -> int:
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     job_args = ["--config", args.config, *[f"--set={o}" for o in args.overrides]] + (["--resume"] if args.resume else [])
-    port = master_port()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     if args.ranks == 1:
         for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
             os.environ.setdefault(key, value)
@@ -88,33 +91,6 @@ def _launch(args: argparse.Namespace, job: str) -> int:
         return Launch(command, config.train.output_dir, launch_id).run()
     finally:
         _remove_shared_memory_buffers(port)
-
-
-EPHEMERAL_RANGE_FILE = "/proc/sys/net/ipv4/ip_local_port_range"
-MASTER_PORT_SPAN = 10000  # the ports below the ephemeral range that master_port draws from
-
-
-def master_port(range_file: str = EPHEMERAL_RANGE_FILE) -> int:
-    """A free port for the rendezvous, drawn below the kernel's ephemeral range where the kernel says what it is.
-    A port from the ephemeral range is only free until the store binds it, seconds later: meanwhile the kernel can
-    hand it to any outgoing connection, e.g. the gloo links of another job starting on the same machine."""
-    import random
-    import socket
-
-    try:
-        with open(range_file) as handle:
-            low = int(handle.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 0
-    candidates = random.sample(range(low - MASTER_PORT_SPAN, low), 32) if low > MASTER_PORT_SPAN + 1024 else []
-    for candidate in [*candidates, 0]:  # 0: any free port, when the range is unknown or every candidate is taken
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", candidate))
-            except OSError:
-                continue
-            return probe.getsockname()[1]
-    raise OSError("no free port for the rendezvous")
 
 
 def _remove_shared_memory_buffers(master_port: int) -> None:
